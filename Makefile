@@ -7,30 +7,35 @@ PY := $(VENV)/bin/python
 LOCK := requirements/cpu.lock
 # The +cpu torch build is not on PyPI; pip also finds it in a local wheel directory when present.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# The environment is keyed on the lock and the project metadata: change either and it is rebuilt.
-ENV_KEY := $(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
-STAMP := $(VENV)/.installed-$(ENV_KEY)
+# The environment is keyed on the lock's hash: change the lock and .venv is rebuilt from scratch.
+# A change to pyproject.toml only re-installs the project itself (editable).
+ENV_KEY := $(shell sha256sum $(LOCK) | cut -c1-16)
+LOCK_STAMP := $(VENV)/.lock-$(ENV_KEY)
+STAMP := $(VENV)/.project-installed
 
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-all lint format env clean
+.PHONY: run test test-fast lint format env clean
 
 env: $(STAMP)
 
-$(STAMP): $(LOCK) pyproject.toml
+$(LOCK_STAMP): $(LOCK)
 	@echo "==> building $(VENV) from $(LOCK) (key $(ENV_KEY))"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --no-deps --retries 1 --extra-index-url $(TORCH_INDEX) \
 		"$$(grep -E '^torch==' $(LOCK))"
 	$(VENV)/bin/pip install --quiet --no-deps -r $(LOCK)
-	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	@# Guard: the CUDA-only packages that break `import vllm` on CPU must not be present.
 	@! $(VENV)/bin/pip list 2>/dev/null | grep -qiE '^(torchvision|torchaudio|torchcodec|triton|nvidia-)' \
 		|| { echo "CUDA-only packages found in $(VENV); remove them from $(LOCK)"; exit 1; }
+	touch $@
+
+$(STAMP): $(LOCK_STAMP) pyproject.toml
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 run: $(STAMP)
@@ -39,8 +44,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m 'not gpu' --runslow
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow and not gpu'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check eopd_ray jobs tests

@@ -1,0 +1,442 @@
+"""The one typed configuration tree of eopd-ray, and the only home of its defaults.
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["loss.entropy_threshold=0.5"])
+    print(config_to_yaml(cfg))
+
+A config is a frozen tree of dataclasses (validated by pydantic, strict types: no silent
+"1" -> 1 coercion; ints are accepted where floats are expected). YAML files hold only what they
+change. Dotted overrides (`section.key=value`) are parsed as YAML scalars. Every problem found —
+unknown keys (with a "did you mean"), wrong types, out-of-range values and cross-field
+violations — is reported at once in one `ConfigError` naming each key path. The resolved config
+written by `config_to_yaml` reloads to an equal config.
+
+This module imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from eopd_ray.errors import ConfigError, ConfigIssue
+
+# Strict leaf types: YAML `"8"` is not an int, `1` is not a bool. Ints are accepted for floats.
+Int = Annotated[int, Strict()]
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+Float = Annotated[float, Strict()]
+PosFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+
+LOSS_NAMES = ("opd", "eopd", "eopd_all", "eopd_random", "fkl", "jsd")
+MiB = 2**20
+
+_SECTION = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(config=_SECTION)
+class ModelConfig:
+    student_path: Str = ""  # HF model directory (or any path transformers/vLLM load)
+    teacher_path: Str = ""  # frozen teacher; must share the student's tokenizer vocabulary
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bf16 on GPU; fp32 on CPU
+    trust_remote_code: Bool = False  # never on unless the user asks for it
+
+
+@dataclass(config=_SECTION)
+class DataConfig:
+    train_path: Str = ""  # parquet or JSONL file of prompts
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    prompt_column: Str = "prompt"
+    answer_column: Str | None = "answer"
+    id_column: Str | None = None
+    prompt_suffix: Str = ""  # appended to every prompt, e.g. the paper's "\boxed{}" instruction
+    student_template: Literal["raw", "chat", "chat_no_think"] = "raw"
+    teacher_template: Literal["raw", "chat", "chat_no_think"] = "raw"
+    max_prompt_tokens: PosInt = 512
+    overlong_prompts: Literal["skip", "error"] = "skip"  # never silently truncated
+    shuffle: Bool = True
+    epochs: PosInt = 1
+    seed: Int = 0
+
+
+@dataclass(config=_SECTION)
+class RolloutConfig:
+    engine: Literal["vllm", "hf"] = "vllm"  # "hf" is the test reference
+    num_workers: PosInt = 1
+    gpus_per_worker: NonNegInt = 0  # = vLLM tensor-parallel size; 0 on CPU
+    cpus_per_worker: PosFloat = 0.5
+    prompts_per_step: PosInt = 8
+    samples_per_prompt: PosInt = 1
+    temperature: PosFloat = 1.0
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+    max_new_tokens: PosInt = 64
+    max_model_len: PosInt = 1024  # prompt + response tokens the engine can hold
+    kv_cache_bytes: PosInt = 128 * MiB  # always sized: unset, vLLM-CPU reserves most of RAM
+    seed: Int = 0
+
+
+@dataclass(config=_SECTION)
+class TeacherConfig:
+    engine: Literal["hf", "vllm"] = "hf"  # "hf": exact entropy; "vllm": top-K + tail estimate
+    num_workers: PosInt = 1
+    gpus_per_worker: NonNegInt = 0
+    cpus_per_worker: PosFloat = 0.5
+    top_k: PosInt = 16
+    micro_batch_size: PosInt = 8  # sequences per teacher forward
+    chunk_positions: PosInt = 256  # positions whose (., V) logits are reduced at once
+    # The student's EOS is replaced by the teacher's before scoring (Qwen3 base 151643 -> 151645).
+    student_eos_token_id: NonNegInt | None = None
+    teacher_eos_token_id: NonNegInt | None = None
+
+
+@dataclass(config=_SECTION)
+class LearnerConfig:
+    num_workers: PosInt = 1  # DeepSpeed data-parallel ranks
+    gpus_per_worker: NonNegInt = 0
+    cpus_per_worker: PosFloat = 0.5
+    zero_stage: Annotated[int, Strict(), Field(ge=0, le=3)] = 2
+    lr: PosFloat = 3e-6
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: NonNegInt = 0  # in optimizer updates
+    min_lr_ratio: Fraction = 0.0  # cosine floor, as a fraction of lr
+    weight_decay: NonNegFloat = 0.0
+    adam_beta1: Fraction = 0.9
+    adam_beta2: Fraction = 0.999
+    adam_eps: PosFloat = 1e-8
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 disables clipping
+    mini_batch_size: PosInt = 8  # sequences per optimizer update, over all ranks
+    micro_batch_size: PosInt = 4  # sequences per forward/backward on one rank
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
+    seed: Int = 0
+
+
+@dataclass(config=_SECTION)
+class LossConfig:
+    name: Literal["opd", "eopd", "eopd_all", "eopd_random", "fkl", "jsd"] = "eopd"
+    clip_eps: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.2
+    entropy_threshold: NonNegFloat = 0.8  # tau, nats, on the teacher's full-vocab entropy
+    fkl_coef: NonNegFloat = 1.0  # alpha
+    jsd_beta: Fraction = 0.5  # only for name=jsd
+    chunk_positions: NonNegInt = 1024  # student log-softmax in chunks; 0 = plain full-tensor path
+
+
+@dataclass(config=_SECTION)
+class SyncConfig:
+    transport: Literal["collective", "object_store"] = "collective"
+    bucket_bytes: PosInt = 256 * MiB
+    timeout_s: PosFloat = 300.0
+
+
+@dataclass(config=_SECTION)
+class RunConfig:
+    name: Str = "eopd"
+    output_dir: Str = "runs/eopd"
+    steps: PosInt = 10
+    seed: Int = 0
+    num_cpus: PosInt | None = None  # CPUs of the embedded local Ray (None: all)
+    step_timeout_s: PosFloat = 600.0  # bound on every wait inside one step
+
+
+@dataclass(config=_SECTION)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_ADAPTER = TypeAdapter(Config)
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+
+
+def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]]:
+    """Rules spanning several keys. Each returns the keys it reads (to skip it when one of them
+    already has a type error) and the issue, naming the key to change."""
+    out: list[tuple[tuple[str, ...], ConfigIssue]] = []
+
+    def rule(keys: tuple[str, ...], ok: bool, path: str, message: str) -> None:
+        if not ok:
+            out.append((keys, ConfigIssue(path, message)))
+
+    r, lrn, t, m = cfg.rollout, cfg.learner, cfg.teacher, cfg.model
+    rule(("model.student_path",), bool(m.student_path), "model.student_path",
+         "required: set it to the student's HF model directory")
+    rule(("model.teacher_path",), bool(m.teacher_path), "model.teacher_path",
+         "required: set it to the teacher's HF model directory")
+    seqs = r.prompts_per_step * r.samples_per_prompt
+    rule(("rollout.prompts_per_step", "rollout.samples_per_prompt", "learner.mini_batch_size"),
+         seqs % lrn.mini_batch_size == 0, "learner.mini_batch_size",
+         f"must divide the sequences per step (rollout.prompts_per_step * "
+         f"rollout.samples_per_prompt = {seqs}); got {lrn.mini_batch_size}")
+    rule(("learner.mini_batch_size", "learner.num_workers"),
+         lrn.mini_batch_size % lrn.num_workers == 0, "learner.mini_batch_size",
+         f"must be a multiple of learner.num_workers ({lrn.num_workers}); got {lrn.mini_batch_size}")
+    per_rank = lrn.mini_batch_size // lrn.num_workers
+    rule(("learner.mini_batch_size", "learner.num_workers", "learner.micro_batch_size"),
+         per_rank == 0 or per_rank % lrn.micro_batch_size == 0, "learner.micro_batch_size",
+         f"must divide the per-rank mini-batch (learner.mini_batch_size / learner.num_workers = "
+         f"{per_rank}); got {lrn.micro_batch_size}")
+    rule(("rollout.prompts_per_step", "rollout.num_workers"),
+         r.prompts_per_step >= r.num_workers, "rollout.num_workers",
+         f"more rollout workers ({r.num_workers}) than prompts per step "
+         f"({r.prompts_per_step}): lower it or raise rollout.prompts_per_step")
+    rule(("rollout.max_new_tokens", "rollout.max_model_len", "data.max_prompt_tokens"),
+         cfg.data.max_prompt_tokens + r.max_new_tokens <= r.max_model_len, "rollout.max_model_len",
+         f"must hold data.max_prompt_tokens + rollout.max_new_tokens "
+         f"({cfg.data.max_prompt_tokens} + {r.max_new_tokens}); got {r.max_model_len}")
+    rule(("teacher.student_eos_token_id", "teacher.teacher_eos_token_id"),
+         (t.student_eos_token_id is None) == (t.teacher_eos_token_id is None),
+         "teacher.teacher_eos_token_id",
+         "teacher.student_eos_token_id and teacher.teacher_eos_token_id are set together or not "
+         "at all")
+    rule(("learner.warmup_steps", "run.steps"), lrn.warmup_steps <= total_updates(cfg),
+         "learner.warmup_steps",
+         f"longer than the whole run ({total_updates(cfg)} optimizer updates); got "
+         f"{lrn.warmup_steps}")
+    return out
+
+
+def total_updates(cfg: Config) -> int:
+    """Optimizer updates in the whole run: steps x (sequences per step / mini-batch)."""
+    seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    return cfg.run.steps * max(1, seqs // cfg.learner.mini_batch_size)
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads `3e-6` as a float (YAML 1.1 wants `3.0e-6`)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep=False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue("", f"YAML error{where}: {problem}")], source) from None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _section_type(cls: type, name: str) -> type | None:
+    """The dataclass type of section `name` of `cls`, or None when it is a leaf value.
+    Sections are exactly the fields whose default factory is a dataclass."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and dataclasses.is_dataclass(f.default_factory):
+            return f.default_factory  # type: ignore[return-value]
+    return None
+
+
+def _all_leaf_paths(cls: type = Config, prefix: str = "") -> list[str]:
+    paths = []
+    for name in _field_names(cls):
+        sub = _section_type(cls, name)
+        paths += _all_leaf_paths(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+    return paths
+
+
+def _suggest(path: str, key: str, siblings: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{path.rpartition('.')[0] + '.' if '.' in path else ''}{close[0]}'?"
+    elsewhere = [p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"; did you mean '{elsewhere[0]}'?"
+    return f"; valid keys here: {', '.join(siblings)}"
+
+
+def _drop_unknown_keys(data: Any, cls: type, prefix: str, issues: list[ConfigIssue]) -> Any:
+    """Copy of `data` without keys `cls` does not have, recording each with a suggestion."""
+    if not isinstance(data, Mapping):
+        return data  # a type error pydantic will report with its path
+    names = _field_names(cls)
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            issues.append(ConfigIssue(path, "unknown key" + _suggest(path, str(key), names)))
+            continue
+        sub = _section_type(cls, key)
+        kept[key] = _drop_unknown_keys(value, sub, f"{path}.", issues) if sub else value
+    return kept
+
+
+def _apply_override(data: dict[str, Any], override: str, issues: list[ConfigIssue]) -> None:
+    path, sep, raw = override.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        issues.append(ConfigIssue(path, f"override {override!r} is not of the form key.path=value"))
+        return
+    try:
+        value = _parse_yaml(raw, f"override {path}") if raw.strip() else ""
+    except ConfigError as exc:
+        issues.append(ConfigIssue(path, f"cannot parse value {raw!r}: {exc.issues[0].message}"))
+        return
+    node, cls = data, Config
+    keys = path.split(".")
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        names = _field_names(cls)
+        if key not in names:
+            issues.append(ConfigIssue(here, "unknown key in override" + _suggest(here, key, names)))
+            return
+        sub = _section_type(cls, key)
+        if depth == len(keys) - 1:
+            node[key] = value
+        elif sub is None:
+            issues.append(ConfigIssue(here, f"is a value, not a section: cannot set {path}"))
+            return
+        else:
+            child = node.get(key)
+            node[key] = child = dict(child) if isinstance(child, Mapping) else {}
+            node, cls = child, sub
+
+
+def _error_path(loc: tuple[Any, ...]) -> str:
+    """The config key path of a pydantic error location (drops union/constraint tags)."""
+    parts, cls = [], Config
+    for item in loc:
+        if cls is None or not isinstance(item, str) or item not in _field_names(cls):
+            break
+        parts.append(item)
+        cls = _section_type(cls, item)
+    return ".".join(parts)
+
+
+def _without_path(data: dict[str, Any], path: str) -> None:
+    *head, last = path.split(".")
+    node: Any = data
+    for key in head:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def config_from_dict(
+    data: Mapping[str, Any] | None, overrides: Sequence[str] = (), source: str = ""
+) -> Config:
+    """Validate a nested mapping plus dotted overrides into a `Config`; raise one `ConfigError`."""
+    issues: list[ConfigIssue] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([ConfigIssue("", "the top level must be a mapping of sections")], source)
+    tree: dict[str, Any] = _drop_unknown_keys(data, Config, "", issues)
+    tree = _deep_copy(tree)
+    for override in overrides:
+        _apply_override(tree, override, issues)
+    try:
+        cfg = _ADAPTER.validate_python(tree)
+        bad_paths: set[str] = set()
+    except ValidationError as exc:
+        bad_paths = set()
+        for err in exc.errors():
+            path = _error_path(err["loc"])
+            bad_paths.add(path)
+            issues.append(ConfigIssue(path, f"{err['msg']} (got {err['input']!r})"))
+        # Fall back to defaults at the bad keys so that cross-field rules can still be checked.
+        for path in bad_paths:
+            if path:
+                _without_path(tree, path)
+        try:
+            cfg = _ADAPTER.validate_python(tree)
+        except ValidationError:
+            raise ConfigError(issues, source) from None
+    for keys, issue in _cross_field_issues(cfg):
+        if not any(k == b or k.startswith(b + ".") for k in keys for b in bad_paths):
+            issues.append(issue)
+    if issues:
+        raise ConfigError(issues, source)
+    return cfg
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (None: all defaults), apply dotted overrides, validate."""
+    if path is None:
+        return config_from_dict({}, overrides, "<defaults>")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the config file: {exc.strerror}")],
+                          str(path)) from None
+    return config_from_dict(_parse_yaml(text, str(path)), overrides, str(path))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML; `load_config` of it gives an equal `Config`."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(config_to_yaml(cfg))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,332 @@
+"""The EOPD loss family, pure torch (no Ray, vLLM or DeepSpeed), exactly as in method.md.
+
+Shape legend: B sequences, T response tokens, K teacher top-k, V vocabulary. Row t of every
+(B, T, ...) input describes the distribution that predicts response token t, for the student and
+the teacher alike: the gate, the FKL and the sampled-token log-probs all use the SAME position
+(the public fork reads the top-K one position later than the entropy; we do not).
+
+Every variant has the same inputs and returns `LossOutput(loss, metrics)`:
+
+    opd          L_opd                                   (PPO-clipped reverse KL, eq. 1)
+    eopd         L_opd + alpha * 1[H_t >= tau] * L_fkl   (the method, eq. 3)
+    eopd_all     L_opd + alpha * L_fkl                   (tau = 0 ablation)
+    eopd_random  L_opd + alpha * random_gate * L_fkl     (same firing rate as the tau gate)
+    fkl          L_fkl on every token                    (GKD with beta = 0, on the top-K)
+    jsd          generalized JSD(beta) on the top-K      (GKD-style)
+
+Reduction: token-mean over valid response tokens; every term is divided by ALL valid tokens
+(`num_valid_tokens`, the global count under data parallelism), never by the gated ones.
+
+Departures from the letter of the paper, all numerical safety: inputs at masked positions are
+zeroed before use (so padding can hold -inf/NaN without poisoning gradients), and the PPO log-ratio
+is clamped to [-20, 20] before exp (as verl does) so an extreme drift cannot overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # () scalar, differentiable w.r.t. the student logits
+    metrics: dict[str, float]  # per-step metric names from method.md, means over valid tokens
+
+
+# ----------------------------------------------------------------------------- student log-probs
+
+
+class _ChunkedGatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[ids] and the entropy, computed `chunk` positions at a time.
+
+    Never holds more than one (chunk, V) float32 block: the forward keeps only the per-position
+    log-sum-exp, and the backward recomputes the softmax chunk by chunk:
+        d logp[j] / d z = onehot(ids[j]) - softmax(z)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int):
+        b, t, _ = logits.shape  # (B, T, V), any float dtype
+        gathered = logits.new_empty((b, t, ids.shape[-1]), dtype=torch.float32)  # (B, T, J)
+        lse = logits.new_empty((b, t), dtype=torch.float32)  # (B, T)
+        entropy = logits.new_empty((b, t), dtype=torch.float32)  # (B, T)
+        for row in range(b):
+            for s in range(0, t, chunk):
+                z = logits[row, s : s + chunk].float()  # (c, V) fp32 upcast before softmax
+                lse_c = torch.logsumexp(z, dim=-1)  # (c,)
+                gathered[row, s : s + chunk] = z.gather(-1, ids[row, s : s + chunk]) - lse_c[:, None]
+                p = (z - lse_c[:, None]).exp_()  # (c, V)
+                entropy[row, s : s + chunk] = lse_c - (p * z).sum(-1)  # H = lse - sum p z
+                lse[row, s : s + chunk] = lse_c
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(entropy)
+        return gathered, entropy
+
+    @staticmethod
+    def backward(ctx, grad_gathered: torch.Tensor, _grad_entropy: torch.Tensor | None):
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # (B, T, V) in the logits' dtype
+        b, t, _ = logits.shape
+        for row in range(b):
+            for s in range(0, t, ctx.chunk):
+                e = s + ctx.chunk
+                g = grad_gathered[row, s:e].float()  # (c, J)
+                p = (logits[row, s:e].float() - lse[row, s:e, None]).exp_()  # (c, V)
+                gz = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[row, s:e], g)
+                grad[row, s:e] = gz.to(grad.dtype)
+        return grad, None, None
+
+
+def student_logprobs_at(
+    student_logits: torch.Tensor, ids: torch.Tensor, chunk_positions: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary student log-probs gathered at `ids`, and the student's entropy.
+
+    student_logits (B, T, V) any float dtype; ids (B, T, J) int. Returns (B, T, J) float32 with
+    gradient, and (B, T) float32 entropy in nats without gradient. `chunk_positions > 0` takes the
+    memory-lean path (no second (B, T, V) fp32 tensor); 0 the plain path. Both agree to 1e-5.
+    """
+    ids = ids.long()
+    if chunk_positions > 0:
+        return _ChunkedGatherLogSoftmax.apply(student_logits, ids, chunk_positions)
+    logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V) fp32
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (B, T)
+    return logprobs.gather(-1, ids), entropy
+
+
+# ----------------------------------------------------------------------------- shared terms
+
+
+@dataclass
+class _Terms:
+    """Per-token quantities every variant combines; all (B, T) unless noted."""
+
+    mask: torch.Tensor  # bool
+    denom: torch.Tensor  # () number of valid tokens (global under data parallelism)
+    old_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    teacher_entropy: torch.Tensor
+    teacher_topk_logprobs: torch.Tensor  # (B, T, K) raw
+    sampled_logprobs: torch.Tensor  # log pi_theta(y_t), with gradient
+    student_topk_logprobs: torch.Tensor  # (B, T, K) full-vocab log pi_theta(x), with gradient
+    student_entropy: torch.Tensor  # no gradient
+    teacher_topk_renorm: torch.Tensor  # (B, T, K) log p~_te(x): teacher renormalized on its top-K
+
+
+def _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+           teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+           chunk_positions) -> _Terms:
+    mask = response_mask.bool()
+
+    def clean(x: torch.Tensor) -> torch.Tensor:  # zero padding so -inf/NaN there cannot leak
+        m = mask if x.dim() == 2 else mask[..., None]
+        return torch.where(m, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
+
+    ids = torch.cat([response_ids[..., None], teacher_topk_ids], dim=-1)  # (B, T, 1 + K)
+    gathered, student_entropy = student_logprobs_at(student_logits, ids, chunk_positions)
+    topk = clean(teacher_topk_logprobs)  # (B, T, K)
+    if num_valid_tokens is None:
+        num_valid_tokens = mask.sum()
+    denom = torch.as_tensor(num_valid_tokens, dtype=torch.float32, device=mask.device).clamp(min=1)
+    return _Terms(
+        mask=mask, denom=denom, old_logprobs=clean(old_logprobs),
+        teacher_logprobs=clean(teacher_logprobs), teacher_entropy=clean(teacher_entropy),
+        teacher_topk_logprobs=topk, sampled_logprobs=gathered[..., 0],
+        student_topk_logprobs=gathered[..., 1:], student_entropy=student_entropy,
+        teacher_topk_renorm=topk - torch.logsumexp(topk, dim=-1, keepdim=True),
+    )
+
+
+def _token_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+
+
+def _opd_per_token(t: _Terms, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1: max(-r A, -clip(r, 1-eps, 1+eps) A), A = stopgrad(log pi_te - log pi_old).
+    Returns the (B, T) loss and the (B, T) bool 'clipped branch active' indicator."""
+    advantage = (t.teacher_logprobs - t.old_logprobs).detach()
+    log_ratio = (t.sampled_logprobs - t.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    unclipped = -ratio * advantage
+    clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantage
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def _fkl_per_token(t: _Terms) -> torch.Tensor:
+    """Eq. 2: sum_{x in TopK} p~_te(x) (log p~_te(x) - log pi_theta(x)); student NOT renormalized."""
+    log_p = t.teacher_topk_renorm  # (B, T, K)
+    return (log_p.exp() * (log_p - t.student_topk_logprobs)).sum(-1)  # (B, T)
+
+
+def _jsd_per_token(t: _Terms, beta: float) -> torch.Tensor:
+    """Generalized JSD(beta) on the top-K support, both sides renormalized there (TRL's GKD form):
+    beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta P + (1 - beta) Q, P teacher, Q student.
+    beta = 0 is KL(P || Q) (forward), beta = 1 is KL(Q || P) (reverse)."""
+    log_p = t.teacher_topk_renorm
+    log_q = t.student_topk_logprobs - torch.logsumexp(t.student_topk_logprobs, -1, keepdim=True)
+
+    def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+    if beta == 0.0:
+        return kl(log_p, log_q)
+    if beta == 1.0:
+        return kl(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def _finish(t: _Terms, losses: dict[str, torch.Tensor], gate: torch.Tensor,
+            entropy_threshold: float, clipped: torch.Tensor | None) -> LossOutput:
+    """Sum the per-token terms (each divided by the valid-token count) and compute the metrics.
+    `losses` maps metric name -> (B, T) per-token term already including its coefficient/gate."""
+    parts = {name: _token_sum(term, t.mask) / t.denom for name, term in losses.items()}
+    total = torch.stack(list(parts.values())).sum()
+    with torch.no_grad():
+        m = t.mask
+        n = m.sum().clamp(min=1).float()
+        gated = gate & m
+        fkl = _fkl_per_token(t)
+        values = {f"loss/{name}": v for name, v in parts.items()}
+        values["loss/total"] = total
+        if clipped is not None:
+            values["opd/clip_frac"] = _token_sum(clipped.float(), m) / n
+        values["opd/approx_kl"] = _token_sum(t.old_logprobs - t.sampled_logprobs, m) / n
+        values["kl/reverse_sampled"] = _token_sum(t.old_logprobs - t.teacher_logprobs, m) / n
+        values["gate/frac"] = gated.sum() / n
+        values["gate/teacher_entropy_mean"] = _token_sum(t.teacher_entropy, m) / n
+        values["fkl/on_gated"] = _token_sum(fkl, gated) / gated.sum().clamp(min=1)
+        values["student/entropy_mean"] = _token_sum(t.student_entropy, m) / n
+        values["student/frac_high_entropy"] = (
+            (t.student_entropy >= entropy_threshold) & m).sum() / n
+        values["topk/teacher_mass"] = _token_sum(t.teacher_topk_logprobs.exp().sum(-1), m) / n
+        values["topk/student_mass"] = _token_sum(t.student_topk_logprobs.exp().sum(-1), m) / n
+        values["tokens/num_valid"] = m.sum()
+        keys = list(values)
+        floats = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
+    return LossOutput(loss=total, metrics=dict(zip(keys, floats, strict=True)))
+
+
+def _entropy_gate(t: _Terms, entropy_threshold: float) -> torch.Tensor:
+    """Hard gate on the teacher's absolute entropy: 1[H_t >= tau] (B, T) bool."""
+    return (t.teacher_entropy >= entropy_threshold) & t.mask
+
+
+def _random_gate_like(gate: torch.Tensor, mask: torch.Tensor,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """A gate that fires on exactly as many valid tokens as `gate`, chosen uniformly at random."""
+    valid = mask.flatten().nonzero().squeeze(-1)  # (N_valid,)
+    num_fire = int(gate.sum())
+    order = torch.randperm(valid.numel(), generator=generator, device="cpu").to(valid.device)
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[valid[order[:num_fire]]] = True
+    return out.view_as(mask)
+
+
+# ----------------------------------------------------------------------------- the variants
+
+# Every variant takes the same positional inputs (see `opd_loss`) and keyword hyperparameters,
+# ignoring those it does not use, so the learner can call any of them by its config name.
+
+
+def opd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+             chunk_positions=0, generator=None) -> LossOutput:
+    """OPD (eq. 1): PPO-clipped reverse KL on every valid token, token-mean over all valid tokens.
+
+    Inputs: student_logits (B, T, V) at the response positions; response_ids, response_mask,
+    old_logprobs, teacher_logprobs, teacher_entropy (B, T); teacher_topk_ids and raw
+    teacher_topk_logprobs (B, T, K). The top-K inputs only feed diagnostics here."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    opd, clipped = _opd_per_token(t, clip_eps)
+    return _finish(t, {"opd": opd}, _entropy_gate(t, entropy_threshold), entropy_threshold, clipped)
+
+
+def _eopd_with_gate(t: _Terms, gate: torch.Tensor, clip_eps: float, fkl_coef: float,
+                    entropy_threshold: float) -> LossOutput:
+    """Eq. 3: L_opd + alpha * gate * L_fkl, both summed over valid tokens / all valid tokens."""
+    opd, clipped = _opd_per_token(t, clip_eps)
+    fkl = _fkl_per_token(t) * gate.float()  # gated per-token FKL (B, T)
+    return _finish(t, {"opd": opd, "fkl": fkl_coef * fkl}, gate, entropy_threshold, clipped)
+
+
+def eopd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+              teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+              entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+              chunk_positions=0, generator=None) -> LossOutput:
+    """EOPD (eq. 3): OPD on every token plus alpha * top-K FKL where the teacher's entropy >= tau.
+    `loss/fkl` in the metrics is alpha * sum(gate * L_fkl) / num_valid_tokens."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    return _eopd_with_gate(t, _entropy_gate(t, entropy_threshold), clip_eps, fkl_coef,
+                           entropy_threshold)
+
+
+def eopd_all_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+                  teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+                  entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+                  chunk_positions=0, generator=None) -> LossOutput:
+    """Ablation tau = 0: the FKL term on every valid token (`entropy_threshold` only feeds the
+    diagnostics)."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    return _eopd_with_gate(t, t.mask, clip_eps, fkl_coef, entropy_threshold)
+
+
+def eopd_random_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+                     teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+                     entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+                     chunk_positions=0, generator=None) -> LossOutput:
+    """Ablation: the entropy gate replaced by a random gate firing on exactly as many valid tokens
+    of this batch as 1[H_t >= tau] would (drawn with `generator`)."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    gate = _random_gate_like(_entropy_gate(t, entropy_threshold), t.mask, generator)
+    return _eopd_with_gate(t, gate, clip_eps, fkl_coef, entropy_threshold)
+
+
+def fkl_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+             chunk_positions=0, generator=None) -> LossOutput:
+    """Top-K forward KL (eq. 2) on every valid token, no reverse-KL term; token-mean."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    return _finish(t, {"fkl": _fkl_per_token(t)}, _entropy_gate(t, entropy_threshold),
+                   entropy_threshold, None)
+
+
+def jsd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
+             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
+             chunk_positions=0, generator=None) -> LossOutput:
+    """Generalized JSD(jsd_beta) on the teacher's top-K support on every valid token; token-mean."""
+    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
+               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
+               chunk_positions)
+    return _finish(t, {"jsd": _jsd_per_token(t, jsd_beta)}, _entropy_gate(t, entropy_threshold),
+                   entropy_threshold, None)
+
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "opd": opd_loss,
+    "eopd": eopd_loss,
+    "eopd_all": eopd_all_loss,
+    "eopd_random": eopd_random_loss,
+    "fkl": fkl_loss,
+    "jsd": jsd_loss,
+}
