@@ -33,10 +33,16 @@ import torch
 LOG_RATIO_CLAMP = 20.0
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """To at least float32 (bf16/fp16 -> fp32; fp64 stays fp64 so tests can check to 1e-10)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # () scalar, differentiable w.r.t. the student logits
     metrics: dict[str, float]  # per-step metric names from method.md, means over valid tokens
+    gate: torch.Tensor  # (B, T) bool, where the FKL term fired (the tau gate for opd/fkl/jsd)
 
 
 # ----------------------------------------------------------------------------- student log-probs
@@ -53,12 +59,13 @@ class _ChunkedGatherLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int):
         b, t, _ = logits.shape  # (B, T, V), any float dtype
-        gathered = logits.new_empty((b, t, ids.shape[-1]), dtype=torch.float32)  # (B, T, J)
-        lse = logits.new_empty((b, t), dtype=torch.float32)  # (B, T)
-        entropy = logits.new_empty((b, t), dtype=torch.float32)  # (B, T)
+        dtype = _upcast(logits[:0]).dtype
+        gathered = logits.new_empty((b, t, ids.shape[-1]), dtype=dtype)  # (B, T, J)
+        lse = logits.new_empty((b, t), dtype=dtype)  # (B, T)
+        entropy = logits.new_empty((b, t), dtype=dtype)  # (B, T)
         for row in range(b):
             for s in range(0, t, chunk):
-                z = logits[row, s : s + chunk].float()  # (c, V) fp32 upcast before softmax
+                z = _upcast(logits[row, s : s + chunk])  # (c, V) fp32 upcast before softmax
                 lse_c = torch.logsumexp(z, dim=-1)  # (c,)
                 gathered[row, s : s + chunk] = z.gather(-1, ids[row, s : s + chunk]) - lse_c[:, None]
                 p = (z - lse_c[:, None]).exp_()  # (c, V)
@@ -77,8 +84,8 @@ class _ChunkedGatherLogSoftmax(torch.autograd.Function):
         for row in range(b):
             for s in range(0, t, ctx.chunk):
                 e = s + ctx.chunk
-                g = grad_gathered[row, s:e].float()  # (c, J)
-                p = (logits[row, s:e].float() - lse[row, s:e, None]).exp_()  # (c, V)
+                g = _upcast(grad_gathered[row, s:e])  # (c, J)
+                p = (_upcast(logits[row, s:e]) - lse[row, s:e, None]).exp_()  # (c, V)
                 gz = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[row, s:e], g)
                 grad[row, s:e] = gz.to(grad.dtype)
         return grad, None, None
@@ -89,14 +96,14 @@ def student_logprobs_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary student log-probs gathered at `ids`, and the student's entropy.
 
-    student_logits (B, T, V) any float dtype; ids (B, T, J) int. Returns (B, T, J) float32 with
-    gradient, and (B, T) float32 entropy in nats without gradient. `chunk_positions > 0` takes the
+    student_logits (B, T, V) any float dtype; ids (B, T, J) int. Returns (B, T, J) log-probs with
+    gradient, and (B, T) entropy in nats without gradient, both float32 (float64 for fp64 logits). `chunk_positions > 0` takes the
     memory-lean path (no second (B, T, V) fp32 tensor); 0 the plain path. Both agree to 1e-5.
     """
     ids = ids.long()
     if chunk_positions > 0:
         return _ChunkedGatherLogSoftmax.apply(student_logits, ids, chunk_positions)
-    logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V) fp32
+    logprobs = torch.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V) fp32
     entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (B, T)
     return logprobs.gather(-1, ids), entropy
 
@@ -124,17 +131,18 @@ def _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_lo
            teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
            chunk_positions) -> _Terms:
     mask = response_mask.bool()
+    dtype = _upcast(student_logits[:0]).dtype
 
     def clean(x: torch.Tensor) -> torch.Tensor:  # zero padding so -inf/NaN there cannot leak
         m = mask if x.dim() == 2 else mask[..., None]
-        return torch.where(m, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
+        return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
 
     ids = torch.cat([response_ids[..., None], teacher_topk_ids], dim=-1)  # (B, T, 1 + K)
     gathered, student_entropy = student_logprobs_at(student_logits, ids, chunk_positions)
     topk = clean(teacher_topk_logprobs)  # (B, T, K)
     if num_valid_tokens is None:
         num_valid_tokens = mask.sum()
-    denom = torch.as_tensor(num_valid_tokens, dtype=torch.float32, device=mask.device).clamp(min=1)
+    denom = torch.as_tensor(num_valid_tokens, dtype=dtype, device=mask.device).clamp(min=1)
     return _Terms(
         mask=mask, denom=denom, old_logprobs=clean(old_logprobs),
         teacher_logprobs=clean(teacher_logprobs), teacher_entropy=clean(teacher_entropy),
@@ -191,7 +199,7 @@ def _finish(t: _Terms, losses: dict[str, torch.Tensor], gate: torch.Tensor,
     total = torch.stack(list(parts.values())).sum()
     with torch.no_grad():
         m = t.mask
-        n = m.sum().clamp(min=1).float()
+        n = m.sum().clamp(min=1).to(t.denom.dtype)
         gated = gate & m
         fkl = _fkl_per_token(t)
         values = {f"loss/{name}": v for name, v in parts.items()}
@@ -210,8 +218,8 @@ def _finish(t: _Terms, losses: dict[str, torch.Tensor], gate: torch.Tensor,
         values["topk/student_mass"] = _token_sum(t.student_topk_logprobs.exp().sum(-1), m) / n
         values["tokens/num_valid"] = m.sum()
         keys = list(values)
-        floats = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
-    return LossOutput(loss=total, metrics=dict(zip(keys, floats, strict=True)))
+        floats = torch.stack([v.detach().double().reshape(()) for v in values.values()]).tolist()
+    return LossOutput(loss=total, metrics=dict(zip(keys, floats, strict=True)), gate=gated)
 
 
 def _entropy_gate(t: _Terms, entropy_threshold: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Tiny models and (later) the synthetic task behind the embedded default; no hub needed."""

@@ -1,0 +1,140 @@
+"""Tiny tokenizers and causal LMs built locally, for tests and the embedded default.
+
+No model hub is needed: a byte-level BPE tokenizer is trained with `tokenizers` on a small corpus
+and random-init Llama / Qwen3 models are saved with `save_pretrained`. Each model directory holds
+the weights (safetensors), the config and a copy of the tokenizer, so it loads offline with
+`AutoModelForCausalLM` / `AutoTokenizer` and with vLLM. Student and teacher share one tokenizer.
+
+    tok_dir = build_tokenizer(root / "tokenizer")
+    student = build_causal_lm(root / "student", tok_dir, hidden_size=64, num_layers=2)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+
+# A ChatML-style template (the shape Qwen's chat models use), so chat prompt templates can be
+# exercised offline. `enable_thinking=False` adds the empty think block of Qwen3's non-thinking mode.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+DEFAULT_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - * / = ( ) "
+    "let's think step by step and output the final answer within \\boxed{}. "
+    "question: what is 12 + 30? answer: 42. path: a -> b -> c. sum: 3 + 4 + 5 = 12."
+)
+
+
+def build_tokenizer(
+    out_dir: str | Path, corpus: Iterable[str] = (DEFAULT_CORPUS,), vocab_size: int = 320
+) -> Path:
+    """Train a byte-level BPE tokenizer on `corpus` and save it as a HF fast tokenizer.
+
+    Any byte string is encodable (the 256 byte symbols are always in the vocabulary). The saved
+    tokenizer's length (`len(tok)`) is the vocabulary size models must use.
+    """
+    out_dir = Path(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a random-init causal LM. head_dim is hidden_size / num_heads (vLLM's CPU attention
+    needs a supported head size such as 32 or 64)."""
+
+    arch: str = "llama"  # "llama" or "qwen3"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 0  # 0: 4 * hidden_size
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+
+def _hf_config(spec: TinyModelSpec, vocab_size: int, eos_id: int):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        torch_dtype="float32",
+    )
+    if spec.arch == "llama":
+        return LlamaConfig(**common)
+    if spec.arch == "qwen3":
+        return Qwen3Config(head_dim=spec.hidden_size // spec.num_heads, **common)
+    raise ValueError(f"unknown tiny model arch {spec.arch!r}; expected 'llama' or 'qwen3'")
+
+
+def build_causal_lm(
+    out_dir: str | Path, tokenizer_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(),
+    seed: int = 0,
+) -> Path:
+    """Save a random-init causal LM with the tokenizer of `tokenizer_dir` into `out_dir`."""
+    out_dir = Path(out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    config = _hf_config(spec, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+    fork_devices: list[int] = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_pair(
+    root: str | Path,
+    student: TinyModelSpec = TinyModelSpec(),
+    teacher: TinyModelSpec = TinyModelSpec(hidden_size=128, num_layers=3, num_heads=4,
+                                           num_kv_heads=2),
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """A student and a (larger) teacher sharing one tokenizer, under `root`. About a second."""
+    root = Path(root)
+    tok_dir = build_tokenizer(root / "tokenizer", corpus)
+    student_dir = build_causal_lm(root / "student", tok_dir, student, seed=seed)
+    teacher_dir = build_causal_lm(root / "teacher", tok_dir, teacher, seed=seed + 1)
+    shutil.rmtree(tok_dir)  # each model directory carries its own copy
+    return student_dir, teacher_dir

@@ -1,0 +1,37 @@
+"""Shared test setup: offline, single-threaded, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(student_dir, teacher_dir): a tiny Llama student and a larger Qwen3 teacher, one tokenizer."""
+    from eopd_ray.toy.models import TinyModelSpec, build_tiny_pair
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return build_tiny_pair(
+        root,
+        teacher=TinyModelSpec(arch="qwen3", hidden_size=128, num_layers=2, num_heads=4,
+                              num_kv_heads=2),
+    )
