@@ -19,6 +19,7 @@ copying. Nothing here imports Ray.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class _Wire:
         if not 1 <= num_shards <= n:
             raise BatchError(f"cannot split {n} sequences into {num_shards} shards")
         bounds = [round(i * n / num_shards) for i in range(num_shards + 1)]
-        return [self.select(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [self.select(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
     def _select_extra(self, rows: list[int]) -> dict[str, Any]:
         return {}
@@ -90,8 +91,9 @@ def _rebuild(cls: type, state: dict[str, Any]):
     with warnings.catch_warnings():
         # Ray hands back read-only zero-copy buffers; wire tensors are never written in place.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return cls(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                      for k, v in state.items()})
+        return cls(
+            **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+        )
 
 
 def _pad_cat(tensors: Sequence[torch.Tensor], fill: float | int | bool) -> torch.Tensor:
@@ -120,7 +122,11 @@ class RolloutBatch(_Wire):
     weight_version: int  # student weight version that sampled every row
 
     _tensor_fields: ClassVar[tuple[str, ...]] = (
-        "prompt_ids", "prompt_mask", "response_ids", "response_mask", "sampler_logprobs",
+        "prompt_ids",
+        "prompt_mask",
+        "response_ids",
+        "response_mask",
+        "sampler_logprobs",
         "prompt_index",
     )
 
@@ -128,7 +134,8 @@ class RolloutBatch(_Wire):
         if self.prompt_ids.dim() != 2 or self.response_ids.dim() != 2:
             raise BatchError(
                 f"prompt_ids and response_ids must be 2-D (B, P) / (B, T); got "
-                f"{tuple(self.prompt_ids.shape)} and {tuple(self.response_ids.shape)}")
+                f"{tuple(self.prompt_ids.shape)} and {tuple(self.response_ids.shape)}"
+            )
         b, p = self.prompt_ids.shape
         t = self.response_ids.shape[1]
         _check("prompt_ids", self.prompt_ids, torch.int64, (b, p))
@@ -142,8 +149,9 @@ class RolloutBatch(_Wire):
             raise BatchError(f"finish_reason: expected {b} entries, got {len(self.finish_reason)}")
         unknown = set(self.finish_reason) - set(FINISH_REASONS)
         if unknown:
-            raise BatchError(f"finish_reason: unknown values {sorted(unknown)}; "
-                             f"expected one of {FINISH_REASONS}")
+            raise BatchError(
+                f"finish_reason: unknown values {sorted(unknown)}; expected one of {FINISH_REASONS}"
+            )
         if not isinstance(self.weight_version, int) or self.weight_version < 0:
             raise BatchError(f"weight_version: expected an int >= 0, got {self.weight_version!r}")
 
@@ -193,11 +201,17 @@ class TeacherScores(_Wire):
     entropy_is_exact: bool = True  # False when estimated from the top-K plus tail (vLLM engine)
 
     _tensor_fields: ClassVar[tuple[str, ...]] = (
-        "token_logprobs", "entropy", "topk_ids", "topk_logprobs")
+        "token_logprobs",
+        "entropy",
+        "topk_ids",
+        "topk_logprobs",
+    )
 
     def __post_init__(self) -> None:
         if self.topk_ids.dim() != 3:
-            raise BatchError(f"topk_ids: expected shape (B, T, K), got {tuple(self.topk_ids.shape)}")
+            raise BatchError(
+                f"topk_ids: expected shape (B, T, K), got {tuple(self.topk_ids.shape)}"
+            )
         b, t, k = self.topk_ids.shape
         _check("token_logprobs", self.token_logprobs, torch.float32, (b, t))
         _check("entropy", self.entropy, torch.float32, (b, t))
@@ -216,8 +230,10 @@ class TeacherScores(_Wire):
         """Raise BatchError unless these scores cover exactly `batch`'s response positions."""
         want = tuple(batch.response_ids.shape)
         if tuple(self.token_logprobs.shape) != want:
-            raise BatchError(f"teacher scores cover shape {tuple(self.token_logprobs.shape)} but "
-                             f"the rollout batch's responses are {want}")
+            raise BatchError(
+                f"teacher scores cover shape {tuple(self.token_logprobs.shape)} but "
+                f"the rollout batch's responses are {want}"
+            )
 
     @classmethod
     def concat(cls, parts: Sequence[TeacherScores]) -> TeacherScores:

@@ -42,7 +42,6 @@ Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 
-LOSS_NAMES = ("opd", "eopd", "eopd_all", "eopd_random", "fkl", "jsd")
 MiB = 2**20
 
 _SECTION = ConfigDict(extra="forbid", frozen=True)
@@ -179,40 +178,68 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
             out.append((keys, ConfigIssue(path, message)))
 
     r, lrn, t, m = cfg.rollout, cfg.learner, cfg.teacher, cfg.model
-    rule(("model.student_path",), bool(m.student_path), "model.student_path",
-         "required: set it to the student's HF model directory")
-    rule(("model.teacher_path",), bool(m.teacher_path), "model.teacher_path",
-         "required: set it to the teacher's HF model directory")
+    rule(
+        ("model.student_path",),
+        bool(m.student_path),
+        "model.student_path",
+        "required: set it to the student's HF model directory",
+    )
+    rule(
+        ("model.teacher_path",),
+        bool(m.teacher_path),
+        "model.teacher_path",
+        "required: set it to the teacher's HF model directory",
+    )
     seqs = r.prompts_per_step * r.samples_per_prompt
-    rule(("rollout.prompts_per_step", "rollout.samples_per_prompt", "learner.mini_batch_size"),
-         seqs % lrn.mini_batch_size == 0, "learner.mini_batch_size",
-         f"must divide the sequences per step (rollout.prompts_per_step * "
-         f"rollout.samples_per_prompt = {seqs}); got {lrn.mini_batch_size}")
-    rule(("learner.mini_batch_size", "learner.num_workers"),
-         lrn.mini_batch_size % lrn.num_workers == 0, "learner.mini_batch_size",
-         f"must be a multiple of learner.num_workers ({lrn.num_workers}); got {lrn.mini_batch_size}")
+    rule(
+        ("rollout.prompts_per_step", "rollout.samples_per_prompt", "learner.mini_batch_size"),
+        seqs % lrn.mini_batch_size == 0,
+        "learner.mini_batch_size",
+        f"must divide the sequences per step (rollout.prompts_per_step * "
+        f"rollout.samples_per_prompt = {seqs}); got {lrn.mini_batch_size}",
+    )
+    rule(
+        ("learner.mini_batch_size", "learner.num_workers"),
+        lrn.mini_batch_size % lrn.num_workers == 0,
+        "learner.mini_batch_size",
+        f"must be a multiple of learner.num_workers ({lrn.num_workers}); got {lrn.mini_batch_size}",
+    )
     per_rank = lrn.mini_batch_size // lrn.num_workers
-    rule(("learner.mini_batch_size", "learner.num_workers", "learner.micro_batch_size"),
-         per_rank == 0 or per_rank % lrn.micro_batch_size == 0, "learner.micro_batch_size",
-         f"must divide the per-rank mini-batch (learner.mini_batch_size / learner.num_workers = "
-         f"{per_rank}); got {lrn.micro_batch_size}")
-    rule(("rollout.prompts_per_step", "rollout.num_workers"),
-         r.prompts_per_step >= r.num_workers, "rollout.num_workers",
-         f"more rollout workers ({r.num_workers}) than prompts per step "
-         f"({r.prompts_per_step}): lower it or raise rollout.prompts_per_step")
-    rule(("rollout.max_new_tokens", "rollout.max_model_len", "data.max_prompt_tokens"),
-         cfg.data.max_prompt_tokens + r.max_new_tokens <= r.max_model_len, "rollout.max_model_len",
-         f"must hold data.max_prompt_tokens + rollout.max_new_tokens "
-         f"({cfg.data.max_prompt_tokens} + {r.max_new_tokens}); got {r.max_model_len}")
-    rule(("teacher.student_eos_token_id", "teacher.teacher_eos_token_id"),
-         (t.student_eos_token_id is None) == (t.teacher_eos_token_id is None),
-         "teacher.teacher_eos_token_id",
-         "teacher.student_eos_token_id and teacher.teacher_eos_token_id are set together or not "
-         "at all")
-    rule(("learner.warmup_steps", "run.steps"), lrn.warmup_steps <= total_updates(cfg),
-         "learner.warmup_steps",
-         f"longer than the whole run ({total_updates(cfg)} optimizer updates); got "
-         f"{lrn.warmup_steps}")
+    rule(
+        ("learner.mini_batch_size", "learner.num_workers", "learner.micro_batch_size"),
+        per_rank == 0 or per_rank % lrn.micro_batch_size == 0,
+        "learner.micro_batch_size",
+        f"must divide the per-rank mini-batch (learner.mini_batch_size / learner.num_workers = "
+        f"{per_rank}); got {lrn.micro_batch_size}",
+    )
+    rule(
+        ("rollout.prompts_per_step", "rollout.num_workers"),
+        r.prompts_per_step >= r.num_workers,
+        "rollout.num_workers",
+        f"more rollout workers ({r.num_workers}) than prompts per step "
+        f"({r.prompts_per_step}): lower it or raise rollout.prompts_per_step",
+    )
+    rule(
+        ("rollout.max_new_tokens", "rollout.max_model_len", "data.max_prompt_tokens"),
+        cfg.data.max_prompt_tokens + r.max_new_tokens <= r.max_model_len,
+        "rollout.max_model_len",
+        f"must hold data.max_prompt_tokens + rollout.max_new_tokens "
+        f"({cfg.data.max_prompt_tokens} + {r.max_new_tokens}); got {r.max_model_len}",
+    )
+    rule(
+        ("teacher.student_eos_token_id", "teacher.teacher_eos_token_id"),
+        (t.student_eos_token_id is None) == (t.teacher_eos_token_id is None),
+        "teacher.teacher_eos_token_id",
+        "teacher.student_eos_token_id and teacher.teacher_eos_token_id are set together or not "
+        "at all",
+    )
+    rule(
+        ("learner.warmup_steps", "run.steps"),
+        lrn.warmup_steps <= total_updates(cfg),
+        "learner.warmup_steps",
+        f"longer than the whole run ({total_updates(cfg)} optimizer updates); got "
+        f"{lrn.warmup_steps}",
+    )
     return out
 
 
@@ -226,7 +253,8 @@ def total_updates(cfg: Config) -> int:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads `3e-6` as a float (YAML 1.1 wants `3.0e-6`)."""
+    """SafeLoader that rejects duplicate keys and reads `3e-6` as a float
+    (plain YAML 1.1 reads it as a string: it wants `3.0e-6`)."""
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep=False):
@@ -235,23 +263,28 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                key_node.start_mark)
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                key_node.start_mark,
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
 
 _StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    list("-+0123456789"),
+)
 
 
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -412,8 +445,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read the config file: {exc.strerror}")],
-                          str(path)) from None
+        raise ConfigError(
+            [ConfigIssue("", f"cannot read the config file: {exc.strerror}")], str(path)
+        ) from None
     return config_from_dict(_parse_yaml(text, str(path)), overrides, str(path))
 
 

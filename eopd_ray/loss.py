@@ -5,7 +5,8 @@ Shape legend: B sequences, T response tokens, K teacher top-k, V vocabulary. Row
 the teacher alike: the gate, the FKL and the sampled-token log-probs all use the SAME position
 (the public fork reads the top-K one position later than the entropy; we do not).
 
-Every variant has the same inputs and returns `LossOutput(loss, metrics)`:
+Every variant takes one `LossInputs` plus keyword-only hyperparameters and returns
+`LossOutput(loss, metrics, gate)`:
 
     opd          L_opd                                   (PPO-clipped reverse KL, eq. 1)
     eopd         L_opd + alpha * 1[H_t >= tau] * L_fkl   (the method, eq. 3)
@@ -24,9 +25,11 @@ is clamped to [-20, 20] before exp (as verl does) so an extreme drift cannot ove
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -67,7 +70,9 @@ class _ChunkedGatherLogSoftmax(torch.autograd.Function):
             for s in range(0, t, chunk):
                 z = _upcast(logits[row, s : s + chunk])  # (c, V) fp32 upcast before softmax
                 lse_c = torch.logsumexp(z, dim=-1)  # (c,)
-                gathered[row, s : s + chunk] = z.gather(-1, ids[row, s : s + chunk]) - lse_c[:, None]
+                gathered[row, s : s + chunk] = (
+                    z.gather(-1, ids[row, s : s + chunk]) - lse_c[:, None]
+                )
                 p = (z - lse_c[:, None]).exp_()  # (c, V)
                 entropy[row, s : s + chunk] = lse_c - (p * z).sum(-1)  # H = lse - sum p z
                 lse[row, s : s + chunk] = lse_c
@@ -97,8 +102,9 @@ def student_logprobs_at(
     """Full-vocabulary student log-probs gathered at `ids`, and the student's entropy.
 
     student_logits (B, T, V) any float dtype; ids (B, T, J) int. Returns (B, T, J) log-probs with
-    gradient, and (B, T) entropy in nats without gradient, both float32 (float64 for fp64 logits). `chunk_positions > 0` takes the
-    memory-lean path (no second (B, T, V) fp32 tensor); 0 the plain path. Both agree to 1e-5.
+    gradient, and (B, T) entropy in nats without gradient, both float32 (float64 for fp64 logits).
+    `chunk_positions > 0` takes the memory-lean path (no second (B, T, V) fp32 tensor); 0 the
+    plain path. Both agree to 1e-5.
     """
     ids = ids.long()
     if chunk_positions > 0:
@@ -109,6 +115,23 @@ def student_logprobs_at(
 
 
 # ----------------------------------------------------------------------------- shared terms
+
+
+class LossInputs(NamedTuple):
+    """Everything a loss needs, at the response positions (row t predicts response token t)."""
+
+    student_logits: torch.Tensor  # (B, T, V) any float dtype, differentiable
+    response_ids: torch.Tensor  # (B, T) int, the sampled tokens y_t
+    response_mask: torch.Tensor  # (B, T) bool, True = a valid response token
+    old_logprobs: torch.Tensor  # (B, T) log pi_old(y_t)
+    teacher_logprobs: torch.Tensor  # (B, T) log pi_te(y_t)
+    teacher_entropy: torch.Tensor  # (B, T) full-vocabulary teacher entropy H_t, nats
+    teacher_topk_ids: torch.Tensor  # (B, T, K) int
+    teacher_topk_logprobs: torch.Tensor  # (B, T, K) raw full-vocab logprobs (renormalized here)
+
+    def select(self, rows: slice | torch.Tensor) -> LossInputs:
+        """The same inputs for a subset of sequences (a data-parallel shard, a micro-batch)."""
+        return LossInputs(*(x[rows] for x in self))
 
 
 @dataclass
@@ -127,27 +150,30 @@ class _Terms:
     teacher_topk_renorm: torch.Tensor  # (B, T, K) log p~_te(x): teacher renormalized on its top-K
 
 
-def _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-           teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-           chunk_positions) -> _Terms:
-    mask = response_mask.bool()
-    dtype = _upcast(student_logits[:0]).dtype
+def _terms(x: LossInputs, num_valid_tokens: int | torch.Tensor | None, chunk: int) -> _Terms:
+    mask = x.response_mask.bool()
+    dtype = _upcast(x.student_logits[:0]).dtype
 
-    def clean(x: torch.Tensor) -> torch.Tensor:  # zero padding so -inf/NaN there cannot leak
-        m = mask if x.dim() == 2 else mask[..., None]
-        return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    def clean(v: torch.Tensor) -> torch.Tensor:  # zero padding so -inf/NaN there cannot leak
+        m = mask if v.dim() == 2 else mask[..., None]
+        return torch.where(m, v.to(dtype), torch.zeros((), dtype=dtype, device=v.device))
 
-    ids = torch.cat([response_ids[..., None], teacher_topk_ids], dim=-1)  # (B, T, 1 + K)
-    gathered, student_entropy = student_logprobs_at(student_logits, ids, chunk_positions)
-    topk = clean(teacher_topk_logprobs)  # (B, T, K)
+    ids = torch.cat([x.response_ids[..., None].long(), x.teacher_topk_ids.long()], -1)  # (B,T,1+K)
+    gathered, student_entropy = student_logprobs_at(x.student_logits, ids, chunk)
+    topk = clean(x.teacher_topk_logprobs)  # (B, T, K)
     if num_valid_tokens is None:
         num_valid_tokens = mask.sum()
     denom = torch.as_tensor(num_valid_tokens, dtype=dtype, device=mask.device).clamp(min=1)
     return _Terms(
-        mask=mask, denom=denom, old_logprobs=clean(old_logprobs),
-        teacher_logprobs=clean(teacher_logprobs), teacher_entropy=clean(teacher_entropy),
-        teacher_topk_logprobs=topk, sampled_logprobs=gathered[..., 0],
-        student_topk_logprobs=gathered[..., 1:], student_entropy=student_entropy,
+        mask=mask,
+        denom=denom,
+        old_logprobs=clean(x.old_logprobs),
+        teacher_logprobs=clean(x.teacher_logprobs),
+        teacher_entropy=clean(x.teacher_entropy),
+        teacher_topk_logprobs=topk,
+        sampled_logprobs=gathered[..., 0],
+        student_topk_logprobs=gathered[..., 1:],
+        student_entropy=student_entropy,
         teacher_topk_renorm=topk - torch.logsumexp(topk, dim=-1, keepdim=True),
     )
 
@@ -168,7 +194,8 @@ def _opd_per_token(t: _Terms, clip_eps: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def _fkl_per_token(t: _Terms) -> torch.Tensor:
-    """Eq. 2: sum_{x in TopK} p~_te(x) (log p~_te(x) - log pi_theta(x)); student NOT renormalized."""
+    """Eq. 2: sum_{x in TopK} p~_te(x) (log p~_te(x) - log pi_theta(x)).
+    The student's log-probs are full-vocabulary values, NOT renormalized over the top-K."""
     log_p = t.teacher_topk_renorm  # (B, T, K)
     return (log_p.exp() * (log_p - t.student_topk_logprobs)).sum(-1)  # (B, T)
 
@@ -191,8 +218,13 @@ def _jsd_per_token(t: _Terms, beta: float) -> torch.Tensor:
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
-def _finish(t: _Terms, losses: dict[str, torch.Tensor], gate: torch.Tensor,
-            entropy_threshold: float, clipped: torch.Tensor | None) -> LossOutput:
+def _finish(
+    t: _Terms,
+    losses: dict[str, torch.Tensor],
+    gate: torch.Tensor,
+    entropy_threshold: float,
+    clipped: torch.Tensor | None,
+) -> LossOutput:
     """Sum the per-token terms (each divided by the valid-token count) and compute the metrics.
     `losses` maps metric name -> (B, T) per-token term already including its coefficient/gate."""
     parts = {name: _token_sum(term, t.mask) / t.denom for name, term in losses.items()}
@@ -213,7 +245,8 @@ def _finish(t: _Terms, losses: dict[str, torch.Tensor], gate: torch.Tensor,
         values["fkl/on_gated"] = _token_sum(fkl, gated) / gated.sum().clamp(min=1)
         values["student/entropy_mean"] = _token_sum(t.student_entropy, m) / n
         values["student/frac_high_entropy"] = (
-            (t.student_entropy >= entropy_threshold) & m).sum() / n
+            (t.student_entropy >= entropy_threshold) & m
+        ).sum() / n
         values["topk/teacher_mass"] = _token_sum(t.teacher_topk_logprobs.exp().sum(-1), m) / n
         values["topk/student_mass"] = _token_sum(t.student_topk_logprobs.exp().sum(-1), m) / n
         values["tokens/num_valid"] = m.sum()
@@ -227,8 +260,9 @@ def _entropy_gate(t: _Terms, entropy_threshold: float) -> torch.Tensor:
     return (t.teacher_entropy >= entropy_threshold) & t.mask
 
 
-def _random_gate_like(gate: torch.Tensor, mask: torch.Tensor,
-                      generator: torch.Generator | None) -> torch.Tensor:
+def _random_gate_like(
+    gate: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """A gate that fires on exactly as many valid tokens as `gate`, chosen uniformly at random."""
     valid = mask.flatten().nonzero().squeeze(-1)  # (N_valid,)
     num_fire = int(gate.sum())
@@ -240,94 +274,109 @@ def _random_gate_like(gate: torch.Tensor, mask: torch.Tensor,
 
 # ----------------------------------------------------------------------------- the variants
 
-# Every variant takes the same positional inputs (see `opd_loss`) and keyword hyperparameters,
-# ignoring those it does not use, so the learner can call any of them by its config name.
+# Each variant takes `LossInputs` and only the hyperparameters it uses, keyword-only.
+# `num_valid_tokens` is the token-mean denominator: the GLOBAL valid-token count under data
+# parallelism (default: this call's own count). `chunk_positions > 0` selects the memory-lean
+# student log-softmax (see `student_logprobs_at`).
 
 
-def opd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-             chunk_positions=0, generator=None) -> LossOutput:
-    """OPD (eq. 1): PPO-clipped reverse KL on every valid token, token-mean over all valid tokens.
-
-    Inputs: student_logits (B, T, V) at the response positions; response_ids, response_mask,
-    old_logprobs, teacher_logprobs, teacher_entropy (B, T); teacher_topk_ids and raw
-    teacher_topk_logprobs (B, T, K). The top-K inputs only feed diagnostics here."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
+def opd_loss(
+    inputs: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    entropy_threshold: float = 0.8,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+) -> LossOutput:
+    """OPD (eq. 1): PPO-clipped reverse KL on every valid token, divided by all valid tokens.
+    The top-K inputs and `entropy_threshold` only feed the diagnostics (gate/*, fkl/on_gated)."""
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
     opd, clipped = _opd_per_token(t, clip_eps)
     return _finish(t, {"opd": opd}, _entropy_gate(t, entropy_threshold), entropy_threshold, clipped)
 
 
-def _eopd_with_gate(t: _Terms, gate: torch.Tensor, clip_eps: float, fkl_coef: float,
-                    entropy_threshold: float) -> LossOutput:
-    """Eq. 3: L_opd + alpha * gate * L_fkl, both summed over valid tokens / all valid tokens."""
+def _eopd_with_gate(
+    t: _Terms, gate: torch.Tensor, clip_eps: float, fkl_coef: float, entropy_threshold: float
+) -> LossOutput:
+    """Eq. 3: L_opd + alpha * gate * L_fkl, each summed over valid tokens / all valid tokens."""
     opd, clipped = _opd_per_token(t, clip_eps)
-    fkl = _fkl_per_token(t) * gate.float()  # gated per-token FKL (B, T)
+    fkl = _fkl_per_token(t) * gate.to(t.denom.dtype)  # gated per-token FKL (B, T)
     return _finish(t, {"opd": opd, "fkl": fkl_coef * fkl}, gate, entropy_threshold, clipped)
 
 
-def eopd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-              teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-              entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-              chunk_positions=0, generator=None) -> LossOutput:
+def eopd_loss(
+    inputs: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    entropy_threshold: float = 0.8,
+    fkl_coef: float = 1.0,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+) -> LossOutput:
     """EOPD (eq. 3): OPD on every token plus alpha * top-K FKL where the teacher's entropy >= tau.
-    `loss/fkl` in the metrics is alpha * sum(gate * L_fkl) / num_valid_tokens."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
-    return _eopd_with_gate(t, _entropy_gate(t, entropy_threshold), clip_eps, fkl_coef,
-                           entropy_threshold)
+    Metric `loss/fkl` is alpha * sum(gate * L_fkl) / num_valid_tokens."""
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
+    gate = _entropy_gate(t, entropy_threshold)
+    return _eopd_with_gate(t, gate, clip_eps, fkl_coef, entropy_threshold)
 
 
-def eopd_all_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-                  teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-                  entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-                  chunk_positions=0, generator=None) -> LossOutput:
-    """Ablation tau = 0: the FKL term on every valid token (`entropy_threshold` only feeds the
-    diagnostics)."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
+def eopd_all_loss(
+    inputs: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    entropy_threshold: float = 0.8,
+    fkl_coef: float = 1.0,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+) -> LossOutput:
+    """Ablation tau = 0: the FKL term on every valid token. `entropy_threshold` only feeds the
+    diagnostics."""
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
     return _eopd_with_gate(t, t.mask, clip_eps, fkl_coef, entropy_threshold)
 
 
-def eopd_random_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-                     teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-                     entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-                     chunk_positions=0, generator=None) -> LossOutput:
-    """Ablation: the entropy gate replaced by a random gate firing on exactly as many valid tokens
-    of this batch as 1[H_t >= tau] would (drawn with `generator`)."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
+def eopd_random_loss(
+    inputs: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    entropy_threshold: float = 0.8,
+    fkl_coef: float = 1.0,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Ablation: the entropy gate replaced by a random gate that fires on exactly as many valid
+    tokens of this batch as 1[H_t >= tau] would, drawn with `generator`."""
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
     gate = _random_gate_like(_entropy_gate(t, entropy_threshold), t.mask, generator)
     return _eopd_with_gate(t, gate, clip_eps, fkl_coef, entropy_threshold)
 
 
-def fkl_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-             chunk_positions=0, generator=None) -> LossOutput:
+def fkl_loss(
+    inputs: LossInputs,
+    *,
+    entropy_threshold: float = 0.8,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+) -> LossOutput:
     """Top-K forward KL (eq. 2) on every valid token, no reverse-KL term; token-mean."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
-    return _finish(t, {"fkl": _fkl_per_token(t)}, _entropy_gate(t, entropy_threshold),
-                   entropy_threshold, None)
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
+    gate = _entropy_gate(t, entropy_threshold)  # diagnostics only
+    return _finish(t, {"fkl": _fkl_per_token(t)}, gate, entropy_threshold, None)
 
 
-def jsd_loss(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-             teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, *, clip_eps=0.2,
-             entropy_threshold=0.8, fkl_coef=1.0, jsd_beta=0.5, num_valid_tokens=None,
-             chunk_positions=0, generator=None) -> LossOutput:
-    """Generalized JSD(jsd_beta) on the teacher's top-K support on every valid token; token-mean."""
-    t = _terms(student_logits, response_ids, response_mask, old_logprobs, teacher_logprobs,
-               teacher_entropy, teacher_topk_ids, teacher_topk_logprobs, num_valid_tokens,
-               chunk_positions)
-    return _finish(t, {"jsd": _jsd_per_token(t, jsd_beta)}, _entropy_gate(t, entropy_threshold),
-                   entropy_threshold, None)
+def jsd_loss(
+    inputs: LossInputs,
+    *,
+    jsd_beta: float = 0.5,
+    entropy_threshold: float = 0.8,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_positions: int = 0,
+) -> LossOutput:
+    """Generalized JSD(jsd_beta) on the teacher's top-K support, every valid token; token-mean."""
+    t = _terms(inputs, num_valid_tokens, chunk_positions)
+    gate = _entropy_gate(t, entropy_threshold)  # diagnostics only
+    return _finish(t, {"jsd": _jsd_per_token(t, jsd_beta)}, gate, entropy_threshold, None)
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
@@ -338,3 +387,9 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "fkl": fkl_loss,
     "jsd": jsd_loss,
 }
+
+
+def loss_hyperparameters(fn: Callable[..., LossOutput], **available: object) -> dict[str, object]:
+    """The subset of `available` keyword arguments that loss `fn` accepts (config -> call)."""
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in available.items() if k in accepted}

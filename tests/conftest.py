@@ -9,10 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,12 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """(student_dir, teacher_dir): a tiny Llama student and a larger Qwen3 teacher, one tokenizer."""
+    """(student_dir, teacher_dir): tiny Llama student, larger Qwen3 teacher, one tokenizer."""
     from eopd_ray.toy.models import TinyModelSpec, build_tiny_pair
 
     root = tmp_path_factory.mktemp("tiny_models")
     return build_tiny_pair(
         root,
-        teacher=TinyModelSpec(arch="qwen3", hidden_size=128, num_layers=2, num_heads=4,
-                              num_kv_heads=2),
+        teacher=TinyModelSpec(
+            arch="qwen3", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2
+        ),
     )

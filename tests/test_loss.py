@@ -13,7 +13,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eopd_ray.loss import LOSSES, eopd_loss, fkl_loss, jsd_loss, opd_loss, student_logprobs_at
+from eopd_ray.loss import (
+    LOSSES,
+    LossInputs,
+    eopd_loss,
+    fkl_loss,
+    jsd_loss,
+    loss_hyperparameters,
+    opd_loss,
+    student_logprobs_at,
+)
 
 EPS, TAU, ALPHA, BETA = 0.2, 0.8, 1.0, 0.5
 
@@ -21,16 +30,25 @@ EPS, TAU, ALPHA, BETA = 0.2, 0.8, 1.0, 0.5
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_inputs(seed: int, b: int = 3, t: int = 7, v: int = 40, k: int = 5,
-                dtype: torch.dtype = torch.float64, pad_with_garbage: bool = True,
-                mixed_gate: bool = True) -> dict:
+def make_inputs(
+    seed: int,
+    b: int = 3,
+    t: int = 7,
+    v: int = 40,
+    k: int = 5,
+    dtype: torch.dtype = torch.float64,
+    pad_with_garbage: bool = True,
+    mixed_gate: bool = True,
+) -> dict:
     """Random student logits, a teacher with varied entropy, pi_old near pi_theta (so some PPO
     ratios are clipped and some not), a ragged mask, and NaN/-inf garbage at padded positions."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2).to(dtype)
     # Teacher: per-position temperature so some positions are peaked, some flat.
     scale = torch.exp(torch.rand(b, t, 1, generator=g, dtype=torch.float64) * 3.5 - 1)
-    teacher_logp = torch.log_softmax(torch.randn(b, t, v, generator=g, dtype=torch.float64) * scale, -1)
+    teacher_logp = torch.log_softmax(
+        torch.randn(b, t, v, generator=g, dtype=torch.float64) * scale, -1
+    )
     ids = torch.randint(0, v, (b, t), generator=g)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
@@ -48,11 +66,15 @@ def make_inputs(seed: int, b: int = 3, t: int = 7, v: int = 40, k: int = 5,
         teacher_topk_logprobs=topk.values.float(),
     )
     if pad_with_garbage:
-        for name, bad in (("old_logprobs", float("nan")), ("teacher_logprobs", -math.inf),
-                          ("teacher_entropy", math.nan)):
+        for name, bad in (
+            ("old_logprobs", float("nan")),
+            ("teacher_logprobs", -math.inf),
+            ("teacher_entropy", math.nan),
+        ):
             inputs[name] = inputs[name].masked_fill(~mask, bad)
         inputs["teacher_topk_logprobs"] = inputs["teacher_topk_logprobs"].masked_fill(
-            ~mask[..., None], -math.inf)
+            ~mask[..., None], -math.inf
+        )
     if mixed_gate:  # the gate must fire on some valid tokens and not on others
         fires = inputs["teacher_entropy"][mask] >= TAU
         assert fires.any() and not fires.all(), f"seed {seed}: pick a seed with a mixed gate"
@@ -60,10 +82,10 @@ def make_inputs(seed: int, b: int = 3, t: int = 7, v: int = 40, k: int = 5,
 
 
 def call(fn, inputs: dict, **kw):
-    """Run a loss on a fresh leaf copy of the logits; return (loss, grad, output)."""
+    """Run a loss on a fresh leaf copy of the logits; return (loss, grad, output).
+    Passes only the keyword arguments `fn` accepts (as the learner does)."""
     logits = inputs["student_logits"].detach().clone().requires_grad_(True)
-    args = dict(inputs, student_logits=logits)
-    out = fn(*args.values(), **kw)
+    out = fn(LossInputs(**dict(inputs, student_logits=logits)), **loss_hyperparameters(fn, **kw))
     out.loss.backward()
     return out.loss.detach(), logits.grad, out
 
@@ -71,8 +93,13 @@ def call(fn, inputs: dict, **kw):
 # ----------------------------------------------------------------------------- the reference
 
 
-def reference(inputs: dict, variant: str, gate: torch.Tensor | None = None,
-              num_valid_tokens: int | None = None, tau: float = TAU):
+def reference(
+    inputs: dict,
+    variant: str,
+    gate: torch.Tensor | None = None,
+    num_valid_tokens: int | None = None,
+    tau: float = TAU,
+):
     """float64, token by token, full vocabulary. Returns (loss, grad wrt logits, gate used)."""
     logits = inputs["student_logits"].detach().double().clone().requires_grad_(True)
     mask = inputs["response_mask"]
@@ -97,15 +124,20 @@ def reference(inputs: dict, variant: str, gate: torch.Tensor | None = None,
             q = torch.exp(log_pi[ids]) / torch.exp(log_pi[ids]).sum()
             m = BETA * p + (1 - BETA) * q
             jsd = BETA * (p * torch.log(p / m)).sum() + (1 - BETA) * (q * torch.log(q / m)).sum()
-            fires = bool(inputs["teacher_entropy"][i, j] >= tau) if gate is None else bool(gate[i, j])
+            fires = (
+                bool(inputs["teacher_entropy"][i, j] >= tau) if gate is None else bool(gate[i, j])
+            )
             used_gate[i, j] = fires
-            total = total + {
-                "opd": opd,
-                "eopd": opd + ALPHA * fires * fkl,
-                "eopd_all": opd + ALPHA * fkl,
-                "fkl": fkl,
-                "jsd": jsd,
-            }[variant]
+            total = (
+                total
+                + {
+                    "opd": opd,
+                    "eopd": opd + ALPHA * fires * fkl,
+                    "eopd_all": opd + ALPHA * fkl,
+                    "fkl": fkl,
+                    "jsd": jsd,
+                }[variant]
+            )
     denom = num_valid_tokens if num_valid_tokens is not None else int(mask.sum())
     loss = total / max(denom, 1)
     loss.backward()
@@ -152,8 +184,9 @@ def test_random_gate_fires_as_often_as_the_entropy_gate_and_matches_reference():
     _, _, eopd = call(eopd_loss, inputs, **HP)
     gates = []
     for seed in range(3):
-        loss, grad, out = call(LOSSES["eopd_random"], inputs,
-                               generator=torch.Generator().manual_seed(seed), **HP)
+        loss, grad, out = call(
+            LOSSES["eopd_random"], inputs, generator=torch.Generator().manual_seed(seed), **HP
+        )
         assert int(out.gate.sum()) == int(eopd.gate.sum())
         assert not (out.gate & ~inputs["response_mask"]).any()
         assert out.metrics["gate/frac"] == pytest.approx(eopd.metrics["gate/frac"])
@@ -165,7 +198,7 @@ def test_random_gate_fires_as_often_as_the_entropy_gate_and_matches_reference():
     assert any(not torch.equal(eopd.gate, g) for g in gates), "random gate equals the tau gate"
 
 
-# ----------------------------------------------------------------------------- limits and invariants
+# ---------------------------------------------------------------------------- limits, invariants
 
 
 def test_topk_equal_to_vocab_gives_the_full_forward_kl():
@@ -200,7 +233,9 @@ def test_all_masked_batch_gives_zero_and_finite_gradients(variant, chunk):
     for name in ("old_logprobs", "teacher_logprobs", "teacher_entropy"):
         inputs[name] = torch.full_like(inputs[name], math.nan)
     inputs["teacher_topk_logprobs"] = torch.full_like(inputs["teacher_topk_logprobs"], -math.inf)
-    loss, grad, out = call(LOSSES[variant], inputs, generator=torch.Generator().manual_seed(0), **HP)
+    loss, grad, out = call(
+        LOSSES[variant], inputs, generator=torch.Generator().manual_seed(0), **HP
+    )
     assert loss.item() == 0.0
     assert torch.isfinite(grad).all() and (grad == 0).all()
     assert all(math.isfinite(v) for v in out.metrics.values()), out.metrics
@@ -227,8 +262,7 @@ def test_gate_and_fkl_use_the_same_position():
     next position's top-K points at tokens B. With the OPD term silenced (teacher logprob equal to
     pi_old, so A_t = 0), the gradient must appear only at position 1 and favour tokens A."""
     b, t, v, k = 1, 4, 12, 2
-    inputs = make_inputs(seed=25, b=b, t=t, v=v, k=k, pad_with_garbage=False,
-                         mixed_gate=False)
+    inputs = make_inputs(seed=25, b=b, t=t, v=v, k=k, pad_with_garbage=False, mixed_gate=False)
     inputs["response_mask"] = torch.ones(b, t, dtype=torch.bool)
     inputs["teacher_logprobs"] = inputs["old_logprobs"].clone()  # A_t = 0: no OPD gradient
     inputs["teacher_entropy"] = torch.tensor([[0.1, 2.0, 0.1, 0.1]])
@@ -246,8 +280,11 @@ def test_gate_and_fkl_use_the_same_position():
 def test_advantage_is_detached_and_clipped_ratios_get_no_gradient():
     inputs = make_inputs(seed=26, b=1, t=6, pad_with_garbage=False, mixed_gate=False)
     inputs["response_mask"] = torch.ones(1, 6, dtype=torch.bool)
-    cur = torch.log_softmax(inputs["student_logits"], -1).gather(
-        -1, inputs["response_ids"][..., None])[..., 0].float()
+    cur = (
+        torch.log_softmax(inputs["student_logits"], -1)
+        .gather(-1, inputs["response_ids"][..., None])[..., 0]
+        .float()
+    )
     inputs["old_logprobs"] = cur - 1.0  # ratio = e > 1 + eps everywhere
     inputs["teacher_logprobs"] = inputs["old_logprobs"] + 1.0  # A > 0: clipped branch is the max
     _, grad, out = call(opd_loss, inputs, **HP)
@@ -269,14 +306,19 @@ def test_metrics_match_brute_force():
     gate = (ent_t >= TAU) & mask
     sampled = lp.gather(-1, inputs["response_ids"][..., None])[..., 0]
     expected = {
-        "kl/reverse_sampled": (inputs["old_logprobs"].double() - inputs["teacher_logprobs"].double())[mask].mean(),
+        "kl/reverse_sampled": (
+            inputs["old_logprobs"].double() - inputs["teacher_logprobs"].double()
+        )[mask].mean(),
         "opd/approx_kl": (inputs["old_logprobs"].double() - sampled)[mask].mean(),
         "gate/frac": gate.sum() / n,
         "gate/teacher_entropy_mean": ent_t[mask].mean(),
         "student/entropy_mean": ent_s[mask].mean(),
         "student/frac_high_entropy": ((ent_s >= TAU) & mask).sum() / n,
         "topk/teacher_mass": inputs["teacher_topk_logprobs"].double().exp().sum(-1)[mask].mean(),
-        "topk/student_mass": lp.gather(-1, inputs["teacher_topk_ids"].long()).exp().sum(-1)[mask].mean(),
+        "topk/student_mass": lp.gather(-1, inputs["teacher_topk_ids"].long())
+        .exp()
+        .sum(-1)[mask]
+        .mean(),
         "tokens/num_valid": n,
     }
     for name, value in expected.items():
@@ -287,7 +329,8 @@ def test_metrics_match_brute_force():
     assert out.metrics["loss/opd"] + out.metrics["loss/fkl"] == pytest.approx(out.loss.item())
     _, _, fkl_all = call(fkl_loss, inputs, **HP)  # ungated per-token FKL, token-mean
     ref_fkl_gated, _, _ = reference(
-        dict(inputs, response_mask=gate), "fkl", num_valid_tokens=int(gate.sum()))
+        dict(inputs, response_mask=gate), "fkl", num_valid_tokens=int(gate.sum())
+    )
     assert out.metrics["fkl/on_gated"] == pytest.approx(ref_fkl_gated.item(), rel=1e-9)
     assert fkl_all.metrics["loss/fkl"] > 0
 

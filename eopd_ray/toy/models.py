@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+from transformers.utils import logging as hf_logging
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 
 # A ChatML-style template (the shape Qwen's chat models use), so chat prompt templates can be
-# exercised offline. `enable_thinking=False` adds the empty think block of Qwen3's non-thinking mode.
+# exercised offline. `enable_thinking=False` adds the empty think block (Qwen3's non-thinking mode).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -59,7 +60,9 @@ def build_tokenizer(
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -106,19 +109,24 @@ def _hf_config(spec: TinyModelSpec, vocab_size: int, eos_id: int):
 
 
 def build_causal_lm(
-    out_dir: str | Path, tokenizer_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(),
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    spec: TinyModelSpec = TinyModelSpec(),
     seed: int = 0,
 ) -> Path:
     """Save a random-init causal LM with the tokenizer of `tokenizer_dir` into `out_dir`."""
     out_dir = Path(out_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     config = _hf_config(spec, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
-    fork_devices: list[int] = []
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # a tiny save needs no progress bar
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -126,8 +134,9 @@ def build_causal_lm(
 def build_tiny_pair(
     root: str | Path,
     student: TinyModelSpec = TinyModelSpec(),
-    teacher: TinyModelSpec = TinyModelSpec(hidden_size=128, num_layers=3, num_heads=4,
-                                           num_kv_heads=2),
+    teacher: TinyModelSpec = TinyModelSpec(
+        hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2
+    ),
     corpus: Iterable[str] = (DEFAULT_CORPUS,),
     seed: int = 0,
 ) -> tuple[Path, Path]:

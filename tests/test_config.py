@@ -1,0 +1,162 @@
+"""Config: defaults, YAML + dotted overrides, all errors at once, round trip, every shipped file."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+
+from eopd_ray.config import Config, config_from_dict, config_to_yaml, load_config, save_config
+from eopd_ray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PATHS = {"model": {"student_path": "s", "teacher_path": "t"}}
+
+
+def issues_of(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
+    return {i.path: i.message for i in exc.value.issues}
+
+
+def test_defaults_live_in_the_dataclasses_and_yaml_only_changes_what_it_names():
+    cfg = config_from_dict(PATHS)
+    assert cfg.loss == Config().loss
+    assert (cfg.loss.clip_eps, cfg.loss.entropy_threshold, cfg.loss.fkl_coef) == (0.2, 0.8, 1.0)
+    assert cfg.teacher.top_k == 16
+
+
+def test_dotted_overrides_are_parsed_as_yaml_scalars():
+    cfg = config_from_dict(
+        PATHS,
+        [
+            "loss.entropy_threshold=0.5",
+            "learner.lr=3e-6",
+            "run.num_cpus=2",
+            "teacher.student_eos_token_id=151643",
+            "teacher.teacher_eos_token_id=151645",
+            "data.shuffle=false",
+        ],
+    )
+    assert cfg.loss.entropy_threshold == 0.5
+    assert cfg.learner.lr == 3e-6  # YAML 1.1 would read '3e-6' as a string; we read a float
+    assert cfg.run.num_cpus == 2 and cfg.data.shuffle is False
+    assert cfg.teacher.teacher_eos_token_id == 151645
+
+
+def test_config_is_frozen():
+    cfg = config_from_dict(PATHS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.loss.entropy_threshold = 0.1  # type: ignore[misc]
+
+
+def test_unknown_keys_get_did_you_mean_everywhere():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(
+            {**PATHS, "loss": {"entropy_treshold": 0.5}, "entropy_threshold": 1, "runn": {}},
+            ["learner.mini_bach_size=4"],
+        )
+    found = issues_of(exc)
+    assert "did you mean 'loss.entropy_threshold'" in found["loss.entropy_treshold"]
+    assert "did you mean 'loss.entropy_threshold'" in found["entropy_threshold"]
+    assert "did you mean 'run'" in found["runn"]
+    assert "did you mean 'learner.mini_batch_size'" in found["learner.mini_bach_size"]
+
+
+def test_wrong_types_and_cross_field_violations_are_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(
+            {
+                "model": {"student_path": "s"},  # teacher_path missing
+                "loss": {"clip_eps": "0.2", "name": "eopd2", "entropy_threshold": -1},
+                "learner": {"zero_stage": 4, "mini_batch_size": 3, "lr": True},
+                "rollout": {"max_new_tokens": 2000},
+            }
+        )
+    found = issues_of(exc)
+    assert set(found) >= {
+        "loss.clip_eps",
+        "loss.name",
+        "loss.entropy_threshold",
+        "learner.zero_stage",
+        "learner.lr",
+        "learner.mini_batch_size",
+        "rollout.max_model_len",
+        "model.teacher_path",
+    }
+    assert "got '0.2'" in found["loss.clip_eps"]
+    assert "rollout.prompts_per_step" in found["learner.mini_batch_size"]
+    message = str(exc.value)
+    assert "loss.clip_eps" in message and "rollout.max_model_len" in message
+
+
+def test_cross_field_rule_is_skipped_when_its_input_has_a_type_error():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["learner.mini_batch_size=three"])
+    assert list(issues_of(exc)) == ["learner.mini_batch_size"]
+
+
+@pytest.mark.parametrize(
+    "override, path, words",
+    [
+        ("learner.lr.x=1", "learner.lr", "not a section"),
+        ("loss", "loss", "key.path=value"),
+        ("loss.name=[unclosed", "loss.name", "cannot parse"),
+    ],
+)
+def test_malformed_overrides(override, path, words):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, [override])
+    assert words in issues_of(exc)[path]
+
+
+def test_yaml_syntax_error_and_duplicate_keys_name_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  name: eopd\n  name: opd\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    assert "duplicate key 'name'" in str(exc.value) and "line 3" in str(exc.value)
+    assert str(bad) in str(exc.value)
+    bad.write_text("loss: [\n")
+    with pytest.raises(ConfigError, match="YAML error at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_resolved_yaml_reloads_identically(tmp_path):
+    cfg = load_config(REPO / "jobs/configs/tiny.yaml", ["loss.name=jsd", "loss.jsd_beta=0.25"])
+    out = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert config_to_yaml(again) == out.read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_config_error_pickles_with_its_issues():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({}, ["loss.nam=x"])
+    clone = pickle.loads(pickle.dumps(exc.value))
+    assert clone.issues == exc.value.issues and str(clone) == str(exc.value)
+
+
+def test_every_shipped_config_loads_and_validates():
+    files = sorted((REPO / "jobs" / "configs").rglob("*.yaml"))
+    assert files, "no configs found under jobs/configs"
+    for path in files:
+        cfg = load_config(path)
+        assert load_config(path, []) == cfg, path
+
+
+def test_every_loss_name_the_config_accepts_exists_in_the_loss_module():
+    from typing import get_args, get_type_hints
+
+    from eopd_ray.config import LossConfig
+    from eopd_ray.loss import LOSSES
+
+    names = get_args(get_type_hints(LossConfig)["name"])
+    assert set(names) == set(LOSSES)

@@ -1,0 +1,26 @@
+"""The pure core imports neither Ray, vLLM nor DeepSpeed (architecture's import rule)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PURE = [
+    "eopd_ray.loss",
+    "eopd_ray.config",
+    "eopd_ray.batch",
+    "eopd_ray.errors",
+    "eopd_ray.toy.models",
+]
+
+
+def test_pure_core_does_not_import_heavy_engines():
+    code = (
+        "import sys\n"
+        f"for m in {PURE!r}: __import__(m)\n"
+        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'vllm', 'deepspeed'})\n"
+        "print(','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"pure modules pulled in: {proc.stdout.strip()}"
