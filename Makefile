@@ -39,7 +39,7 @@ $(STAMP): $(LOCK_STAMP) pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(PY) jobs/distill.py --config jobs/configs/toy.yaml
+	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
