@@ -53,11 +53,14 @@ class ModelConfig:
     teacher_path: Str = ""  # frozen teacher; must share the student's tokenizer vocabulary
     dtype: Literal["float32", "bfloat16"] = "float32"  # bf16 on GPU; fp32 on CPU
     trust_remote_code: Bool = False  # never on unless the user asks for it
+    # Build tiny random models (eopd_ray.toy) at the two paths when they do not exist yet.
+    build_tiny: Bool = False
 
 
 @dataclass(config=_SECTION)
 class DataConfig:
     train_path: Str = ""  # parquet or JSONL file of prompts
+    toy_prompts: NonNegInt = 0  # > 0: that many synthetic arithmetic prompts instead of a file
     format: Literal["auto", "parquet", "jsonl"] = "auto"
     prompt_column: Str = "prompt"
     answer_column: Str | None = "answer"
@@ -225,6 +228,20 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         "rollout.max_model_len",
         f"must hold data.max_prompt_tokens + rollout.max_new_tokens "
         f"({cfg.data.max_prompt_tokens} + {r.max_new_tokens}); got {r.max_model_len}",
+    )
+    d = cfg.data
+    rule(
+        ("data.train_path", "data.toy_prompts"),
+        bool(d.train_path) != (d.toy_prompts > 0),
+        "data.train_path",
+        "set exactly one of data.train_path (a prompt file) and data.toy_prompts (> 0)",
+    )
+    rule(
+        ("data.student_template", "data.teacher_template"),
+        d.teacher_template == d.student_template or d.student_template == "raw",
+        "data.teacher_template",
+        "a teacher template different from the student's needs data.student_template: raw "
+        "(the teacher re-renders the student's raw prompt)",
     )
     rule(
         ("teacher.student_eos_token_id", "teacher.teacher_eos_token_id"),

@@ -27,12 +27,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(student_dir, teacher_dir): tiny Llama student, larger Qwen3 teacher, one tokenizer."""
-    from eopd_ray.toy.models import TinyModelSpec, build_tiny_pair
+    from eopd_ray.toy.models import build_tiny_pair
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    return build_tiny_pair(
-        root,
-        teacher=TinyModelSpec(
-            arch="qwen3", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2
-        ),
-    )
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny_models"))

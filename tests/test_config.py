@@ -12,7 +12,7 @@ from eopd_ray.config import Config, config_from_dict, config_to_yaml, load_confi
 from eopd_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-PATHS = {"model": {"student_path": "s", "teacher_path": "t"}}
+PATHS = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 16}}
 
 
 def issues_of(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:

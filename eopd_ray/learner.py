@@ -1,0 +1,278 @@
+"""LearnerWorker: one rank of the DeepSpeed data-parallel group that trains the student.
+
+Per step each rank receives its share of every mini-batch (the driver shards the step's sequences
+so that update u uses rows [u*M, (u+1)*M) of the step, M = `learner.mini_batch_size`, split evenly
+over the ranks). It then:
+
+1. recomputes log pi_old of the sampled tokens with the current weights, before any update
+   (or takes the sampler's, `learner.old_logprobs: sampler`), logging the gap between the two;
+2. runs one optimizer update per mini-batch, accumulating micro-batches
+   (`learner.micro_batch_size`); every micro-batch loss is divided by the GLOBAL number of valid
+   tokens in its mini-batch, so the summed gradient is that of the token-mean over the whole
+   mini-batch, whatever the sharding.
+
+Gloo on CPU, NCCL on GPU; ZeRO stage from `learner.zero_stage`; torch AdamW (DeepSpeed's own
+Adam would JIT-compile an op); constant or cosine LR with linear warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Iterator
+
+import torch
+
+from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.config import Config, total_updates
+from eopd_ray.forward import pack, response_logits, rows_of
+from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
+from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
+
+
+def lr_multiplier(cfg: Config, update: int) -> float:
+    """LR / learner.lr at optimizer update `update` (0-based): linear warm-up, then constant or
+    cosine decay to learner.min_lr_ratio at the last update."""
+    lrn = cfg.learner
+    if update < lrn.warmup_steps:
+        return (update + 1) / lrn.warmup_steps
+    if lrn.lr_schedule == "constant":
+        return 1.0
+    total = max(1, total_updates(cfg) - lrn.warmup_steps)
+    progress = min(1.0, (update - lrn.warmup_steps) / total)
+    return lrn.min_lr_ratio + (1 - lrn.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    lrn = cfg.learner
+    per_rank = lrn.mini_batch_size // world_size
+    accumulation = per_rank // lrn.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": lrn.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": lrn.micro_batch_size * accumulation * world_size,
+        "zero_optimization": {"stage": lrn.zero_stage},
+        "gradient_clipping": lrn.grad_clip,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class LearnerWorker:
+    """One data-parallel rank (one Ray actor each)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.engine = None
+        self.sender: WeightSender | None = None
+        self.buckets: list[list[TensorMeta]] = []
+        self.step = 0
+
+    def free_address(self) -> tuple[str, int]:
+        """This node's address and a free port (rank 0 hosts the rendezvous)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the data-parallel group and build the DeepSpeed engine (all ranks at once)."""
+        import deepspeed
+        import deepspeed.ops
+        from transformers import AutoModelForCausalLM
+
+        on_gpu = self.cfg.learner.gpus_per_worker > 0
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0" if not on_gpu else os.environ.get("LOCAL_RANK", "0"),
+        )
+        # DeepSpeed would JIT-build a shared-memory allreduce (~45 s) on CPU; gloo alone is exact.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        torch.manual_seed(self.cfg.learner.seed + self.rank)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.cfg.model.student_path,
+            dtype=getattr(torch, self.cfg.model.dtype),
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
+        model.config.use_cache = False
+        lrn = self.cfg.learner
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=lrn.lr,
+            betas=(lrn.adam_beta1, lrn.adam_beta2),
+            eps=lrn.adam_eps,
+            weight_decay=lrn.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda update: lr_multiplier(self.cfg, update)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.world_size),
+        )
+        self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def _micro_batches(self, num_sequences: int) -> Iterator[tuple[int, list[int]]]:
+        """(update index, rows of the shard) of each micro-batch, in update order."""
+        lrn = self.cfg.learner
+        per_rank = lrn.mini_batch_size // self.world_size
+        for start in range(0, num_sequences, lrn.micro_batch_size):
+            yield start // per_rank, list(range(start, start + lrn.micro_batch_size))
+
+    def _logits(self, batch: RolloutBatch) -> torch.Tensor:
+        device = self.engine.device
+        prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
+        responses = rows_of(batch.response_ids, batch.response_mask)
+        ids, attention, positions = pack(prompts, responses, batch.response_ids.shape[1])
+        return response_logits(
+            self.engine.module, ids.to(device), attention.to(device), positions.to(device)
+        )  # (b, T, V)
+
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, shard: RolloutBatch) -> torch.Tensor:
+        out = torch.zeros_like(shard.sampler_logprobs)
+        size = self.cfg.learner.micro_batch_size
+        for start in range(0, shard.num_sequences, size):
+            mb = shard.select(list(range(start, min(start + size, shard.num_sequences))))
+            logits = self._logits(mb)
+            lp, _ = student_logprobs_at(
+                logits, mb.response_ids.to(logits.device)[..., None], self.cfg.loss.chunk_positions
+            )
+            out[start : start + size] = lp[..., 0].float().cpu() * mb.response_mask
+        return out
+
+    def train_step(
+        self, shard: RolloutBatch, scores: TeacherScores, tokens_per_update: list[int]
+    ) -> list[dict[str, float]]:
+        """All optimizer updates of one step on this rank's shard. Returns one metrics dict per
+        micro-batch (the driver reduces them over micro-batches and ranks)."""
+        cfg = self.cfg
+        scores.check_matches(shard)
+        self.engine.train()
+        old = shard.sampler_logprobs
+        gap = 0.0
+        if cfg.learner.old_logprobs == "recompute":
+            old = self._recompute_old_logprobs(shard)
+            mask = shard.response_mask
+            gap = float((old - shard.sampler_logprobs).abs()[mask].sum())
+        fn = LOSSES[cfg.loss.name]
+        gen = torch.Generator().manual_seed(cfg.learner.seed * 7919 + self.step * 31 + self.rank)
+        hp = dict(
+            clip_eps=cfg.loss.clip_eps,
+            entropy_threshold=cfg.loss.entropy_threshold,
+            fkl_coef=cfg.loss.fkl_coef,
+            jsd_beta=cfg.loss.jsd_beta,
+            chunk_positions=cfg.loss.chunk_positions,
+            generator=gen,
+        )
+        results = []
+        for update, rows in self._micro_batches(shard.num_sequences):
+            mb, mb_scores = shard.select(rows), scores.select(rows)
+            logits = self._logits(mb)
+            device = logits.device
+            inputs = LossInputs(
+                student_logits=logits,
+                response_ids=mb.response_ids.to(device),
+                response_mask=mb.response_mask.to(device),
+                old_logprobs=old[rows].to(device),
+                teacher_logprobs=mb_scores.token_logprobs.to(device),
+                teacher_entropy=mb_scores.entropy.to(device),
+                teacher_topk_ids=mb_scores.topk_ids.to(device),
+                teacher_topk_logprobs=mb_scores.topk_logprobs.to(device),
+            )
+            out = fn(
+                inputs, num_valid_tokens=tokens_per_update[update], **loss_hyperparameters(fn, **hp)
+            )
+            # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
+            self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.step()
+            metrics = dict(out.metrics, update=float(update))
+            if boundary:
+                metrics["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                metrics["learner/lr"] = float(self.engine.get_lr()[0])
+            results.append(metrics)
+        results[0]["opd/sampler_gap_sum"] = gap
+        self.step += 1
+        return results
+
+    # --- weight sync ---------------------------------------------------------------------------
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.engine.module.named_parameters())
+
+    def _parameter_metas(self) -> list[TensorMeta]:
+        metas = []
+        for name, p in self._named_parameters():
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 params report numel 0
+            metas.append(TensorMeta(name, shape, self.cfg.model.dtype))
+        return metas
+
+    def sync_buckets(self) -> list[list[TensorMeta]]:
+        return self.buckets
+
+    def join_sync_group(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 only: host the weight-broadcast group with the rollout workers."""
+        self.sender = WeightSender.connect(
+            address, port, world_size, self.buckets, self.cfg.sync.timeout_s
+        )
+
+    def _gathered_buckets(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Full parameters bucket by bucket. Under ZeRO-3 every rank must run this (each bucket
+        is an all-gather every rank joins); other stages hold full parameters on every rank."""
+        import deepspeed
+
+        params = dict(self._named_parameters())
+        for index, bucket in enumerate(self.buckets):
+            tensors = [params[m.name] for m in bucket]
+            if self.cfg.learner.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+                    yield (
+                        index,
+                        [
+                            t.detach().to("cpu", getattr(torch, m.dtype)).clone()
+                            for t, m in zip(tensors, bucket, strict=True)
+                        ],
+                    )
+            else:
+                yield (
+                    index,
+                    [
+                        t.detach().to("cpu", getattr(torch, m.dtype))
+                        for t, m in zip(tensors, bucket, strict=True)
+                    ],
+                )
+
+    def broadcast_weights(self) -> int:
+        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent."""
+        sent = 0
+        for index, tensors in self._gathered_buckets():
+            if self.rank == 0:
+                assert self.sender is not None, "join_sync_group was not called on rank 0"
+                self.sender.send(index, tensors)
+                sent += 1
+            if self.cfg.learner.zero_stage != 3 and self.rank != 0:
+                break  # nothing to gather on other ranks
+        return sent
+
+    def weight_buckets(self) -> list[list[tuple[str, torch.Tensor]]]:
+        """Object-store transport: the buckets as (name, tensor) lists; empty except on rank 0.
+        Under ZeRO-3 every rank must call it (the gathers are collective)."""
+        if self.rank != 0 and self.cfg.learner.zero_stage != 3:
+            return []
+        out = []
+        for index, tensors in self._gathered_buckets():
+            names = [m.name for m in self.buckets[index]]
+            out.append(list(zip(names, tensors, strict=True)))
+        return out if self.rank == 0 else []

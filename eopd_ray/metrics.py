@@ -1,0 +1,72 @@
+"""Per-step metrics: reducing the learners' micro-batch metrics, and the JSONL sink.
+
+Names follow `area/name` (method.md's list plus `time/*`, `rollout/*`, `learner/*`). Imports
+neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def reduce_learner_metrics(
+    per_rank: Sequence[Sequence[dict[str, float]]], num_updates: int
+) -> dict[str, float]:
+    """One dict for the step from every rank's per-micro-batch dicts.
+
+    - `loss/*` are already divided by the global token count of their mini-batch: summing over
+      micro-batches and ranks gives each mini-batch's loss; the step reports their mean.
+    - `fkl/on_gated` is weighted by the gated tokens of each micro-batch; other means by its
+      valid tokens. `learner/*` come from the updates' boundaries (mean).
+    """
+    rows = [m for rank in per_rank for m in rank]
+    tokens = sum(m["tokens/num_valid"] for m in rows)
+    out: dict[str, float] = {}
+    keys = {k for m in rows for k in m} - {"update", "tokens/num_valid", "opd/sampler_gap_sum"}
+    for key in sorted(keys):
+        present = [m for m in rows if key in m]
+        if key.startswith("loss/"):
+            out[key] = sum(m[key] for m in present) / max(1, num_updates)
+        elif key.startswith("learner/"):
+            out[key] = sum(m[key] for m in present) / len(present)
+        else:
+            weight = (
+                (lambda m: m["gate/frac"] * m["tokens/num_valid"])
+                if key == "fkl/on_gated"
+                else (lambda m: m["tokens/num_valid"])
+            )
+            total = sum(weight(m) for m in present)
+            out[key] = sum(m[key] * weight(m) for m in present) / total if total else 0.0
+    out["opd/sampler_gap"] = sum(m.get("opd/sampler_gap_sum", 0.0) for m in rows) / max(1, tokens)
+    out["tokens/trained"] = tokens
+    return out
+
+
+class JsonlSink:
+    """Appends one JSON object per step to `<run.output_dir>/metrics.jsonl`, flushed and synced
+    so a crash loses at most the step being written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            # Never overwrite an earlier run's metrics: keep them beside the new file.
+            self.path.rename(self.path.with_suffix(f".{int(time.time())}.jsonl"))
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

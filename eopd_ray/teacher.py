@@ -1,0 +1,129 @@
+"""TeacherWorker: scores every response position of a RolloutBatch with the frozen teacher.
+
+For each position t it returns the teacher's logprob of the sampled token, its entropy over the
+FULL vocabulary (exact, in nats, at temperature 1), and its top-K ids and raw logprobs. The
+default engine is a batched transformers forward: the response positions' hidden states go
+through the LM head `teacher.chunk_positions` at a time and each (chunk, V) block is reduced at
+once, so no (B, T, V) tensor is ever kept and only K * 8 + 8 bytes per token leave the worker.
+
+The teacher's context is its own rendering of the prompt (`data.teacher_template`, e.g. a chat
+template) followed by the student's response tokens, with the student's EOS mapped to the
+teacher's (`teacher.student_eos_token_id` -> `teacher.teacher_eos_token_id`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.config import Config
+from eopd_ray.data import render_prompt
+from eopd_ray.errors import EopdError
+from eopd_ray.forward import pack, response_hidden_states, rows_of
+
+
+class VocabularyMismatch(EopdError):
+    """Student and teacher tokenizers differ: token-level distillation would compare wrong ids."""
+
+
+def check_shared_vocabulary(student_tok, teacher_tok, cfg: Config) -> None:
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab == t_vocab:
+        return
+    differing = sorted(set(s_vocab.items()) ^ set(t_vocab.items()))[:5]
+    raise VocabularyMismatch(
+        f"student ({cfg.model.student_path}, {len(s_vocab)} tokens) and teacher "
+        f"({cfg.model.teacher_path}, {len(t_vocab)} tokens) tokenizers differ, e.g. {differing}; "
+        "token-level distillation needs one shared vocabulary: pick a teacher of the student's "
+        "model family (model.teacher_path)"
+    )
+
+
+class TeacherWorker:
+    """Holds the frozen teacher; `score(batch)` returns TeacherScores (one Ray actor each)."""
+
+    def __init__(self, cfg: Config, rank: int) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.rank = cfg, rank
+        remote = cfg.model.trust_remote_code
+        self.student_tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.student_path, trust_remote_code=remote
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.teacher_path, trust_remote_code=remote
+        )
+        check_shared_vocabulary(self.student_tokenizer, self.tokenizer, cfg)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.teacher_path, dtype=getattr(torch, cfg.model.dtype), trust_remote_code=remote
+        ).eval()
+        # Embedding tables are often padded past the tokenizer (Qwen: 151936 vs 152064 rows);
+        # score over the student's rows so every top-K id is one the student can produce.
+        student_rows = AutoConfig.from_pretrained(
+            cfg.model.student_path, trust_remote_code=remote
+        ).vocab_size
+        self.vocab_rows = min(student_rows, self.model.config.vocab_size)
+        if cfg.teacher.top_k > self.vocab_rows:
+            raise EopdError(
+                f"teacher.top_k = {cfg.teacher.top_k} exceeds the vocabulary ({self.vocab_rows})"
+            )
+        self.device = torch.device("cuda" if cfg.teacher.gpus_per_worker > 0 else "cpu")
+        self.model.to(self.device)
+
+    def _teacher_prompts(self, batch: RolloutBatch) -> list[list[int]]:
+        prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
+        d = self.cfg.data
+        if d.teacher_template == d.student_template:
+            return prompts
+        # The student's prompt is raw text (config rule): re-render it with the teacher template.
+        texts = self.student_tokenizer.batch_decode(prompts)
+        return [render_prompt(t, d.teacher_template, self.tokenizer) for t in texts]
+
+    def _teacher_responses(self, batch: RolloutBatch) -> list[list[int]]:
+        responses = rows_of(batch.response_ids, batch.response_mask)
+        src, dst = self.cfg.teacher.student_eos_token_id, self.cfg.teacher.teacher_eos_token_id
+        if src is None:
+            return responses
+        return [[dst if tok == src else tok for tok in r] for r in responses]
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> TeacherScores:
+        t_cfg = self.cfg.teacher
+        b, t = batch.response_ids.shape
+        k = t_cfg.top_k
+        prompts, responses = self._teacher_prompts(batch), self._teacher_responses(batch)
+        token_logprobs = torch.zeros(b, t)
+        entropy = torch.zeros(b, t)
+        topk_ids = torch.zeros(b, t, k, dtype=torch.int32)
+        topk_logprobs = torch.zeros(b, t, k)
+        lm_head = self.model.get_output_embeddings()
+        for start in range(0, b, t_cfg.micro_batch_size):
+            rows = slice(start, start + t_cfg.micro_batch_size)
+            input_ids, attention, positions = pack(prompts[rows], responses[rows], t)
+            hidden = response_hidden_states(
+                self.model,
+                input_ids.to(self.device),
+                attention.to(self.device),
+                positions.to(self.device),
+            )  # (b, T, H)
+            targets = input_ids.gather(1, (positions + 1).clamp(max=input_ids.shape[1] - 1))
+            targets = targets.to(self.device)  # (b, T) the response ids the teacher sees
+            for s in range(0, t, t_cfg.chunk_positions):
+                e = s + t_cfg.chunk_positions
+                logits = lm_head(hidden[:, s:e]).float()[..., : self.vocab_rows]  # (b, c, V)
+                logp = torch.log_softmax(logits, dim=-1)
+                entropy[rows, s:e] = -(logp.exp() * logp).sum(-1).cpu()
+                token_logprobs[rows, s:e] = logp.gather(-1, targets[:, s:e, None])[..., 0].cpu()
+                top = logp.topk(k, dim=-1)
+                topk_ids[rows, s:e] = top.indices.to(torch.int32).cpu()
+                topk_logprobs[rows, s:e] = top.values.cpu()
+        src, dst = t_cfg.student_eos_token_id, t_cfg.teacher_eos_token_id
+        if src is not None:  # the teacher's end token is the student's end token
+            topk_ids[topk_ids == dst] = src
+        mask = batch.response_mask
+        return TeacherScores(
+            token_logprobs=token_logprobs * mask,
+            entropy=entropy * mask,
+            topk_ids=topk_ids * mask[..., None],
+            topk_logprobs=topk_logprobs * mask[..., None],
+        )

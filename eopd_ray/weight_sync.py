@@ -1,0 +1,106 @@
+"""Moving student weights from learner rank 0 to every rollout worker, in buckets.
+
+Transports (config `sync.transport`):
+- `collective` (default): a dedicated process group whose rank 0 is learner rank 0 and whose
+  ranks 1..R are the rollout workers; gloo on CPU. The parameter list (names, shapes, dtypes)
+  and its split into buckets are agreed once at start-up; each step then broadcasts one flat
+  buffer per bucket (`sync.bucket_bytes`): never one call per parameter.
+- `object_store`: learner rank 0 returns the buckets, the driver hands the same object to every
+  rollout worker. The fallback when no collective group can be formed.
+
+This module holds the pure torch part (no Ray): bucket planning, flattening, and the group.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str  # Hugging Face checkpoint name, what vLLM's reload_weights expects
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32"
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[TensorMeta]]:
+    """Split the parameters, in order, into buckets of at most `bucket_bytes` (a tensor larger
+    than that gets a bucket of its own) and of one dtype each."""
+    buckets: list[list[TensorMeta]] = []
+    size = 0
+    for meta in metas:
+        current = buckets[-1] if buckets else None
+        if (
+            current is None
+            or current[0].dtype != meta.dtype
+            or (size + meta.nbytes > bucket_bytes and size > 0)
+        ):
+            buckets.append([meta])
+            size = meta.nbytes
+        else:
+            current.append(meta)
+            size += meta.nbytes
+    return buckets
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, bucket: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
+    out, offset = [], 0
+    for meta in bucket:
+        out.append((meta.name, flat[offset : offset + meta.numel].view(meta.shape)))
+        offset += meta.numel
+    return out
+
+
+def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A process group of its own (not torch's default group, which DeepSpeed owns)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, world_size, rank == 0, timeout=timeout)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+class WeightSender:
+    """Learner rank 0's end: broadcasts each bucket as one flat buffer."""
+
+    def __init__(self, group, buckets: list[list[TensorMeta]]) -> None:
+        self.group, self.buckets = group, buckets
+
+    @classmethod
+    def connect(cls, address: str, port: int, world_size: int, buckets, timeout_s: float):
+        return cls(_gloo_group(address, port, 0, world_size, timeout_s), buckets)
+
+    def send(self, bucket_index: int, tensors: Sequence[torch.Tensor]) -> None:
+        self.group.broadcast(flatten(tensors), 0).wait()
+
+
+class WeightReceiver:
+    """A rollout worker's end: receives the buckets in the agreed order."""
+
+    def __init__(self, group, buckets: list[list[TensorMeta]]) -> None:
+        self.group, self.buckets = group, buckets
+
+    @classmethod
+    def connect(cls, address: str, port: int, rank: int, world_size: int, buckets, timeout_s):
+        return cls(_gloo_group(address, port, rank, world_size, timeout_s), buckets)
+
+    def receive(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        for bucket in self.buckets:
+            flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype))
+            self.group.broadcast(flat, 0).wait()
+            yield unflatten(flat, bucket)

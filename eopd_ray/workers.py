@@ -1,0 +1,199 @@
+"""Ray plumbing: connecting, placement, actor groups with identities, and waits that time out.
+
+Every role's count and resources come from config (`<role>.num_workers`, `.cpus_per_worker`,
+`.gpus_per_worker`). All workers share one placement group, created here with a timeout; if the
+cluster cannot host it the error names what was asked for and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from eopd_ray.config import Config
+from eopd_ray.errors import EopdError
+
+# Every Ray port listens on 127.0.0.1 for the embedded local instance (Ray 2.60 otherwise binds
+# to the machine's address even when told 127.0.0.1). Must be set before `import ray`.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class WorkerError(EopdError):
+    """A worker failed or did not answer in time; names the worker and how to go on."""
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    role: str
+    rank: int
+    node_ip: str
+    pid: int
+
+    def __str__(self) -> str:
+        return f"{self.role}[{self.rank}] (node {self.node_ip}, pid {self.pid})"
+
+
+class _Identified:
+    """Mixed into every worker class made remote here."""
+
+    ROLE = "worker"
+
+    def identity(self) -> WorkerIdentity:
+        return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
+
+
+WORKER_ENV = {
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+def connect(cfg: Config) -> None:
+    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else start a local Ray on
+    127.0.0.1 sized to hold every worker."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    needed = sum(c.num_workers * c.cpus_per_worker for c in (cfg.rollout, cfg.teacher, cfg.learner))
+    num_cpus = cfg.run.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+
+
+def _bundles(cfg: Config) -> list[tuple[str, dict[str, float]]]:
+    out = []
+    for role, c in (("rollout", cfg.rollout), ("teacher", cfg.teacher), ("learner", cfg.learner)):
+        bundle = {"CPU": c.cpus_per_worker}
+        if c.gpus_per_worker:
+            bundle["GPU"] = float(c.gpus_per_worker)
+        out += [(role, bundle)] * c.num_workers
+    return out
+
+
+def create_placement_group(cfg: Config):
+    """One bundle per worker (rollout workers first, then teachers, then learners)."""
+    bundles = [b for _, b in _bundles(cfg)]
+    pg = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.run.step_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        asked: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                asked[k] = asked.get(k, 0.0) + v
+        raise WorkerError(
+            f"the cluster cannot place the workers within run.step_timeout_s = "
+            f"{cfg.run.step_timeout_s}s: asked for {asked} in {len(bundles)} bundles "
+            f"(rollout/teacher/learner .num_workers x .cpus_per_worker / .gpus_per_worker); the "
+            f"cluster has {ray.cluster_resources()} of which {ray.available_resources()} are free"
+        )
+    return pg
+
+
+class ActorGroup:
+    """The workers of one role; calls fan out to all of them (or to chosen ones)."""
+
+    def __init__(self, role: str, handles: list[Any], identities: list[WorkerIdentity]) -> None:
+        self.role, self.handles, self.identities = role, handles, identities
+        self.num_calls = 0  # remote calls made, for tests that bound the calls per step
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def call_async(self, method: str, *args: Any, ranks: list[int] | None = None) -> list:
+        """The same call on every worker (or on `ranks`); returns ObjectRefs."""
+        ranks = list(range(len(self.handles))) if ranks is None else ranks
+        self.num_calls += len(ranks)
+        return [getattr(self.handles[r], method).remote(*args) for r in ranks]
+
+    def call_each_async(self, method: str, per_worker_args: list[tuple]) -> list:
+        """Worker i gets `per_worker_args[i]` (the first len(per_worker_args) workers); returns
+        ObjectRefs."""
+        self.num_calls += len(per_worker_args)
+        handles = self.handles[: len(per_worker_args)]
+        return [
+            getattr(h, method).remote(*a) for h, a in zip(handles, per_worker_args, strict=True)
+        ]
+
+    def get(self, refs: list, timeout_s: float, what: str, ranks: list[int] | None = None) -> list:
+        """ray.get with a timeout; failures and timeouts name the worker."""
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = [
+                str(self.identities[r])
+                for r, ref in zip(ranks, refs, strict=True)
+                if ref in pending
+            ]
+            raise WorkerError(
+                f"{what}: no answer from {', '.join(late)} within {timeout_s}s "
+                "(run.step_timeout_s / sync.timeout_s); raise it if the step is legitimately slow"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            failed = [
+                str(self.identities[r]) for r, ref in zip(ranks, refs, strict=True) if _failed(ref)
+            ]
+            raise WorkerError(
+                f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}"
+            ) from exc
+
+
+def _failed(ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except ray.exceptions.GetTimeoutError:
+        return False
+    except Exception:
+        return True
+
+
+def spawn(
+    role: str,
+    cls: type,
+    cfg: Config,
+    pg,
+    first_bundle: int,
+    count: int,
+    args: list[tuple],
+    env: dict[str, str] | None = None,
+) -> ActorGroup:
+    """Create `count` actors of `cls` (a plain worker class) in bundles starting at
+    `first_bundle`; worker i is built with `args[i]`."""
+    resources = {"rollout": cfg.rollout, "teacher": cfg.teacher, "learner": cfg.learner}[role]
+    remote_cls = ray.remote(type(cls.__name__, (cls, _Identified), {"ROLE": role}))
+    handles = []
+    for i in range(count):
+        handles.append(
+            remote_cls.options(
+                num_cpus=resources.cpus_per_worker,
+                num_gpus=resources.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=first_bundle + i
+                ),
+                runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}},
+                name=None,
+            ).remote(*args[i])
+        )
+    pending = [WorkerIdentity(role, i, "?", 0) for i in range(count)]
+    group = ActorGroup(role, handles, pending)
+    group.identities = group.get(
+        group.call_async("identity"), cfg.run.step_timeout_s, f"starting {role} workers"
+    )
+    return group
