@@ -81,10 +81,12 @@ class Pipeline:
                 skipped += 1
         if skipped:
             log.warning("skipped %d prompts longer than data.max_prompt_tokens", skipped)
-        if len(kept) < self.cfg.rollout.prompts_per_step:
+        needed = self.cfg.run.steps * self.cfg.rollout.prompts_per_step
+        if len(kept) * d.epochs < needed:
             raise DataError(
-                f"only {len(kept)} usable prompts, fewer than rollout.prompts_per_step = "
-                f"{self.cfg.rollout.prompts_per_step}"
+                f"run.steps x rollout.prompts_per_step = {needed} prompts, but the data holds "
+                f"{len(kept)} usable prompts x data.epochs = {d.epochs}: lower run.steps or raise "
+                "data.epochs"
             )
         self.num_skipped_prompts = skipped
         return kept

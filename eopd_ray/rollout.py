@@ -26,6 +26,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How to sample: from `rollout.*` for training, or chosen by the caller (evaluation, tests).
+    temperature 0 means greedy."""
+
+    samples_per_prompt: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Sampling:
+        r = cfg.rollout
+        return cls(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens)
+
+
+@dataclass(frozen=True)
 class Sample:
     """One sampled response."""
 
@@ -50,15 +66,16 @@ class VllmEngine:
             trust_remote_code=cfg.model.trust_remote_code,
         )
 
-    def generate(self, prompts: list[list[int]], cfg: Config, seed: int) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seed: int
+    ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        r = cfg.rollout
         params = SamplingParams(
-            n=r.samples_per_prompt,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_tokens=r.max_new_tokens,
+            n=sampling.samples_per_prompt,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
             logprobs=0,  # only the sampled token's logprob
             seed=seed,
         )
@@ -103,19 +120,24 @@ class HfEngine:
         self.eos_id = self.model.config.eos_token_id
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], cfg: Config, seed: int) -> list[list[Sample]]:
-        r = cfg.rollout
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seed: int
+    ) -> list[list[Sample]]:
         gen = torch.Generator().manual_seed(seed)
         result = []
         for prompt in prompts:
             samples = []
-            for _ in range(r.samples_per_prompt):
+            for _ in range(sampling.samples_per_prompt):
                 ids, logprobs, reason = list(prompt), [], "length"
-                for _ in range(r.max_new_tokens):
+                for _ in range(sampling.max_new_tokens):
                     logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
                     raw = torch.log_softmax(logits, -1)
-                    probs = _top_p(torch.softmax(logits / r.temperature, -1), r.top_p)
-                    token = int(torch.multinomial(probs, 1, generator=gen))
+                    if sampling.temperature == 0:
+                        token = int(logits.argmax())
+                    else:
+                        probs = torch.softmax(logits / sampling.temperature, -1)
+                        probs = _top_p(probs, sampling.top_p)
+                        token = int(torch.multinomial(probs, 1, generator=gen))
                     ids.append(token)
                     logprobs.append(float(raw[token]))
                     if token == self.eos_id:
@@ -158,11 +180,15 @@ class RolloutWorker:
         self.receiver: WeightReceiver | None = None
 
     def generate(
-        self, prompts: list[list[int]], prompt_index: list[int], seed: int
+        self,
+        prompts: list[list[int]],
+        prompt_index: list[int],
+        seed: int,
+        sampling: Sampling | None = None,
     ) -> RolloutBatch:
-        """Sample `rollout.samples_per_prompt` responses per prompt with the current weights.
-        Rows are prompt-major: all samples of prompt 0, then of prompt 1, ..."""
-        per_prompt = self.engine.generate(prompts, self.cfg, seed)
+        """Sample responses to `prompts` with the current weights (`sampling` defaults to the
+        config's `rollout.*`). Rows are prompt-major: all samples of prompt 0, then prompt 1..."""
+        per_prompt = self.engine.generate(prompts, sampling or Sampling.from_config(self.cfg), seed)
         rows = [
             (p, i, s)
             for p, i, ss in zip(prompts, prompt_index, per_prompt, strict=True)

@@ -1,0 +1,67 @@
+"""Whole-pipeline fixtures: one real local Ray instance for the package, tiny models on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+def short_tmpdir(prefix: str) -> str:
+    """Ray puts unix sockets under its temp dir: keep the path short (sockets max ~107 chars)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture(scope="package")
+def local_ray():
+    """A real Ray on 127.0.0.1 in its own temp dir (never someone else's cluster)."""
+    import ray
+
+    from eopd_ray.workers import WORKER_ENV
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("RAY_ADDRESS is set: these tests start their own local Ray")
+    temp = short_tmpdir("ray")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def tiny_overrides(models: tuple[Path, Path], out_dir: Path, *extra: str) -> list[str]:
+    student, teacher = models
+    return [
+        f"model.student_path={student}",
+        f"model.teacher_path={teacher}",
+        "model.build_tiny=false",
+        f"run.output_dir={out_dir}",
+        *extra,
+    ]
+
+
+def sharpened_copy(student_dir: Path, out_dir: Path, scale: float) -> Path:
+    """The model with its output layer scaled by `scale`: the same preferences, held more
+    confidently. A student and a sharper teacher made this way give a learnable gap."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out_dir)
+    return out_dir
