@@ -1,4 +1,4 @@
-"""The whole pipeline on a real local Ray: real vLLM rollout, real DeepSpeed (2 ranks), real sync."""
+"""The whole pipeline on a real local Ray: vLLM rollout, DeepSpeed (2 ranks), real weight sync."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage)
         TINY, tiny_overrides(tiny_pair, out, "run.steps=2", f"learner.zero_stage={zero_stage}")
     )
     assert cfg.rollout.num_workers == 2 and cfg.learner.num_workers == 2
-    pipeline, history = run(cfg)
+    pipeline, _ = run(cfg)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
