@@ -1,0 +1,43 @@
+"""Learner pieces that need no process group: LR schedule and the DeepSpeed config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from eopd_ray.config import config_from_dict
+from eopd_ray.learner import deepspeed_config, lr_multiplier
+
+BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
+
+
+def cfg(**learner):
+    return config_from_dict(
+        {**BASE, "learner": learner, "run": {"steps": 10}, "rollout": {"prompts_per_step": 8}}
+    )
+
+
+def test_cosine_with_warmup():
+    c = cfg(lr_schedule="cosine", warmup_steps=2, mini_batch_size=4, min_lr_ratio=0.1)
+    total = 10 * 2  # steps x updates per step
+    assert lr_multiplier(c, 0) == pytest.approx(0.5)
+    assert lr_multiplier(c, 1) == pytest.approx(1.0)
+    assert lr_multiplier(c, 2) == pytest.approx(1.0)
+    mid = 2 + (total - 2) // 2
+    assert lr_multiplier(c, mid) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(c, total) == pytest.approx(0.1)
+
+
+def test_constant_schedule():
+    c = cfg(lr_schedule="constant", warmup_steps=0)
+    assert {lr_multiplier(c, u) for u in range(50)} == {1.0}
+
+
+def test_deepspeed_config_accumulates_micro_batches_into_the_mini_batch():
+    c = cfg(mini_batch_size=8, micro_batch_size=2, num_workers=2, zero_stage=3, grad_clip=0.5)
+    ds = deepspeed_config(c, world_size=2)
+    assert ds["gradient_accumulation_steps"] == 2  # 8 / 2 ranks / 2 per micro-batch
+    assert ds["train_batch_size"] == 8
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False

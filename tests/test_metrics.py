@@ -1,0 +1,58 @@
+"""Reducing the learners' micro-batch metrics to one row per step, and the JSONL sink."""
+
+from __future__ import annotations
+
+import pytest
+
+from eopd_ray.metrics import JsonlSink, read_jsonl, reduce_learner_metrics
+
+
+def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():
+    rank0 = [
+        {
+            "loss/opd": 0.25,
+            "gate/frac": 0.5,
+            "fkl/on_gated": 2.0,
+            "tokens/num_valid": 10,
+            "update": 0,
+            "opd/sampler_gap_sum": 1.0,
+        },
+        {
+            "loss/opd": 0.5,
+            "gate/frac": 1.0,
+            "fkl/on_gated": 4.0,
+            "tokens/num_valid": 30,
+            "update": 1,
+            "learner/lr": 1.0,
+        },
+    ]
+    rank1 = [
+        {
+            "loss/opd": 0.75,
+            "gate/frac": 0.0,
+            "fkl/on_gated": 0.0,
+            "tokens/num_valid": 20,
+            "update": 0,
+            "learner/lr": 3.0,
+        }
+    ]
+    out = reduce_learner_metrics([rank0, rank1], num_updates=2)
+    assert out["loss/opd"] == pytest.approx((0.25 + 0.5 + 0.75) / 2)
+    assert out["gate/frac"] == pytest.approx((0.5 * 10 + 1.0 * 30 + 0) / 60)
+    # fkl/on_gated weighs by gated tokens: 5 and 30 gated tokens
+    assert out["fkl/on_gated"] == pytest.approx((2.0 * 5 + 4.0 * 30) / 35)
+    assert out["learner/lr"] == pytest.approx(2.0)
+    assert out["opd/sampler_gap"] == pytest.approx(1.0 / 60)
+    assert out["tokens/trained"] == 60
+
+
+def test_sink_appends_rows_and_keeps_an_earlier_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)
+    sink.write(0, {"a": 1.0})
+    sink.write(1, {"a": 2.0})
+    sink.close()
+    assert read_jsonl(path) == [{"step": 0, "a": 1.0}, {"step": 1, "a": 2.0}]
+    JsonlSink(path).close()
+    kept = [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
+    assert len(kept) == 1 and len(read_jsonl(kept[0])) == 2

@@ -1,0 +1,56 @@
+"""RolloutWorker with the HF reference engine (in-process): batch layout, logprobs, versions."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from eopd_ray.config import config_from_dict
+from eopd_ray.rollout import RolloutWorker, Sampling
+
+
+def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])},
+            "data": {"toy_prompts": 8},
+            "rollout": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6},
+        }
+    )
+    worker = RolloutWorker(cfg, rank=0)
+    prompts = [[5, 6, 7], [8, 9]]
+    batch = worker.generate(prompts, [11, 12], seed=0)
+    assert batch.num_sequences == 4 and batch.weight_version == 0
+    assert batch.prompt_index.tolist() == [11, 11, 12, 12]
+    assert batch.prompt_mask.sum(1).tolist() == [3, 3, 2, 2]
+    assert batch.finish_reason == ("length",) * 4 and batch.response_mask.all()
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    for row in range(4):
+        prompt = prompts[row // 2]
+        response = batch.response_ids[row].tolist()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0], -1)
+        expected = logp[len(prompt) - 1 : -1].gather(-1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(batch.sampler_logprobs[row], expected, atol=1e-5, rtol=0)
+    again = worker.generate(prompts, [11, 12], seed=0)
+    assert torch.equal(again.response_ids, batch.response_ids)  # seeded
+
+
+def test_loaded_weights_change_greedy_output_and_version(tiny_pair):
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])},
+            "data": {"toy_prompts": 8},
+            "rollout": {"engine": "hf"},
+        }
+    )
+    worker = RolloutWorker(cfg, rank=0)
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    before = worker.generate([[5, 6, 7]], [0], 0, greedy).response_ids
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(-1.0)
+    bucket = [("lm_head.weight", teacher.get_output_embeddings().weight.detach())]
+    assert worker.load_weights([bucket], version=1) == 1
+    after = worker.generate([[5, 6, 7]], [0], 0, greedy)
+    assert after.weight_version == 1 and not torch.equal(after.response_ids, before)

@@ -1,0 +1,136 @@
+"""TeacherWorker (in-process, no Ray): exact scores at the right positions, O(T*K) payload,
+EOS mapping, teacher templates, and the vocabulary check."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eopd_ray.batch import RolloutBatch
+from eopd_ray.config import config_from_dict
+from eopd_ray.data import render_prompt
+from eopd_ray.teacher import TeacherWorker, VocabularyMismatch
+
+
+def make_cfg(pair, **teacher):
+    student, teacher_dir = pair
+    return config_from_dict(
+        {
+            "model": {"student_path": str(student), "teacher_path": str(teacher_dir)},
+            "data": {"toy_prompts": 8, **teacher.pop("data", {})},
+            "teacher": {"top_k": 8, "chunk_positions": 3, "micro_batch_size": 2, **teacher},
+        }
+    )
+
+
+def ragged_batch(plen=(5, 3, 4), rlen=(7, 2, 5), seed=0, vocab=320) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    b, p, t = len(plen), max(plen), max(rlen)
+    pm = torch.arange(p)[None] < torch.tensor(plen)[:, None]
+    rm = torch.arange(t)[None] < torch.tensor(rlen)[:, None]
+    return RolloutBatch(
+        prompt_ids=torch.randint(3, vocab, (b, p), generator=g) * pm,
+        prompt_mask=pm,
+        response_ids=torch.randint(3, vocab, (b, t), generator=g) * rm,
+        response_mask=rm,
+        sampler_logprobs=torch.zeros(b, t),
+        prompt_index=torch.arange(b),
+        finish_reason=("length",) * b,
+        weight_version=0,
+    )
+
+
+def brute_force(model, prompt: list[int], response: list[int]):
+    """float64 log-softmax over the full vocabulary at every position of prompt + response."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    rows = logp[len(prompt) - 1 : len(prompt) - 1 + len(response)]  # row t predicts response[t]
+    return rows, -(rows.exp() * rows).sum(-1)
+
+
+def test_scores_match_a_full_forward_at_the_same_positions(tiny_pair):
+    worker = TeacherWorker(make_cfg(tiny_pair), rank=0)
+    batch = ragged_batch()
+    scores = worker.score(batch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
+    for b in range(batch.num_sequences):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b]].tolist()
+        response = batch.response_ids[b][batch.response_mask[b]].tolist()
+        rows, entropy = brute_force(model, prompt, response)
+        n = len(response)
+        sampled = rows.gather(-1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(
+            scores.token_logprobs[b, :n].double(), sampled, atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(scores.entropy[b, :n].double(), entropy, atol=1e-5, rtol=0)
+        top = rows.topk(8, -1)
+        torch.testing.assert_close(
+            scores.topk_logprobs[b, :n].double(), top.values, atol=1e-5, rtol=0
+        )
+        assert (scores.topk_ids[b, :n].long() == top.indices).float().mean() > 0.99
+        assert (scores.entropy[b, n:] == 0).all()  # padding is zeroed
+
+
+def test_payload_is_k_times_8_plus_8_bytes_per_token(tiny_pair):
+    worker = TeacherWorker(make_cfg(tiny_pair), rank=0)
+    batch = ragged_batch()
+    scores = worker.score(batch)
+    b, t = batch.response_ids.shape
+    assert scores.nbytes == b * t * (8 * 8 + 8)
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_pair[1]).config.vocab_size
+    assert scores.nbytes < b * t * vocab * 4 / 10  # far below full logits
+
+
+def test_student_eos_is_mapped_to_the_teacher_eos(tiny_pair):
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    student_eos = tok.eos_token_id
+    teacher_eos = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = make_cfg(tiny_pair, student_eos_token_id=student_eos, teacher_eos_token_id=teacher_eos)
+    batch = ragged_batch(plen=(4,), rlen=(3,))
+    batch.response_ids[0, 2] = student_eos
+    scores = TeacherWorker(cfg, 0).score(batch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
+    prompt = batch.prompt_ids[0].tolist()
+    response = batch.response_ids[0].tolist()
+    rows, _ = brute_force(model, prompt, [*response[:2], teacher_eos])
+    # The teacher scores its own end token where the student ended.
+    assert scores.token_logprobs[0, 2].item() == pytest.approx(
+        rows[2, teacher_eos].item(), abs=1e-5
+    )
+    assert teacher_eos not in scores.topk_ids.tolist()[0][2]
+
+
+def test_teacher_template_re_renders_the_raw_prompt(tiny_pair):
+    cfg = make_cfg(tiny_pair, data={"teacher_template": "chat_no_think"})
+    worker = TeacherWorker(cfg, 0)
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    raw = render_prompt("what is 2 + 3?", "raw", tok)
+    batch = ragged_batch(plen=(len(raw),), rlen=(4,))
+    batch.prompt_ids[0] = torch.tensor(raw)
+    chat = render_prompt("what is 2 + 3?", "chat_no_think", tok)
+    assert worker._teacher_prompts(batch) == [chat]
+    scores = worker.score(batch)
+    rows, _ = brute_force(
+        AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval(),
+        chat,
+        batch.response_ids[0].tolist(),
+    )
+    torch.testing.assert_close(
+        scores.topk_logprobs[0].double(), rows.topk(8, -1).values, atol=1e-5, rtol=0
+    )
+
+
+def test_different_vocabularies_are_refused_at_start(tiny_pair, tmp_path):
+    from eopd_ray.toy.models import build_tokenizer
+
+    other = tmp_path / "teacher"
+    shutil.copytree(tiny_pair[1], other)
+    tok_dir = build_tokenizer(tmp_path / "tok", ["completely different corpus 12345"], 300)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, other / f.name)
+    with pytest.raises(VocabularyMismatch, match="model.teacher_path"):
+        TeacherWorker(make_cfg((tiny_pair[0], other)), 0)
