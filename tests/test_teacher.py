@@ -132,5 +132,5 @@ def test_different_vocabularies_are_refused_at_start(tiny_pair, tmp_path):
     tok_dir = build_tokenizer(tmp_path / "tok", ["completely different corpus 12345"], 300)
     for f in tok_dir.iterdir():
         shutil.copy(f, other / f.name)
-    with pytest.raises(VocabularyMismatch, match="model.teacher_path"):
+    with pytest.raises(VocabularyMismatch, match=r"model\.teacher_path"):
         TeacherWorker(make_cfg((tiny_pair[0], other)), 0)

@@ -17,7 +17,7 @@ def metas(*sizes: int, dtype: str = "float32") -> list[TensorMeta]:
 def test_buckets_respect_size_order_and_dtype():
     plan = plan_buckets(metas(10, 10, 10, 30, 5), bucket_bytes=80)
     assert [[m.name for m in b] for b in plan] == [["p0", "p1"], ["p2"], ["p3"], ["p4"]]
-    mixed = metas(4, 4) + [TensorMeta("h", (4,), "bfloat16")]
+    mixed = [*metas(4, 4), TensorMeta("h", (4,), "bfloat16")]
     assert [len(b) for b in plan_buckets(mixed, 10**9)] == [2, 1]
     assert len(plan_buckets(metas(*[1] * 1000), 10**9)) == 1  # calls do not grow with tensors
 
