@@ -96,8 +96,9 @@ class Pipeline:
         connect(cfg)
         self._pg = create_placement_group(cfg)
         r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
-        on_cpu = cfg.rollout.gpus_per_worker == 0
-        rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if on_cpu else {}
+        # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
+        # multi-process engine receives them as lists and fails half-way through a reload).
+        rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         learner_env = {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {}
         self.rollout = spawn(
             "rollout", RolloutWorker, cfg, self._pg, 0, r, [(cfg, i) for i in range(r)], rollout_env

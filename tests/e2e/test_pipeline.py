@@ -134,3 +134,22 @@ def test_learning_reduces_reverse_kl(local_ray, tiny_pair, tmp_path):
     rkl = [h["kl/reverse_sampled"] for h in history]
     first, last = sum(rkl[:5]) / 5, sum(rkl[-5:]) / 5
     assert last < 0.7 * first, rkl
+
+
+def test_placement_failure_names_what_was_asked_and_what_the_cluster_has(
+    local_ray, tiny_pair, tmp_path
+):
+    from eopd_ray.workers import WorkerError
+
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tiny_pair, tmp_path / "run", "learner.gpus_per_worker=1", "run.step_timeout_s=3"
+        ),
+    )
+    pipeline = Pipeline(cfg)
+    with pytest.raises(WorkerError) as exc:
+        pipeline.start()
+    pipeline.shutdown()
+    message = str(exc.value)
+    assert "'GPU': 2.0" in message and "cluster has" in message and "gpus_per_worker" in message
