@@ -151,6 +151,9 @@ class RunConfig:
     seed: Int = 0
     num_cpus: PosInt | None = None  # CPUs of the embedded local Ray (None: all)
     step_timeout_s: PosFloat = 600.0  # bound on every wait inside one step
+    # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the
+    # Ray session's log directory. Worker errors reach the driver either way.
+    worker_logs: Bool = False
 
 
 @dataclass(config=_SECTION)

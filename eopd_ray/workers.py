@@ -53,6 +53,8 @@ WORKER_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also silences transformers' weight-loading bars
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
 }
 
 
@@ -62,7 +64,7 @@ def connect(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=cfg.run.worker_logs)
         return
     needed = sum(c.num_workers * c.cpus_per_worker for c in (cfg.rollout, cfg.teacher, cfg.learner))
     num_cpus = cfg.run.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
