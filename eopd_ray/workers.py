@@ -72,6 +72,7 @@ def connect(cfg: Config) -> None:
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
+        log_to_driver=cfg.run.worker_logs,
         runtime_env={"env_vars": WORKER_ENV},
     )
 
