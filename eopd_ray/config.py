@@ -123,6 +123,7 @@ class LearnerConfig:
     mini_batch_size: PosInt = 8  # sequences per optimizer update, over all ranks
     micro_batch_size: PosInt = 4  # sequences per forward/backward on one rank
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
+    gradient_checkpointing: Bool = False  # recompute activations in backward (long sequences)
     seed: Int = 0
 
 
@@ -156,6 +157,24 @@ class RunConfig:
     worker_logs: Bool = False
 
 
+PAPER_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+@dataclass(config=_SECTION)
+class EvalConfig:
+    """jobs/evaluate.py: n samples per problem, judged by mathematical equivalence."""
+
+    benchmarks: list[Str] = field(default_factory=list)  # JSONL files (docs/evaluation.md)
+    samples_per_problem: PosInt = 8
+    k: PosInt = 8  # Avg@k / Pass@k (unbiased when samples_per_problem > k)
+    temperature: NonNegFloat = 1.0  # 0 = greedy
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.8
+    max_new_tokens: PosInt = 8192
+    prompt_suffix: Str = PAPER_SUFFIX
+    template: Literal["raw", "chat", "chat_no_think"] = "raw"
+    seed: Int = 0
+
+
 @dataclass(config=_SECTION)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,6 +185,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _ADAPTER = TypeAdapter(Config)
@@ -252,6 +272,13 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         "teacher.teacher_eos_token_id",
         "teacher.student_eos_token_id and teacher.teacher_eos_token_id are set together or not "
         "at all",
+    )
+    rule(
+        ("eval.k", "eval.samples_per_problem"),
+        cfg.eval.k <= cfg.eval.samples_per_problem,
+        "eval.k",
+        f"must not exceed eval.samples_per_problem ({cfg.eval.samples_per_problem}); "
+        f"got {cfg.eval.k}",
     )
     rule(
         ("learner.warmup_steps", "run.steps"),
@@ -457,18 +484,45 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (None: all defaults), apply dotted overrides, validate."""
-    if path is None:
-        return config_from_dict({}, overrides, "<defaults>")
-    path = Path(path)
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """A YAML file's mapping, merged over the file its top-level `base:` names (relative to it).
+    Lets a variant (e.g. an `opd` twin) state only what differs from its base."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError([ConfigIssue("base", f"circular base files: {chain}")], str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
             [ConfigIssue("", f"cannot read the config file: {exc.strerror}")], str(path)
         ) from None
-    return config_from_dict(_parse_yaml(text, str(path)), overrides, str(path))
+    data = _parse_yaml(text, str(path))
+    if not isinstance(data, Mapping) or "base" not in data:
+        return data
+    data = dict(data)
+    base_name = data.pop("base")
+    if not isinstance(base_name, str):
+        raise ConfigError([ConfigIssue("base", "must be a path to a YAML file")], str(path))
+    base = _read_yaml_tree(path.parent / base_name, (*seen, path.resolve()))
+    return _deep_merge(base if isinstance(base, Mapping) else {}, data)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (None: all defaults), apply dotted overrides, validate."""
+    if path is None:
+        return config_from_dict({}, overrides, "<defaults>")
+    path = Path(path)
+    return config_from_dict(_read_yaml_tree(path), overrides, str(path))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

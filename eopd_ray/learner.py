@@ -102,6 +102,8 @@ class LearnerWorker:
             trust_remote_code=self.cfg.model.trust_remote_code,
         )
         model.config.use_cache = False
+        if self.cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         lrn = self.cfg.learner
         optimizer = torch.optim.AdamW(
             model.parameters(),

@@ -26,7 +26,7 @@ from eopd_ray.errors import EopdError
 from eopd_ray.learner import LearnerWorker
 from eopd_ray.metrics import JsonlSink, reduce_learner_metrics
 from eopd_ray.rollout import RolloutWorker
-from eopd_ray.teacher import TeacherWorker
+from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import ActorGroup, connect, create_placement_group, spawn
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def _timed(metrics: dict[str, float], key: str):
 class Pipeline:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_model_pair(cfg)
         self.out_dir = Path(cfg.run.output_dir)
         self.version = 0
         self.prompts = self._load_prompts()

@@ -13,6 +13,8 @@ teacher's (`teacher.student_eos_token_id` -> `teacher.teacher_eos_token_id`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from eopd_ray.batch import RolloutBatch, TeacherScores
@@ -37,6 +39,40 @@ def check_shared_vocabulary(student_tok, teacher_tok, cfg: Config) -> None:
         "token-level distillation needs one shared vocabulary: pick a teacher of the student's "
         "model family (model.teacher_path)"
     )
+
+
+def check_model_pair(cfg: Config) -> None:
+    """Start-up checks, run by the driver before any worker starts: both model directories
+    exist, the tokenizers share one vocabulary, each embedding table covers its tokenizer, and a
+    chat template exists wherever a chat prompt template is configured."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    m, remote = cfg.model, cfg.model.trust_remote_code
+    tokenizers = {}
+    for key, path, template in (
+        ("model.student_path", m.student_path, cfg.data.student_template),
+        ("model.teacher_path", m.teacher_path, cfg.data.teacher_template),
+    ):
+        if not (Path(path) / "config.json").is_file():
+            raise EopdError(
+                f"{key} = {path!r} is not a Hugging Face model directory (no "
+                "config.json); point it at a local copy of the checkpoint"
+            )
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        rows = AutoConfig.from_pretrained(path, trust_remote_code=remote).vocab_size
+        if rows < len(tok):
+            raise EopdError(
+                f"{key}: the embedding has {rows} rows but the tokenizer has "
+                f"{len(tok)} tokens; the checkpoint and its tokenizer do not match"
+            )
+        if template != "raw" and not tok.chat_template:
+            raise EopdError(
+                f"{key}: the tokenizer has no chat template, but data."
+                f"{'student' if 'student' in key else 'teacher'}_template = "
+                f"{template!r}; use 'raw' or a chat model"
+            )
+        tokenizers[key] = tok
+    check_shared_vocabulary(tokenizers["model.student_path"], tokenizers["model.teacher_path"], cfg)
 
 
 class TeacherWorker:

@@ -160,3 +160,43 @@ def test_every_loss_name_the_config_accepts_exists_in_the_loss_module():
 
     names = get_args(get_type_hints(LossConfig)["name"])
     assert set(names) == set(LOSSES)
+
+
+def test_base_files_merge_and_cycles_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "model: {student_path: s, teacher_path: t}\ndata: {toy_prompts: 8}\nloss: {name: eopd}\n"
+    )
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nloss: {name: opd}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.loss.name == "opd" and cfg.model.student_path == "s"
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("size", ["0.6b", "1.7b", "4b"])
+def test_paper_recipes_mirror_method_md(size):
+    eopd = load_config(REPO / f"jobs/configs/paper/qwen3-{size}-eopd.yaml")
+    opd = load_config(REPO / f"jobs/configs/paper/qwen3-{size}-opd.yaml")
+    assert (eopd.loss.name, opd.loss.name) == ("eopd", "opd")
+    assert dataclasses.replace(opd, loss=eopd.loss, run=eopd.run) == eopd  # twins otherwise
+    assert eopd.model.student_path.endswith(f"Qwen3-{size.upper()}-Base")
+    assert eopd.model.teacher_path.endswith("Qwen3-8B")
+    assert eopd.rollout.prompts_per_step == 128 and eopd.learner.mini_batch_size == 32
+    assert eopd.rollout.samples_per_prompt == 1 and eopd.rollout.max_new_tokens == 4096
+    assert (eopd.rollout.temperature, eopd.rollout.top_p) == (1.0, 1.0)
+    assert (eopd.learner.lr, eopd.learner.lr_schedule) == (3e-6, "cosine")
+    assert eopd.teacher.top_k == 16
+    assert (eopd.loss.entropy_threshold, eopd.loss.fkl_coef, eopd.loss.clip_eps) == (0.8, 1.0, 0.2)
+    assert (eopd.teacher.student_eos_token_id, eopd.teacher.teacher_eos_token_id) == (
+        151643,
+        151645,
+    )
+    assert (eopd.data.student_template, eopd.data.teacher_template) == ("raw", "chat_no_think")
+    assert "\\boxed{}" in eopd.data.prompt_suffix and eopd.model.dtype == "bfloat16"
+    assert (eopd.eval.samples_per_problem, eopd.eval.top_p, eopd.eval.max_new_tokens) == (
+        8,
+        0.8,
+        8192,
+    )

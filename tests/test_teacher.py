@@ -3,6 +3,7 @@ EOS mapping, teacher templates, and the vocabulary check."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -134,3 +135,20 @@ def test_different_vocabularies_are_refused_at_start(tiny_pair, tmp_path):
         shutil.copy(f, other / f.name)
     with pytest.raises(VocabularyMismatch, match=r"model\.teacher_path"):
         TeacherWorker(make_cfg((tiny_pair[0], other)), 0)
+
+
+def test_start_up_checks_name_the_key_and_the_fix(tiny_pair, tmp_path):
+    from eopd_ray.errors import EopdError
+    from eopd_ray.teacher import check_model_pair
+
+    check_model_pair(make_cfg(tiny_pair))
+    with pytest.raises(EopdError, match=r"model\.teacher_path = .*\(no config\.json\)"):
+        check_model_pair(make_cfg((tiny_pair[0], tmp_path / "nowhere")))
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_pair[1], plain)
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(EopdError, match="no chat template"):
+        check_model_pair(make_cfg((tiny_pair[0], plain), data={"teacher_template": "chat"}))

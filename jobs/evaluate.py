@@ -1,0 +1,121 @@
+"""Avg@k / Pass@k of a model on math benchmarks, in the layout of the paper's table.
+
+    python jobs/evaluate.py --model runs/x/hf --benchmarks data/math500.jsonl data/aime24.jsonl \
+        --out runs/x/eval [--config jobs/configs/paper/qwen3-1.7b-eopd.yaml] [eval.key=value ...]
+
+Samples `eval.samples_per_problem` completions per problem with the vLLM engine (in this
+process, no Ray), extracts the last \\boxed{} answer, judges it by mathematical equivalence and
+writes `<out>/results.json`, `<out>/results.md` and one `<out>/<benchmark>.samples.jsonl` each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eopd_ray.config import Config, config_from_dict, load_config
+from eopd_ray.errors import EopdError
+from eopd_ray.evaluation import load_benchmark, report, score_benchmark
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def evaluation_config(args: argparse.Namespace) -> Config:
+    # Evaluation reads model.*, rollout.* (engine settings) and eval.*; the training-only keys
+    # that must be set for a config to validate get placeholders when no --config is given.
+    placeholders = {
+        "model": {"student_path": args.model, "teacher_path": args.model},
+        "data": {"toy_prompts": 1},
+    }
+    base = (
+        load_config(args.config, args.overrides)
+        if args.config
+        else config_from_dict(placeholders, args.overrides, "<evaluate>")
+    )
+    rollout = dataclasses.replace(
+        base.rollout,
+        engine=args.engine,
+        max_model_len=base.data.max_prompt_tokens + base.eval.max_new_tokens,
+        num_workers=1,
+        prompts_per_step=1,
+    )
+    return dataclasses.replace(
+        base, model=dataclasses.replace(base.model, student_path=args.model), rollout=rollout
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Avg@k / Pass@k on math benchmarks.")
+    parser.add_argument("--model", required=True, help="HF model directory to evaluate")
+    parser.add_argument("--benchmarks", nargs="+", required=True, help="benchmark JSONL files")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", help="config whose eval.*/rollout.* settings to use")
+    parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = evaluation_config(args)
+        benchmarks = {Path(p).stem: load_benchmark(p) for p in args.benchmarks}
+    except EopdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    from eopd_ray.data import render_prompt
+    from eopd_ray.rollout import ENGINES, Sampling
+
+    e = cfg.eval
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.model, trust_remote_code=cfg.model.trust_remote_code
+    )
+    engine = ENGINES[cfg.rollout.engine](cfg, seed=e.seed)
+    sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = []
+    for name, problems in benchmarks.items():
+        prompts = [
+            render_prompt(f"{p.problem} {e.prompt_suffix}".strip(), e.template, tokenizer)
+            for p in problems
+        ]
+        samples = engine.generate(prompts, sampling, e.seed)
+        completions = [
+            [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in ss]
+            for ss in samples
+        ]
+        score, records = score_benchmark(name, problems, completions, e.k)
+        scores.append(score)
+        lines = [
+            json.dumps({**r, "completions": c}) for r, c in zip(records, completions, strict=True)
+        ]
+        write_atomic(out / f"{name}.samples.jsonl", "\n".join(lines) + "\n")
+        print(f"{name}: Avg@{e.k} {score.avg_at_k:.2f}  Pass@{e.k} {score.pass_at_k:.2f}")
+    data, table = report(scores)
+    data["model"] = args.model
+    data["settings"] = dataclasses.asdict(e)
+    write_atomic(out / "results.json", json.dumps(data, indent=2) + "\n")
+    write_atomic(out / "results.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""jobs/evaluate.py end to end on CPU: tiny model, synthetic benchmarks, the vLLM engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+
+
+@pytest.mark.slow
+def test_evaluate_writes_json_markdown_and_samples(tiny_pair, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "evaluate.py"),
+        "--model",
+        str(tiny_pair[0]),
+        "--benchmarks",
+        str(DATA / "synthetic_arith.jsonl"),
+        str(DATA / "synthetic_sets.jsonl"),
+        "--out",
+        str(out),
+        "eval.samples_per_problem=4",
+        "eval.k=2",
+        "eval.max_new_tokens=8",
+        "data.max_prompt_tokens=64",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"synthetic_arith", "synthetic_sets"}
+    assert results["benchmarks"]["synthetic_arith"]["problems"] == 3
+    assert results["benchmarks"]["synthetic_arith"]["samples"] == 4
+    assert set(results["mean"]) == {"avg@2", "pass@2"}
+    table = (out / "results.md").read_text()
+    assert "| synthetic_sets |" in table and "| mean |" in table
+    rows = [json.loads(x) for x in (out / "synthetic_arith.samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["completions"]) == 4 for r in rows)
+
+
+def test_evaluate_rejects_a_bad_benchmark_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1"}\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "evaluate.py"),
+            "--model",
+            str(tmp_path),
+            "--benchmarks",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "bad.jsonl, line 1: missing or empty ['answer']" in proc.stderr
+    assert not (tmp_path / "o").exists()
