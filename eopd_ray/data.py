@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from eopd_ray.config import DataConfig
@@ -33,13 +32,21 @@ def toy_prompts(count: int, seed: int) -> list[str]:
     ]
 
 
-def _read_table(path: Path, fmt: str):
+def _read_table(path: str, fmt: str):
+    """A local path or any URI pyarrow's filesystems understand (s3://, gs://, hdfs://, file://)."""
+    import pyarrow.fs as pafs
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
-    kind = fmt if fmt != "auto" else ("parquet" if path.suffix == ".parquet" else "jsonl")
+    kind = fmt if fmt != "auto" else ("parquet" if path.endswith(".parquet") else "jsonl")
     try:
-        return pq.read_table(path) if kind == "parquet" else pj.read_json(path)
+        fs, inner = (
+            pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        )
+        if fs.get_file_info(inner).type != pafs.FileType.File:
+            raise FileNotFoundError(path)
+        with fs.open_input_file(inner) as fh:
+            return pq.read_table(fh) if kind == "parquet" else pj.read_json(fh)
     except FileNotFoundError:
         raise DataError(f"{path}: no such prompt file (data.train_path)") from None
     except Exception as exc:  # pyarrow raises several types for malformed input
@@ -51,7 +58,7 @@ def load_prompt_texts(cfg: DataConfig) -> list[str]:
     if cfg.toy_prompts > 0:
         texts = toy_prompts(cfg.toy_prompts, cfg.seed)
     else:
-        path = Path(cfg.train_path)
+        path = cfg.train_path
         table = _read_table(path, cfg.format)
         if cfg.prompt_column not in table.column_names:
             raise DataError(

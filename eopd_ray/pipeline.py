@@ -250,6 +250,7 @@ class Pipeline:
                 "rollout/weight_version": float(batch.weight_version),
                 "rollout/version_lag": float(self.version - 1 - batch.weight_version),
                 "time/step_s": sum(v for k, v in metrics.items() if k.startswith("time/")),
+                "data/skipped_prompts": float(self.num_skipped_prompts),
             }
         )
         return metrics

@@ -38,7 +38,7 @@ def test_reads_jsonl_and_parquet_with_suffix(tmp_path):
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet)
-    for path in (jsonl, parquet):
+    for path in (jsonl, parquet, f"file://{parquet}"):
         cfg = DataConfig(train_path=str(path), prompt_column="question", prompt_suffix="Think.")
         assert load_prompt_texts(cfg) == ["1 + 1? Think.", "2 + 2? Think."]
 
