@@ -1,0 +1,127 @@
+"""cluster/ manifests: valid against the pinned KubeRay CRDs, the operator's own rules and
+yamllint; and every check catches a mistake planted in a copy."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"
+
+spec = importlib.util.spec_from_file_location("cluster_validate", CLUSTER / "validate.py")
+validate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(validate)
+
+pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"pinned CRDs not found at {CRDS}")
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    return validate.load_schemas(CRDS)
+
+
+def manifests() -> list[Path]:
+    files = sorted(CLUSTER.glob("*.yaml"))
+    assert {f.name for f in files} >= {
+        "rayjob-gpu.yaml",
+        "raycluster-gpu.yaml",
+        "raycluster-cpu.yaml",
+    }
+    return files
+
+
+def test_every_shipped_manifest_is_valid(schemas):
+    for path in manifests():
+        assert validate.validate_file(path, schemas) == [], path
+
+
+def test_gpu_rayjob_has_the_operational_settings():
+    job = yaml.safe_load((CLUSTER / "rayjob-gpu.yaml").read_text())
+    s = job["spec"]
+    assert s["submissionMode"] == "HTTPMode" and s["backoffLimit"] == 0
+    assert s["shutdownAfterJobFinishes"] is True and s["ttlSecondsAfterFinished"] > 0
+    cluster = s["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and head["serviceType"] == "ClusterIP"
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    res = worker["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in worker["tolerations"])
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
+    mounts = {m["name"]: m for m in worker["containers"][0]["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True and "checkpoints" in mounts
+    for pod in (head["template"]["spec"], worker):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def _workers(doc):
+    return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+
+
+MISTAKES = {
+    "misspelled top-level key": (
+        lambda d: d["spec"].update(shutdownAfterJobFinish=True),
+        "shutdownAfterJobFinish",
+    ),
+    "misspelled pod field": (
+        lambda d: _workers(d)[0]["template"]["spec"]["containers"][0].update(resouces={}),
+        "resouces",
+    ),
+    "wrong type": (lambda d: d["spec"].update(backoffLimit="zero"), "backoffLimit"),
+    "bad enum": (lambda d: d["spec"].update(submissionMode="HttpMode"), "submissionMode"),
+    "name over 47 characters": (lambda d: d["metadata"].update(name="e" * 48), "at most 47"),
+    "ttl without shutdown": (
+        lambda d: d["spec"].update(shutdownAfterJobFinishes=False),
+        "ttlSecondsAfterFinished",
+    ),
+    "non-string rayStartParams": (
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update(
+            {"num-cpus": 0}
+        ),
+        "must be a string",
+    ),
+    "missing groupName": (lambda d: _workers(d)[0].pop("groupName"), "groupName"),
+    "replicas outside min..max": (
+        lambda d: _workers(d)[0].update(minReplicas=2, maxReplicas=3),
+        "minReplicas <= replicas",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_each_planted_mistake_is_caught(schemas, tmp_path, mistake):
+    plant, words = MISTAKES[mistake]
+    doc = copy.deepcopy(yaml.safe_load((CLUSTER / "rayjob-gpu.yaml").read_text()))
+    plant(doc)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    problems = validate.validate_file(path, schemas)
+    assert any(words in p for p in problems), problems
+
+
+def test_duplicate_key_is_caught_by_yamllint(schemas, tmp_path):
+    text = (CLUSTER / "raycluster-cpu.yaml").read_text()
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        text.replace(
+            '  rayVersion: "2.60.0"\n', '  rayVersion: "2.60.0"\n  rayVersion: "2.9.0"\n', 1
+        )
+    )
+    problems = validate.validate_file(path, schemas)
+    assert any("duplication of key" in p for p in problems), problems
+
+
+def test_command_line_reports_and_fails(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: x}\nspec: {nope: 1}\n")
+    assert validate.main([str(bad)]) == 1
+    assert "nope" in capsys.readouterr().out
