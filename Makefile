@@ -48,8 +48,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow and not gpu'
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check eopd_ray jobs tests
-	$(VENV)/bin/ruff format --check eopd_ray jobs tests
+	$(VENV)/bin/ruff check eopd_ray jobs tests cluster
+	$(VENV)/bin/ruff format --check eopd_ray jobs tests cluster
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix eopd_ray jobs tests
