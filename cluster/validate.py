@@ -104,8 +104,9 @@ def operator_rules(doc: dict) -> Iterator[str]:
             yield f"{prefix}.{where}: groupName is required"
         lo, n, hi = (group.get(k) for k in ("minReplicas", "replicas", "maxReplicas"))
         if None not in (lo, hi) and not lo <= (n if n is not None else lo) <= hi:
-            yield (f"{prefix}.{where}: needs minReplicas <= replicas <= maxReplicas "
-                   f"({lo}, {n}, {hi})")
+            yield (
+                f"{prefix}.{where}: needs minReplicas <= replicas <= maxReplicas ({lo}, {n}, {hi})"
+            )
 
 
 def validate_file(path: Path, schemas: dict[str, dict]) -> list[str]:
