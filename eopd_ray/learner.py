@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +29,7 @@ from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config, total_updates
 from eopd_ray.forward import pack, response_logits, rows_of
 from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
+from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
 
 
@@ -69,6 +71,7 @@ class LearnerWorker:
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
         self.step = 0
+        self.metrics = WorkerMetrics("learner", rank)
 
     def free_address(self) -> tuple[str, int]:
         """This node's address and a free port (rank 0 hosts the rendezvous)."""
@@ -160,6 +163,7 @@ class LearnerWorker:
         """All optimizer updates of one step on this rank's shard. Returns one metrics dict per
         micro-batch (the driver reduces them over micro-batches and ranks)."""
         cfg = self.cfg
+        started = time.perf_counter()
         scores.check_matches(shard)
         self.engine.train()
         old = shard.sampler_logprobs
@@ -207,6 +211,8 @@ class LearnerWorker:
             results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap
         self.step += 1
+        self.metrics.throughput("train", shard.num_response_tokens, started)
+        self.metrics.set("train/loss", sum(r["loss/total"] for r in results) / len(results))
         return results
 
     # --- weight sync ---------------------------------------------------------------------------

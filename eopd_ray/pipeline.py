@@ -24,7 +24,8 @@ from eopd_ray.config import Config, save_config
 from eopd_ray.data import DataError, PromptStream, load_prompt_texts, render_prompt
 from eopd_ray.errors import EopdError
 from eopd_ray.learner import LearnerWorker
-from eopd_ray.metrics import JsonlSink, reduce_learner_metrics
+from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
+from eopd_ray.ray_metrics import RayMetricsSink
 from eopd_ray.rollout import RolloutWorker
 from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import ActorGroup, connect, create_placement_group, spawn
@@ -260,13 +261,18 @@ class Pipeline:
     def run(self, progress: bool = True) -> list[dict[str, float]]:
         from tqdm import tqdm
 
-        sink = JsonlSink(self.out_dir / "metrics.jsonl")
+        sinks = [
+            JsonlSink(self.out_dir / "metrics.jsonl"),
+            TensorBoardSink(self.out_dir),
+            RayMetricsSink(self.cfg.run.name),
+        ]
         history = []
         try:
             bar = tqdm(range(self.cfg.run.steps), desc="eopd", unit="step", disable=not progress)
             for step in bar:
                 metrics = self.step(step)
-                sink.write(step, metrics)
+                for sink in sinks:
+                    sink.write(step, metrics)
                 history.append(metrics)
                 bar.set_postfix(
                     loss=f"{metrics['loss/total']:.4f}",
@@ -274,7 +280,8 @@ class Pipeline:
                     tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                 )
         finally:
-            sink.close()
+            for sink in sinks:
+                sink.close()
         return history
 
     def shutdown(self) -> None:

@@ -14,12 +14,14 @@ RolloutBatch then carries.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from eopd_ray.batch import RolloutBatch
 from eopd_ray.config import Config
+from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.weight_sync import WeightReceiver
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,7 @@ class RolloutWorker:
         self.engine = ENGINES[cfg.rollout.engine](cfg, seed=cfg.rollout.seed + rank)
         self.version = 0
         self.receiver: WeightReceiver | None = None
+        self.metrics = WorkerMetrics("rollout", rank)
 
     def generate(
         self,
@@ -188,6 +191,7 @@ class RolloutWorker:
     ) -> RolloutBatch:
         """Sample responses to `prompts` with the current weights (`sampling` defaults to the
         config's `rollout.*`). Rows are prompt-major: all samples of prompt 0, then prompt 1..."""
+        started = time.perf_counter()
         per_prompt = self.engine.generate(prompts, sampling or Sampling.from_config(self.cfg), seed)
         rows = [
             (p, i, s)
@@ -209,6 +213,7 @@ class RolloutWorker:
             response_ids[row, :n] = torch.tensor(sample.response_ids, dtype=torch.int64)
             response_mask[row, :n] = True
             logprobs[row, :n] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        self.metrics.throughput("rollout", int(response_mask.sum()), started)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -13,6 +13,7 @@ teacher's (`teacher.student_eos_token_id` -> `teacher.teacher_eos_token_id`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from eopd_ray.config import Config
 from eopd_ray.data import render_prompt
 from eopd_ray.errors import EopdError
 from eopd_ray.forward import pack, response_hidden_states, rows_of
+from eopd_ray.ray_metrics import WorkerMetrics
 
 
 class VocabularyMismatch(EopdError):
@@ -104,6 +106,7 @@ class TeacherWorker:
                 f"teacher.top_k = {cfg.teacher.top_k} exceeds the vocabulary ({self.vocab_rows})"
             )
         self.device = torch.device("cuda" if cfg.teacher.gpus_per_worker > 0 else "cpu")
+        self.metrics = WorkerMetrics("teacher", rank)
         self.model.to(self.device)
 
     def _teacher_prompts(self, batch: RolloutBatch) -> list[list[int]]:
@@ -124,6 +127,7 @@ class TeacherWorker:
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherScores:
+        started = time.perf_counter()
         t_cfg = self.cfg.teacher
         b, t = batch.response_ids.shape
         k = t_cfg.top_k
@@ -157,6 +161,7 @@ class TeacherWorker:
         if src is not None:  # the teacher's end token is the student's end token
             topk_ids[topk_ids == dst] = src
         mask = batch.response_mask
+        self.metrics.throughput("teacher", batch.num_response_tokens, started)
         return TeacherScores(
             token_logprobs=token_logprobs * mask,
             entropy=entropy * mask,

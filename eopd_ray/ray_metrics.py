@@ -1,0 +1,68 @@
+"""Application metrics on Ray's Prometheus endpoint (and so in the Ray dashboard's Grafana).
+
+Every per-step metric of the driver becomes a gauge `ray_eopd_<area>_<name>` (e.g.
+`loss/fkl` -> `ray_eopd_loss_fkl`) tagged with the run name; workers export their own gauges
+(`ray_eopd_worker_*`) tagged with role and rank. Each Ray node serves them at
+`http://<node>:<metrics-export-port>/metrics` (docs/monitoring.md).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import cache
+
+import ray
+from ray.util.metrics import Counter, Gauge
+
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def metric_name(key: str, prefix: str = "eopd") -> str:
+    """`loss/fkl` -> `eopd_loss_fkl` (Prometheus names allow letters, digits and _)."""
+    return f"{prefix}_{_UNSAFE.sub('_', key)}"
+
+
+@cache
+def _gauge(name: str, tag_keys: tuple[str, ...]) -> Gauge:
+    return Gauge(name, description=f"eopd-ray metric {name}", tag_keys=tag_keys)
+
+
+@cache
+def _counter(name: str, tag_keys: tuple[str, ...]) -> Counter:
+    return Counter(name, description=f"eopd-ray counter {name}", tag_keys=tag_keys)
+
+
+class RayMetricsSink:
+    """The driver's sink: one gauge per metric key, plus a step counter."""
+
+    def __init__(self, run_name: str) -> None:
+        self.tags = {"run": run_name}
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        keys = tuple(self.tags)
+        for key, value in metrics.items():
+            _gauge(metric_name(key), keys).set(float(value), tags=self.tags)
+        _gauge("eopd_step", keys).set(float(step), tags=self.tags)
+        _counter("eopd_steps_total", keys).inc(1.0, tags=self.tags)
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerMetrics:
+    """A worker's gauges, tagged with its role and rank."""
+
+    def __init__(self, role: str, rank: int) -> None:
+        self.tags = {"role": role, "rank": str(rank)}
+
+    def set(self, key: str, value: float) -> None:
+        if ray.is_initialized():  # workers also run in-process in unit tests, without Ray
+            name = metric_name(key, "eopd_worker")
+            _gauge(name, ("role", "rank")).set(float(value), tags=self.tags)
+
+    def throughput(self, stage: str, tokens: int, started: float) -> None:
+        """`<stage>/tokens_per_s` and `<stage>/seconds` of a call that began at `started`."""
+        seconds = max(time.perf_counter() - started, 1e-9)
+        self.set(f"{stage}/tokens_per_s", tokens / seconds)
+        self.set(f"{stage}/seconds", seconds)
