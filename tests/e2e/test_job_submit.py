@@ -36,9 +36,10 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """(dashboard address, environment) of a fresh local head; SIGTERM on teardown."""
+    """(dashboard address, environment, metrics port) of a fresh local head; SIGTERM on
+    teardown."""
     bin_dir = Path(sys.executable).parent
     env = dict(
         os.environ,
@@ -47,7 +48,7 @@ def ray_head():
         RAY_AUTH_MODE="disabled",  # local test cluster only; real clusters keep the token on
     )
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, client, agent, agent_grpc, runtime_env = free_ports(6)
+    gcs, dash, client, agent, agent_grpc, runtime_env, metrics = free_ports(7)
     temp = short_tmpdir("rh")
     head = subprocess.Popen(
         [
@@ -64,6 +65,7 @@ def ray_head():
             f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
             "--num-cpus=4",
             f"--temp-dir={temp}",
         ],
@@ -83,7 +85,7 @@ def ray_head():
                 head.kill()
                 pytest.fail(f"ray head did not start: {head.stdout.read().decode()[-3000:]}")
             time.sleep(1)
-    yield address, env
+    yield address, env, metrics
     head.send_signal(signal.SIGTERM)
     try:
         head.wait(timeout=30)
@@ -93,7 +95,7 @@ def ray_head():
 
 
 def test_ray_job_submit_runs_the_tiny_config(ray_head, tiny_pair, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     out = tmp_path / "out"
     student, teacher = tiny_pair
     cmd = [
@@ -120,3 +122,53 @@ def test_ray_job_submit_runs_the_tiny_config(ray_head, tiny_pair, tmp_path):
     assert proc.returncode == 0, log
     assert "succeeded" in log.lower(), log
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def test_job_submission_client_and_prometheus_metrics(ray_head, tiny_pair, tmp_path):
+    """Submit through the Python JobSubmissionClient, follow the job to success, and find the
+    driver's and the workers' application metrics in the node's Prometheus text."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env, metrics_port = ray_head
+    student, teacher = tiny_pair
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=(
+            f"python jobs/distill.py --config jobs/configs/tiny.yaml --no-progress "
+            f"model.student_path={student} model.teacher_path={teacher} run.steps=30 "
+            f"run.name=metrics-test run.output_dir={tmp_path / 'out'}"
+        ),
+        runtime_env={"working_dir": str(REPO), "env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    wanted = [
+        "ray_eopd_loss_total{",
+        'run="metrics-test"',
+        "ray_eopd_gate_frac",
+        "ray_eopd_time_sync_s",
+        "ray_eopd_worker_rollout_tokens_per_s{",
+        'role="learner"',
+        'rank="1"',
+    ]
+    seen, text = "", ""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        text = _scrape(metrics_port)
+        if all(w in text for w in wanted):
+            seen = text
+        if status in (JobStatus.FAILED, JobStatus.STOPPED) or (
+            status == JobStatus.SUCCEEDED and seen
+        ):
+            break
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]
+    missing = [w for w in wanted if w not in seen]
+    assert not missing, (missing, [line for line in text.splitlines() if "eopd" in line][:20])
