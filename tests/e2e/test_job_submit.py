@@ -137,7 +137,7 @@ def test_job_submission_client_and_prometheus_metrics(ray_head, tiny_pair, tmp_p
     driver's and the workers' application metrics in the node's Prometheus text."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    address, env, metrics_port = ray_head
+    address, _, metrics_port = ray_head
     student, teacher = tiny_pair
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
