@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,9 +11,10 @@ from transformers import AutoModelForCausalLM
 from eopd_ray.config import load_config
 from eopd_ray.metrics import read_jsonl
 from eopd_ray.pipeline import Pipeline
+from eopd_ray.ray_metrics import metric_name
 from eopd_ray.rollout import Sampling
 
-from .conftest import TINY, sharpened_copy, tiny_overrides
+from .conftest import REPO, TINY, sharpened_copy, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +70,16 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage)
     assert load_config(out / "config.yaml") == cfg
     # pi_old recomputed by the learner agrees with vLLM's sampler (same weights, fp32).
     assert rows[0]["opd/sampler_gap"] < 1e-3
+    # TensorBoard events sit next to metrics.jsonl.
+    assert list(out.glob("events.out.tfevents.*"))
+    # Every series the shipped Grafana dashboard plots is a metric the run exports.
+    exported = {metric_name(k) for k in rows[0] if k != "step"} | {"eopd_step"}
+    exported |= {
+        metric_name(f"{s}/tokens_per_s", "eopd_worker") for s in ("rollout", "teacher", "train")
+    }
+    dashboard = (REPO / "docs" / "grafana" / "eopd-training.json").read_text()
+    plotted = set(re.findall(r"ray_(eopd_[a-z0-9_]+)", dashboard))
+    assert plotted and plotted <= exported, plotted - exported
 
 
 def _greedy(pipeline: Pipeline, prompts: list[list[int]]) -> list[list[list[int]]]:
