@@ -152,6 +152,10 @@ class RunConfig:
     seed: Int = 0
     num_cpus: PosInt | None = None  # CPUs of the embedded local Ray (None: all)
     step_timeout_s: PosFloat = 600.0  # bound on every wait inside one step
+    checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0: only at the end / SIGTERM
+    keep_checkpoints: PosInt = 2  # complete checkpoints kept, newest first
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
+    export_hf: Bool = True  # write the student as a HF model to <output_dir>/hf at the end
     # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the
     # Ray session's log directory. Worker errors reach the driver either way.
     worker_logs: Bool = False

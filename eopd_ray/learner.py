@@ -27,10 +27,58 @@ import torch
 
 from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config, total_updates
+from eopd_ray.errors import EopdError
 from eopd_ray.forward import pack, response_logits, rows_of
 from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
 from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
+
+
+# The only non-tensor types in DeepSpeed 0.19's ZeRO checkpoint files.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _safe_torch_load(path: str, map_location=None):
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def export_hf_model(gathered, buckets, rank: int, source_dir: str, directory: str) -> None:
+    """Write gathered buckets as `model-0000i-of-0000n.safetensors` plus the index, and copy the
+    source model's config, generation config and tokenizer files; rename into place at the end."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")) if rank == 0 else None
+    weight_map, total = {}, 0
+    for index, tensors in gathered:
+        if tmp is None:
+            continue
+        name = f"model-{index + 1:05d}-of-{len(buckets):05d}.safetensors"
+        named = {m.name: t.contiguous() for m, t in zip(buckets[index], tensors, strict=True)}
+        save_file(named, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(named, name))
+        total += sum(t.numel() * t.element_size() for t in named.values())
+    if tmp is None:
+        return
+    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+    for src in Path(source_dir).iterdir():
+        if src.is_file() and not src.name.startswith("model") and src.suffix != ".bin":
+            shutil.copy2(src, tmp / src.name)  # config, generation config, tokenizer files
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def lr_multiplier(cfg: Config, update: int) -> float:
@@ -125,6 +173,35 @@ class LearnerWorker:
             config=deepspeed_config(self.cfg, self.world_size),
         )
         self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
+        # DeepSpeed unpickles its checkpoint files; load them with weights_only=True instead.
+        self.engine.checkpoint_engine.load = _safe_torch_load
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) under
+        `directory`/learner (a directory all ranks can reach)."""
+        self.engine.save_checkpoint(directory, tag="learner", client_state={"step": self.step})
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore every rank's state; returns the number of steps trained so far."""
+        path, client = self.engine.load_checkpoint(directory, tag="learner")
+        if path is None:
+            raise EopdError(f"learner[{self.rank}]: no DeepSpeed checkpoint under {directory}")
+        self.step = int(client["step"])
+        return self.step
+
+    def export_hf(self, directory: str) -> None:
+        """The student as a Hugging Face model directory (sharded safetensors, one shard per sync
+        bucket, config and tokenizer), written atomically by rank 0. Every rank must call it
+        under ZeRO-3 (the gathers are collective)."""
+        export_hf_model(
+            self._gathered_buckets(),
+            self.buckets,
+            self.rank,
+            self.cfg.model.student_path,
+            directory,
+        )
 
     # --- training ------------------------------------------------------------------------------
 

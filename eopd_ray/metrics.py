@@ -50,12 +50,19 @@ class JsonlSink:
     """Appends one JSON object per step to `<run.output_dir>/metrics.jsonl`, flushed and synced
     so a crash loses at most the step being written."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, resume_from_step: int | None = None) -> None:
+        """A new run keeps an earlier file under a timestamped name; a resumed run keeps the rows
+        of the steps before `resume_from_step` and appends, so no step is missing or repeated."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size > 0:
-            # Never overwrite an earlier run's metrics: keep them beside the new file.
-            self.path.rename(self.path.with_suffix(f".{int(time.time())}.jsonl"))
+            if resume_from_step is None:
+                self.path.rename(self.path.with_suffix(f".{int(time.time())}.jsonl"))
+            else:
+                kept = [r for r in read_jsonl(self.path) if r["step"] < resume_from_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+                os.replace(tmp, self.path)
         self._fh = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

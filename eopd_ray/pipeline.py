@@ -14,11 +14,14 @@ Per-stage wall times are logged as `time/rollout_s`, `time/teacher_s`, `time/tra
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config, save_config
 from eopd_ray.data import DataError, PromptStream, load_prompt_texts, render_prompt
@@ -31,6 +34,24 @@ from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import ActorGroup, connect, create_placement_group, spawn
 
 log = logging.getLogger(__name__)
+
+
+class _StopOnSigterm:
+    """SIGTERM (what `ray job stop` and Kubernetes send) asks the loop to checkpoint after the
+    current step and stop, instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class VersionMismatch(EopdError):
@@ -50,6 +71,8 @@ class Pipeline:
         check_model_pair(cfg)
         self.out_dir = Path(cfg.run.output_dir)
         self.version = 0
+        self.start_step = 0
+        self.stopped_early = False
         self.prompts = self._load_prompts()
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
@@ -127,6 +150,52 @@ class Pipeline:
             self._join_sync_group()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out_dir / "config.yaml")
+        if cfg.run.resume == "auto":
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint, if any: learner state on every rank,
+        weights pushed to the rollout workers, data position, RNG, step and version."""
+        ckpt = checkpoint.latest(self.cfg)
+        if ckpt is None:
+            return
+        checkpoint.check_compatible(self.cfg, ckpt)
+        timeout = self.cfg.run.step_timeout_s
+        self.learner.get(
+            self.learner.call_async("load_checkpoint", str(ckpt.path)),
+            timeout,
+            f"loading {ckpt.path}",
+        )
+        self._push_weights(ckpt.weight_version, "resume")
+        self.stream.load_state_dict(ckpt.stream)
+        checkpoint.restore_rng(ckpt)
+        self.start_step = ckpt.step + 1
+        log.info(
+            "resumed from %s: next step %d, weight version %d",
+            ckpt.path,
+            self.start_step,
+            self.version,
+        )
+
+    def save_checkpoint(self, step: int) -> Path:
+        """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state)."""
+        tmp = checkpoint.begin(self.cfg, step)
+        self.learner.get(
+            self.learner.call_async("save_checkpoint", str(tmp)),
+            self.cfg.run.step_timeout_s,
+            f"checkpoint after step {step}",
+        )
+        return checkpoint.commit(self.cfg, tmp, step, self.version, self.stream.state_dict())
+
+    def export_hf(self) -> Path:
+        """The current student as a Hugging Face model in <run.output_dir>/hf."""
+        target = self.out_dir / "hf"
+        self.learner.get(
+            self.learner.call_async("export_hf", str(target)),
+            self.cfg.run.step_timeout_s,
+            "HF export",
+        )
+        return target
 
     def _join_sync_group(self) -> None:
         timeout = self.cfg.sync.timeout_s
@@ -211,7 +280,9 @@ class Pipeline:
 
     def _sync(self, step: int) -> None:
         """Send the new weights to every rollout worker; all must report version v + 1."""
-        new_version = self.version + 1
+        self._push_weights(self.version + 1, f"step {step}")
+
+    def _push_weights(self, new_version: int, what: str) -> None:
         timeout = self.cfg.sync.timeout_s
         if self.cfg.sync.transport == "collective":
             sends = self.learner.call_async("broadcast_weights")
@@ -219,11 +290,11 @@ class Pipeline:
         else:
             sends = self.learner.call_async("weight_buckets")
             receives = self.rollout.call_async("load_weights", sends[0], new_version)
-        versions = self.rollout.get(receives, timeout, f"step {step} weight sync (receive)")
-        self.learner.get(sends, timeout, f"step {step} weight sync (send)")
+        versions = self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
+        self.learner.get(sends, timeout, f"{what} weight sync (send)")
         if set(versions) != {new_version}:
             raise VersionMismatch(
-                f"step {step}: rollout workers report versions {versions}, expected {new_version}"
+                f"{what}: rollout workers report versions {versions}, expected {new_version}"
             )
         self.version = new_version
 
@@ -259,16 +330,28 @@ class Pipeline:
     # --- the run -------------------------------------------------------------------------------
 
     def run(self, progress: bool = True) -> list[dict[str, float]]:
+        """Steps from `start_step` (0, or after the resumed checkpoint) to `run.steps`, with
+        checkpoints every `run.checkpoint_every` steps, at the end and on SIGTERM."""
         from tqdm import tqdm
 
+        run = self.cfg.run
+        resumed = self.start_step if self.start_step > 0 else None
         sinks = [
-            JsonlSink(self.out_dir / "metrics.jsonl"),
+            JsonlSink(self.out_dir / "metrics.jsonl", resume_from_step=resumed),
             TensorBoardSink(self.out_dir),
-            RayMetricsSink(self.cfg.run.name),
+            RayMetricsSink(run.name),
         ]
         history = []
+        stop = _StopOnSigterm()
         try:
-            bar = tqdm(range(self.cfg.run.steps), desc="eopd", unit="step", disable=not progress)
+            bar = tqdm(
+                range(self.start_step, run.steps),
+                desc="eopd",
+                unit="step",
+                disable=not progress,
+                initial=self.start_step,
+                total=run.steps,
+            )
             for step in bar:
                 metrics = self.step(step)
                 for sink in sinks:
@@ -279,7 +362,18 @@ class Pipeline:
                     rkl=f"{metrics['kl/reverse_sampled']:.3f}",
                     tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                 )
+                last = step == run.steps - 1
+                periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
+                if last or periodic or stop.requested:
+                    self.save_checkpoint(step)
+                if stop.requested:
+                    log.warning("SIGTERM: checkpoint after step %d written; stopping", step)
+                    self.stopped_early = True
+                    break
+            if run.export_hf and history and not self.stopped_early:
+                self.export_hf()
         finally:
+            stop.restore()
             for sink in sinks:
                 sink.close()
         return history

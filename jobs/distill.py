@@ -50,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     except EopdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not history:
+        print(
+            f"nothing to do: the run in {cfg.run.output_dir} already finished its "
+            f"{cfg.run.steps} steps (run.resume=never or another run.output_dir starts anew)"
+        )
+        return 0
+    if pipeline.stopped_early:
+        print(
+            f"stopped after step {pipeline.start_step + len(history) - 1}: checkpoint written; "
+            "submit the same command again to resume"
+        )
+        return 0
     first, last = history[0], history[-1]
     print(
         f"done: {len(history)} steps, loss {first['loss/total']:.4f} -> {last['loss/total']:.4f}, "
