@@ -277,6 +277,12 @@ class LearnerWorker:
             out = fn(
                 inputs, num_valid_tokens=tokens_per_update[update], **loss_hyperparameters(fn, **hp)
             )
+            if not torch.isfinite(out.loss):
+                raise EopdError(
+                    f"learner[{self.rank}]: non-finite loss ({float(out.loss)}) at step "
+                    f"{self.step}, update {update}; no update was applied. Check the teacher's "
+                    f"scores and learner.lr ({cfg.learner.lr})"
+                )
             # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
             self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
             boundary = self.engine.is_gradient_accumulation_boundary()

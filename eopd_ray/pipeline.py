@@ -31,7 +31,7 @@ from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 from eopd_ray.ray_metrics import RayMetricsSink
 from eopd_ray.rollout import RolloutWorker
 from eopd_ray.teacher import TeacherWorker, check_model_pair
-from eopd_ray.workers import ActorGroup, connect, create_placement_group, spawn
+from eopd_ray.workers import ActorGroup, WorkerError, connect, create_placement_group, spawn
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,17 @@ class Pipeline:
                     ],
                 )
             )
-        per_rank_metrics = self.learner.get(
-            self.learner.call_each_async("train_step", args),
-            self.cfg.run.step_timeout_s,
-            f"step {step} training",
-        )
+        try:
+            per_rank_metrics = self.learner.get(
+                self.learner.call_each_async("train_step", args),
+                self.cfg.run.step_timeout_s,
+                f"step {step} training",
+            )
+        except WorkerError as exc:
+            # Learner ranks hold optimizer state: fail fast and say where to resume from.
+            ckpt = checkpoint.latest(self.cfg)
+            where = f"resume from {ckpt.path} (run.resume=auto)" if ckpt else "no checkpoint yet"
+            raise WorkerError(f"{exc}; {where}") from exc
         return reduce_learner_metrics(per_rank_metrics, num_updates)
 
     def _sync(self, step: int) -> None:

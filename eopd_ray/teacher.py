@@ -60,8 +60,19 @@ def check_model_pair(cfg: Config) -> None:
                 f"{key} = {path!r} is not a Hugging Face model directory (no "
                 "config.json); point it at a local copy of the checkpoint"
             )
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-        rows = AutoConfig.from_pretrained(path, trust_remote_code=remote).vocab_size
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            rows = AutoConfig.from_pretrained(path, trust_remote_code=remote).vocab_size
+        except Exception as exc:  # transformers raises many types for a broken directory
+            raise EopdError(
+                f"{key} = {path!r}: cannot load the model's config or tokenizer "
+                f"({type(exc).__name__}: {exc}); is the directory complete?"
+            ) from None
+        if cfg.teacher.top_k > rows:
+            raise EopdError(
+                f"teacher.top_k = {cfg.teacher.top_k} exceeds the vocabulary of "
+                f"{key} ({rows} rows); lower teacher.top_k"
+            )
         if rows < len(tok):
             raise EopdError(
                 f"{key}: the embedding has {rows} rows but the tokenizer has "

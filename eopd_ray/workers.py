@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ def connect(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        _check_reachable(os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=cfg.run.worker_logs)
         return
     needed = sum(c.num_workers * c.cpus_per_worker for c in (cfg.rollout, cfg.teacher, cfg.learner))
@@ -75,6 +77,21 @@ def connect(cfg: Config) -> None:
         log_to_driver=cfg.run.worker_logs,
         runtime_env={"env_vars": WORKER_ENV},
     )
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when RAY_ADDRESS points nowhere (ray.init retries ~2 min)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise WorkerError(
+            f"RAY_ADDRESS={address!r} is not reachable ({exc}); start the cluster, fix the "
+            "address (host:port of the Ray head's GCS), or unset RAY_ADDRESS to run locally"
+        ) from None
 
 
 def _bundles(cfg: Config) -> list[tuple[str, dict[str, float]]]:

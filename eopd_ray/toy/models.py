@@ -124,11 +124,13 @@ def build_causal_lm(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny save needs no progress bar
     try:
         model.save_pretrained(out_dir, safe_serialization=True)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -1,0 +1,187 @@
+"""Reliability on a real local Ray: exact resume, SIGTERM, HF export, dead learner, NaN loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from eopd_ray.config import load_config
+from eopd_ray.metrics import read_jsonl
+from eopd_ray.pipeline import Pipeline
+from eopd_ray.workers import WorkerError
+
+from .conftest import REPO, TINY, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+# Wall-clock and throughput metrics differ between runs; everything else must not.
+VOLATILE = ("time/", "tokens_per_s")
+
+
+def run(cfg) -> Pipeline:
+    pipeline = Pipeline(cfg)
+    try:
+        pipeline.start()
+        pipeline.run(progress=False)
+        return pipeline
+    finally:
+        pipeline.shutdown()
+
+
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair, tmp_path):
+    whole = tmp_path / "whole"
+    run(load_config(TINY, tiny_overrides(tiny_pair, whole, "run.steps=6", "run.export_hf=false")))
+    split = tmp_path / "split"
+    first = load_config(TINY, tiny_overrides(tiny_pair, split, "run.steps=3"))
+    run(first)  # "killed" after step 2: its last checkpoint is step 2
+    resumed = run(
+        load_config(
+            TINY,
+            tiny_overrides(
+                tiny_pair, split, "run.steps=6", "run.resume=auto", "run.export_hf=false"
+            ),
+        )
+    )
+    assert resumed.start_step == 3 and resumed.version == 6
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(6))  # nothing missing, nothing repeated
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if not any(v in key for v in VOLATILE):
+                assert rb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+def test_hf_export_is_the_learners_weights_byte_for_byte(local_ray, tiny_pair, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(
+        TINY,
+        tiny_overrides(tiny_pair, out, "run.steps=1", "learner.zero_stage=3", "learner.lr=1e-2"),
+    )
+    pipeline = Pipeline(cfg)
+    try:
+        pipeline.start()
+        pipeline.run(progress=False)
+        buckets = pipeline.learner.get(pipeline.learner.call_async("weight_buckets"), 120, "w")[0]
+    finally:
+        pipeline.shutdown()
+    learner = {n: t for b in buckets for n, t in b}
+    exported = {}
+    for shard in sorted((out / "hf").glob("model-*.safetensors")):
+        exported.update(load_file(shard))
+    assert exported.keys() == learner.keys()
+    for name, tensor in learner.items():
+        assert torch.equal(exported[name], tensor), name
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    original = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    assert torch.equal(model.state_dict()["lm_head.weight"], learner["lm_head.weight"])
+    assert not torch.equal(original.state_dict()["lm_head.weight"], learner["lm_head.weight"])
+    script = (
+        "import sys\nfrom vllm import LLM, SamplingParams\n"
+        "llm = LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=64,"
+        " kv_cache_memory_bytes=16 * 2**20)\n"
+        "out = llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(max_tokens=4))\n"
+        "print(len(out[0].outputs[0].token_ids))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(out / "hf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("4"), proc.stderr[-2000:]
+
+
+def test_sigterm_checkpoints_then_the_same_command_resumes(tiny_pair, tmp_path):
+    out = tmp_path / "run"
+    student, teacher = tiny_pair
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "distill.py"),
+        "--config",
+        str(TINY),
+        "--no-progress",
+        f"model.student_path={student}",
+        f"model.teacher_path={teacher}",
+        "data.toy_prompts=1024",
+        "run.steps=100",
+        "run.resume=auto",
+        f"run.output_dir={out}",
+    ]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped after step" in output
+    stopped_at = read_jsonl(metrics)[-1]["step"]
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
+    again = subprocess.run(
+        [*cmd[:-3], "run.steps=" + str(stopped_at + 3), *cmd[-2:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(stopped_at + 3))
+
+
+def test_a_dead_learner_fails_the_step_naming_rank_and_checkpoint(local_ray, tiny_pair, tmp_path):
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tiny_pair,
+            tmp_path / "run",
+            "run.steps=3",
+            "run.checkpoint_every=1",
+            "run.step_timeout_s=60",
+        ),
+    )
+    pipeline = Pipeline(cfg)
+    try:
+        pipeline.start()
+        pipeline.step(0)
+        saved = pipeline.save_checkpoint(0)
+        os.kill(pipeline.learner.identities[1].pid, signal.SIGKILL)
+        with pytest.raises(WorkerError) as exc:
+            pipeline.step(1)
+    finally:
+        pipeline.shutdown()
+    message = str(exc.value)
+    assert "learner[1]" in message and str(saved) in message
+
+
+def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pair, tmp_path):
+    broken = tmp_path / "nan-teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    for f in tiny_pair[1].iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            (broken / f.name).write_bytes(f.read_bytes())
+    cfg = load_config(TINY, tiny_overrides((tiny_pair[0], broken), tmp_path / "run"))
+    pipeline = Pipeline(cfg)
+    try:
+        pipeline.start()
+        with pytest.raises(WorkerError, match=r"non-finite loss .* step 0"):
+            pipeline.run(progress=False)
+    finally:
+        pipeline.shutdown()
