@@ -156,6 +156,7 @@ class RunConfig:
     keep_checkpoints: PosInt = 2  # complete checkpoints kept, newest first
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
     export_hf: Bool = True  # write the student as a HF model to <output_dir>/hf at the end
+    max_worker_restarts: NonNegInt = 3  # per rollout/teacher worker; learners never restart
     # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the
     # Ray session's log directory. Worker errors reach the driver either way.
     worker_logs: Bool = False

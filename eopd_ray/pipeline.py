@@ -73,6 +73,7 @@ class Pipeline:
         self.version = 0
         self.start_step = 0
         self.stopped_early = False
+        self.num_recoveries = 0
         self.prompts = self._load_prompts()
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
@@ -304,12 +305,38 @@ class Pipeline:
             )
         self.version = new_version
 
+    def _recovering(self, group: ActorGroup, work, what: str):
+        """Run `work()`; if a worker of `group` died, wait for Ray to restart it, bring it back
+        in sync (rollout: rejoin the weight group and reload the current weights), and redo the
+        work, up to `run.max_worker_restarts` times."""
+        for attempt in range(self.cfg.run.max_worker_restarts + 1):
+            try:
+                return work()
+            except WorkerError as exc:
+                if not exc.died or attempt == self.cfg.run.max_worker_restarts:
+                    raise
+                log.warning("%s: %s; restarting and redoing it", what, exc)
+                group.refresh_identities(self.cfg.run.step_timeout_s)
+                if group is self.rollout:
+                    if self.cfg.sync.transport == "collective":
+                        self._join_sync_group()
+                    self._push_weights(self.version, f"{what} recovery")
+                self.num_recoveries += 1
+
     def step(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        stream_state = self.stream.state_dict()
+
+        def rollout() -> RolloutBatch:
+            self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
+            return self._rollout(step)
+
         with _timed(metrics, "time/rollout_s"):
-            batch = self._rollout(step)
+            batch = self._recovering(self.rollout, rollout, f"step {step} rollout")
         with _timed(metrics, "time/teacher_s"):
-            scores = self._score(batch, step)
+            scores = self._recovering(
+                self.teacher, lambda: self._score(batch, step), f"step {step} teacher scoring"
+            )
         with _timed(metrics, "time/train_s"):
             metrics.update(self._train(batch, scores, step))
         with _timed(metrics, "time/sync_s"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,20 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+# The worker's process is gone (or restarting): what a restartable role recovers from.
+_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
 
 class WorkerError(EopdError):
-    """A worker failed or did not answer in time; names the worker and how to go on."""
+    """A worker failed or did not answer in time; names the worker and how to go on.
+    `died` is True when the worker's process is gone (a restartable role can be recovered)."""
+
+    def __init__(self, message: str, died: bool = False) -> None:
+        super().__init__(message)
+        self.died = died
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.died))
 
 
 @dataclass(frozen=True)
@@ -170,8 +182,25 @@ class ActorGroup:
                 str(self.identities[r]) for r, ref in zip(ranks, refs, strict=True) if _failed(ref)
             ]
             raise WorkerError(
-                f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}"
+                f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}",
+                died=isinstance(exc, _GONE),
             ) from exc
+
+    def refresh_identities(self, timeout_s: float) -> None:
+        """Wait until every worker answers (restarted ones included) and record their pids."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.identities = self.get(
+                    self.call_async("identity"),
+                    timeout_s,
+                    f"waiting for {self.role} workers to restart",
+                )
+                return
+            except WorkerError as exc:  # calls fail while an actor is still restarting
+                if not exc.died or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def _failed(ref) -> bool:
@@ -208,6 +237,9 @@ def spawn(
                     placement_group=pg, placement_group_bundle_index=first_bundle + i
                 ),
                 runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}},
+                # Rollout and teacher workers hold no state between steps: Ray restarts them
+                # and the driver redoes their lost work. Learners hold optimizer state: no.
+                max_restarts=cfg.run.max_worker_restarts if role != "learner" else 0,
                 name=None,
             ).remote(*args[i])
         )

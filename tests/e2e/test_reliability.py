@@ -185,3 +185,29 @@ def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pa
             pipeline.run(progress=False)
     finally:
         pipeline.shutdown()
+
+
+def test_killed_rollout_and_teacher_workers_are_replaced_and_the_run_completes(
+    local_ray, tiny_pair, tmp_path
+):
+    out = tmp_path / "run"
+    cfg = load_config(TINY, tiny_overrides(tiny_pair, out, "run.steps=4", "run.export_hf=false"))
+    pipeline = Pipeline(cfg)
+    try:
+        pipeline.start()
+        history = [pipeline.step(0)]
+        os.kill(pipeline.rollout.identities[1].pid, signal.SIGKILL)  # dies between steps
+        history.append(pipeline.step(1))
+        os.kill(pipeline.teacher.identities[0].pid, signal.SIGKILL)
+        history += [pipeline.step(2), pipeline.step(3)]
+        assert pipeline.num_recoveries == 2 and pipeline.version == 4
+        # The restarted rollout worker holds exactly the current weights.
+        from eopd_ray.rollout import Sampling
+
+        greedy = Sampling(temperature=0.0, max_new_tokens=8)
+        refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], 0, greedy)
+        a, b = pipeline.rollout.get(refs, 120, "greedy")
+        assert torch.equal(a.response_ids, b.response_ids) and a.weight_version == 4
+    finally:
+        pipeline.shutdown()
+    assert [h["rollout/weight_version"] for h in history] == [0, 1, 2, 3]
