@@ -245,4 +245,5 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     *_, listening, node = proc.stdout.strip().splitlines()
     assert node == "{'127.0.0.1'}"
     # No Ray or Python process on this machine listens beyond loopback.
-    assert listening != "[]" and all("127.0.0.1" in a for a in ast.literal_eval(listening)), listening
+    addresses = ast.literal_eval(listening)
+    assert addresses and all("127.0.0.1" in a for a in addresses), addresses
