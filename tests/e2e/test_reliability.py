@@ -146,31 +146,6 @@ def test_sigterm_checkpoints_then_the_same_command_resumes(tiny_pair, tmp_path):
     assert [r["step"] for r in read_jsonl(metrics)] == list(range(stopped_at + 3))
 
 
-def test_a_dead_learner_fails_the_step_naming_rank_and_checkpoint(local_ray, tiny_pair, tmp_path):
-    cfg = load_config(
-        TINY,
-        tiny_overrides(
-            tiny_pair,
-            tmp_path / "run",
-            "run.steps=3",
-            "run.checkpoint_every=1",
-            "run.step_timeout_s=60",
-        ),
-    )
-    pipeline = Pipeline(cfg)
-    try:
-        pipeline.start()
-        pipeline.step(0)
-        saved = pipeline.save_checkpoint(0)
-        os.kill(pipeline.learner.identities[1].pid, signal.SIGKILL)
-        with pytest.raises(WorkerError) as exc:
-            pipeline.step(1)
-    finally:
-        pipeline.shutdown()
-    message = str(exc.value)
-    assert "learner[1]" in message and str(saved) in message
-
-
 def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pair, tmp_path):
     broken = tmp_path / "nan-teacher"
     model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])
@@ -190,11 +165,16 @@ def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pa
         pipeline.shutdown()
 
 
-def test_killed_rollout_and_teacher_workers_are_replaced_and_the_run_completes(
+def test_dead_workers_rollout_and_teacher_recovered_learner_fails_fast(
     local_ray, tiny_pair, tmp_path
 ):
     out = tmp_path / "run"
-    cfg = load_config(TINY, tiny_overrides(tiny_pair, out, "run.steps=4", "run.export_hf=false"))
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tiny_pair, out, "run.steps=5", "run.export_hf=false", "run.step_timeout_s=60"
+        ),
+    )
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
@@ -211,9 +191,15 @@ def test_killed_rollout_and_teacher_workers_are_replaced_and_the_run_completes(
         refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], 0, greedy)
         a, b = pipeline.rollout.get(refs, 120, "greedy")
         assert torch.equal(a.response_ids, b.response_ids) and a.weight_version == 4
+        # A learner holds optimizer state: its death fails the step, naming it and the checkpoint.
+        saved = pipeline.save_checkpoint(3)
+        os.kill(pipeline.learner.identities[1].pid, signal.SIGKILL)
+        with pytest.raises(WorkerError) as exc:
+            pipeline.step(4)
     finally:
         pipeline.shutdown()
     assert [h["rollout/weight_version"] for h in history] == [0, 1, 2, 3]
+    assert "learner[1]" in str(exc.value) and str(saved) in str(exc.value)
 
 
 def test_embedded_ray_listens_on_loopback_only(tmp_path):
