@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-# Before anything imports Ray: an embedded Ray then listens on 127.0.0.1 only.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eopd_ray.env import set_job_environment
 
-from eopd_ray.config import load_config
-from eopd_ray.errors import EopdError
+set_job_environment()  # before anything imports Ray
+
+from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.errors import EopdError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

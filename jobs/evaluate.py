@@ -18,17 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eopd_ray.env import set_job_environment
 
-from eopd_ray.config import Config, config_from_dict, load_config
-from eopd_ray.errors import EopdError
-from eopd_ray.evaluation import load_benchmark, report, score_benchmark
+# In-process vLLM engine (no Ray here); before vLLM is imported.
+set_job_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+
+from eopd_ray.config import Config, config_from_dict, load_config  # noqa: E402
+from eopd_ray.errors import EopdError  # noqa: E402
+from eopd_ray.evaluation import load_benchmark, report, score_benchmark  # noqa: E402
 
 
 def write_atomic(path: Path, text: str) -> None:
