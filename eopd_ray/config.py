@@ -1,7 +1,7 @@
 """The one typed configuration tree of eopd-ray, and the only home of its defaults.
 
     cfg = load_config("jobs/configs/tiny.yaml", ["loss.entropy_threshold=0.5"])
-    print(config_to_yaml(cfg))
+    text = config_to_yaml(cfg)  # the resolved config, reloadable
 
 A config is a frozen tree of dataclasses (validated by pydantic, strict types: no silent
 "1" -> 1 coercion; ints are accepted where floats are expected). YAML files hold only what they
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import field
@@ -29,6 +28,7 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from eopd_ray.config_yaml import parse_yaml, read_yaml_tree
 from eopd_ray.errors import ConfigError, ConfigIssue
 
 # Strict leaf types: YAML `"8"` is not an int, `1` is not a bool. Ints are accepted for floats.
@@ -301,49 +301,6 @@ def total_updates(cfg: Config) -> int:
     return cfg.run.steps * max(1, seqs // cfg.learner.mini_batch_size)
 
 
-# ----------------------------------------------------------------------------- YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads `3e-6` as a float
-    (plain YAML 1.1 reads it as a string: it wants `3.0e-6`)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep=False):
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue("", f"YAML error{where}: {problem}")], source) from None
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -401,7 +358,7 @@ def _apply_override(data: dict[str, Any], override: str, issues: list[ConfigIssu
         issues.append(ConfigIssue(path, f"override {override!r} is not of the form key.path=value"))
         return
     try:
-        value = _parse_yaml(raw, f"override {path}") if raw.strip() else ""
+        value = parse_yaml(raw, f"override {path}") if raw.strip() else ""
     except ConfigError as exc:
         issues.append(ConfigIssue(path, f"cannot parse value {raw!r}: {exc.issues[0].message}"))
         return
@@ -489,45 +446,12 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """A YAML file's mapping, merged over the file its top-level `base:` names (relative to it).
-    Lets a variant (e.g. an `opd` twin) state only what differs from its base."""
-    if path.resolve() in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise ConfigError([ConfigIssue("base", f"circular base files: {chain}")], str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            [ConfigIssue("", f"cannot read the config file: {exc.strerror}")], str(path)
-        ) from None
-    data = _parse_yaml(text, str(path))
-    if not isinstance(data, Mapping) or "base" not in data:
-        return data
-    data = dict(data)
-    base_name = data.pop("base")
-    if not isinstance(base_name, str):
-        raise ConfigError([ConfigIssue("base", "must be a path to a YAML file")], str(path))
-    base = _read_yaml_tree(path.parent / base_name, (*seen, path.resolve()))
-    return _deep_merge(base if isinstance(base, Mapping) else {}, data)
-
-
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (None: all defaults), apply dotted overrides, validate."""
     if path is None:
         return config_from_dict({}, overrides, "<defaults>")
     path = Path(path)
-    return config_from_dict(_read_yaml_tree(path), overrides, str(path))
+    return config_from_dict(read_yaml_tree(path), overrides, str(path))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

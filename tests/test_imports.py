@@ -10,6 +10,14 @@ PURE = [
     "eopd_ray.config",
     "eopd_ray.batch",
     "eopd_ray.errors",
+    "eopd_ray.config_yaml",
+    "eopd_ray.data",
+    "eopd_ray.metrics",
+    "eopd_ray.evaluation",
+    "eopd_ray.checkpoint",
+    "eopd_ray.forward",
+    "eopd_ray.weight_sync",
+    "eopd_ray.env",
     "eopd_ray.toy.models",
 ]
 
