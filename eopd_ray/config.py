@@ -134,7 +134,7 @@ class LossConfig:
     entropy_threshold: NonNegFloat = 0.8  # tau, nats, on the teacher's full-vocab entropy
     fkl_coef: NonNegFloat = 1.0  # alpha
     jsd_beta: Fraction = 0.5  # only for name=jsd
-    chunk_positions: NonNegInt = 1024  # student log-softmax in chunks; 0 = plain full-tensor path
+    chunk_positions: NonNegInt = 256  # student log-softmax in chunks; 0 = plain full-tensor path
 
 
 @dataclass(config=_SECTION)

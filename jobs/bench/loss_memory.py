@@ -1,0 +1,110 @@
+"""Peak memory and time of the EOPD loss: plain vs memory-lean student log-softmax.
+
+    python jobs/bench/loss_memory.py [--quick] [--out results.json]
+
+Each (T, V, path) runs in a fresh process on bf16 logits of shape (1, T, V) with K = 16: forward
+and backward of `eopd_loss`. Peak memory is the process's peak resident set size minus its size
+just before the loss (so it counts the loss's own allocations: the logits' gradient, and for the
+plain path the fp32 (T, V) log-softmax and its backward buffers). Prints a table; `peak_ratio` in
+the JSON is plain peak over lean peak, per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[4])
+from eopd_ray.loss import LossInputs, eopd_loss
+T, V, chunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(1, T, V, generator=g).bfloat16().requires_grad_(True)
+teacher = torch.randn(1, T, 16, generator=g).log_softmax(-1) - 1.0
+inputs = LossInputs(
+    student_logits=logits, response_ids=torch.randint(0, V, (1, T), generator=g),
+    response_mask=torch.ones(1, T, dtype=torch.bool), old_logprobs=-torch.rand(1, T) - 5,
+    teacher_logprobs=-torch.rand(1, T) - 4, teacher_entropy=torch.rand(1, T) * 2,
+    teacher_topk_ids=torch.randint(0, V, (1, T, 16), generator=g, dtype=torch.int32),
+    teacher_topk_logprobs=teacher)
+def rss_kib():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() // 1024
+before = rss_kib()
+start = time.perf_counter()
+out = eopd_loss(inputs, chunk_positions=chunk)
+out.loss.backward()
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+print(json.dumps({"peak_mib": (peak - before) / 1024, "seconds": elapsed,
+                  "loss": out.loss.item()}))
+"""
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def measure(t: int, v: int, chunk: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(t), str(v), str(chunk), str(REPO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, about a minute")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--chunk", type=int, default=256, help="lean path chunk (positions)")
+    args = parser.parse_args(argv)
+    shapes = (
+        [(512, 32000), (512, 151936), (1024, 151936)]
+        if args.quick
+        else [(512, 32000), (2048, 32000), (512, 151936), (2048, 151936), (4096, 151936)]
+    )
+    rows = []
+    print(
+        f"{'T':>6} {'V':>8} | {'plain MiB':>10} {'lean MiB':>9} {'ratio':>6} | "
+        f"{'plain s':>8} {'lean s':>7} | logits MiB"
+    )
+    for t, v in shapes:
+        plain, lean = measure(t, v, 0), measure(t, v, args.chunk)
+        assert abs(plain["loss"] - lean["loss"]) < 1e-4 * max(1.0, abs(plain["loss"]))
+        ratio = plain["peak_mib"] / max(lean["peak_mib"], 1e-9)
+        logits_mib = t * v * 2 / 2**20
+        rows.append(
+            {
+                "T": t,
+                "V": v,
+                "plain_peak_mib": plain["peak_mib"],
+                "lean_peak_mib": lean["peak_mib"],
+                "peak_ratio": ratio,
+                "plain_s": plain["seconds"],
+                "lean_s": lean["seconds"],
+                "logits_bf16_mib": logits_mib,
+            }
+        )
+        print(
+            f"{t:>6} {v:>8} | {plain['peak_mib']:>10.0f} {lean['peak_mib']:>9.0f} "
+            f"{ratio:>6.2f} | {plain['seconds']:>8.2f} {lean['seconds']:>7.2f} | "
+            f"{logits_mib:.0f}"
+        )
+    if args.out:
+        args.out.write_text(json.dumps({"chunk_positions": args.chunk, "shapes": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
