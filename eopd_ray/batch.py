@@ -86,6 +86,10 @@ class _Wire:
     def _select_extra(self, rows: list[int]) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def _joined_tensors(cls, parts: Sequence[_Wire]) -> dict[str, torch.Tensor]:
+        return {n: _pad_cat([getattr(p, n) for p in parts]) for n in cls._tensor_fields}
+
 
 def _rebuild(cls: type, state: dict[str, Any]):
     with warnings.catch_warnings():
@@ -96,14 +100,16 @@ def _rebuild(cls: type, state: dict[str, Any]):
         )
 
 
-def _pad_cat(tensors: Sequence[torch.Tensor], fill: float | int | bool) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding dim 1 to the longest."""
+def _pad_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0; 2-D and wider tensors are right-padded along dim 1 with zeros
+    (False for masks), the wire types' padding value."""
+    if tensors[0].dim() < 2:
+        return torch.cat(list(tensors))
     width = max(t.shape[1] for t in tensors)
     padded = []
     for t in tensors:
         if t.shape[1] < width:
-            pad = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), fill)
-            t = torch.cat([t, pad], dim=1)
+            t = torch.cat([t, t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))], dim=1)
         padded.append(t)
     return torch.cat(padded, dim=0)
 
@@ -175,12 +181,7 @@ class RolloutBatch(_Wire):
         if len(versions) != 1:
             raise BatchError(f"rollout batches carry different weight versions {sorted(versions)}")
         return cls(
-            prompt_ids=_pad_cat([b.prompt_ids for b in batches], 0),
-            prompt_mask=_pad_cat([b.prompt_mask for b in batches], False),
-            response_ids=_pad_cat([b.response_ids for b in batches], 0),
-            response_mask=_pad_cat([b.response_mask for b in batches], False),
-            sampler_logprobs=_pad_cat([b.sampler_logprobs for b in batches], 0.0),
-            prompt_index=torch.cat([b.prompt_index for b in batches]),
+            **cls._joined_tensors(batches),
             finish_reason=tuple(r for b in batches for r in b.finish_reason),
             weight_version=versions.pop(),
         )
@@ -243,9 +244,6 @@ class TeacherScores(_Wire):
         if len(ks) != 1:
             raise BatchError(f"teacher score batches have different top-k {sorted(ks)}")
         return cls(
-            token_logprobs=_pad_cat([p.token_logprobs for p in parts], 0.0),
-            entropy=_pad_cat([p.entropy for p in parts], 0.0),
-            topk_ids=_pad_cat([p.topk_ids for p in parts], 0),
-            topk_logprobs=_pad_cat([p.topk_logprobs for p in parts], 0.0),
+            **cls._joined_tensors(parts),
             entropy_is_exact=all(p.entropy_is_exact for p in parts),
         )

@@ -141,7 +141,7 @@ class LearnerWorker:
             MASTER_PORT=str(master_port),
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0" if not on_gpu else os.environ.get("LOCAL_RANK", "0"),
+            LOCAL_RANK="0",  # Ray gives each learner actor its own GPU(s): always device 0
         )
         # DeepSpeed would JIT-build a shared-memory allreduce (~45 s) on CPU; gloo alone is exact.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

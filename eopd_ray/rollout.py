@@ -13,7 +13,6 @@ RolloutBatch then carries.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -23,8 +22,6 @@ from eopd_ray.batch import RolloutBatch
 from eopd_ray.config import Config
 from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.weight_sync import WeightReceiver
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
