@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast lint format env clean
+.PHONY: run run-tiny test test-fast lint format env clean
 
 env: $(STAMP)
 
@@ -38,7 +38,14 @@ $(STAMP): $(LOCK_STAMP) pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+# The embedded default: prepare (or reuse) the toy teacher and student, distil with EOPD, report.
 run: $(STAMP)
+	$(PY) jobs/prepare_toy.py
+	$(PY) jobs/distill.py --config jobs/configs/toy.yaml
+	$(PY) jobs/toy_report.py --config jobs/configs/toy.yaml
+
+# The smallest end-to-end run (random tiny models, 2 workers per role): a smoke test.
+run-tiny: $(STAMP)
 	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
 
 test: $(STAMP)

@@ -234,6 +234,10 @@ class LearnerWorker:
             out[start : start + size] = lp[..., 0].float().cpu() * mb.response_mask
         return out
 
+    def _gradient_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
     def train_step(
         self, shard: RolloutBatch, scores: TeacherScores, tokens_per_update: list[int]
     ) -> list[dict[str, float]]:
@@ -286,10 +290,13 @@ class LearnerWorker:
             # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
             self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
             boundary = self.engine.is_gradient_accumulation_boundary()
+            # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it before the step.
+            unclipped_norm = self._gradient_norm() if boundary and cfg.learner.zero_stage == 0 else None
             self.engine.step()
             metrics = dict(out.metrics, update=float(update))
             if boundary:
-                metrics["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                norm = self.engine.get_global_grad_norm()
+                metrics["learner/grad_norm"] = float(norm if norm is not None else unclipped_norm)
                 metrics["learner/lr"] = float(self.engine.get_lr()[0])
             results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap

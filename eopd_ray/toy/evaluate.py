@@ -1,0 +1,169 @@
+"""Evaluation on the toy task: accuracy, diversity and the paper's entropy diagnostics.
+
+    report = evaluate_toy(student_dir, task, prompts, teacher_dir=teacher_dir, samples=8)
+    report["avg@8"], report["pass@8"], report["distinct_correct"], report["student/entropy_mean"]
+
+For every held-out prompt the model samples `samples` answers (temperature 1, full vocabulary:
+the distribution the paper's Avg@8 / Pass@8 are measured on), each judged by the task's checker:
+
+- `avg@k`: mean over prompts of the fraction of correct samples (k = samples).
+- `pass@k`: unbiased estimate of "at least one of k correct", for k = 1, 2, 4, ..., samples.
+- `distinct_correct`: distinct correct answers per prompt, and `distinct_correct_frac`: the same
+  over the number of shortest paths the prompt has (capped at `samples`) — 1.0 is full coverage.
+- `student/entropy_mean`, `student/frac_high_entropy`: the model's full-vocabulary entropy (nats)
+  on the response tokens of its own samples, and the fraction at or above tau.
+- with a teacher: `teacher/entropy_mean`, `teacher/frac_high_entropy` on the same tokens, and
+  `fkl/high_entropy`: KL(teacher || model) averaged over the tokens where the teacher's entropy is
+  at or above tau — how well the model covers the teacher where the teacher is uncertain.
+
+All entropies and KLs are computed in float64 from the full logits. Uses torch + transformers
+only (HF `generate`): the toy models are small, so no engine is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eopd_ray.evaluation import pass_at_k
+from eopd_ray.toy.task import GraphTask
+
+
+def pass_ks(samples: int) -> list[int]:
+    """1, 2, 4, ... up to `samples` (and `samples` itself)."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return ks + [samples]
+
+
+def token_diagnostics(
+    model_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    mask: torch.Tensor,
+    tau: float,
+) -> dict[str, float]:
+    """Entropy / FKL statistics over the positions where `mask` is True.
+
+    model_logits, teacher_logits: (N, T, V) next-token logits at the response positions;
+    mask: (N, T) bool. Sums, not means, are returned with counts so batches can be merged.
+    """
+    logp = torch.log_softmax(model_logits.double(), dim=-1)  # (N, T, V)
+    entropy = -(logp.exp() * logp).sum(-1)  # (N, T)
+    out = {
+        "tokens": float(mask.sum()),
+        "student_entropy_sum": float(entropy[mask].sum()),
+        "student_high": float((entropy[mask] >= tau).sum()),
+    }
+    if teacher_logits is not None:
+        logq = torch.log_softmax(teacher_logits.double(), dim=-1)  # (N, T, V)
+        q = logq.exp()
+        teacher_entropy = -(q * logq).sum(-1)  # (N, T)
+        fkl = (q * (logq - logp)).sum(-1)  # (N, T): KL(teacher || model)
+        gate = mask & (teacher_entropy >= tau)
+        out |= {
+            "teacher_entropy_sum": float(teacher_entropy[mask].sum()),
+            "teacher_high": float(gate.sum()),
+            "fkl_high_sum": float(fkl[gate].sum()),
+        }
+    return out
+
+
+@torch.no_grad()
+def _sample(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int, seed: int):
+    """(prompt ids (P, Lp), sequences (P * samples, Lp + T)); all toy prompts share one length."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False, return_tensors="pt")
+    torch.manual_seed(seed)
+    sequences = model.generate(
+        **encoded,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        num_return_sequences=samples,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return encoded["input_ids"], sequences
+
+
+def _response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(N, T) True up to and including the first EOS (generate pads with EOS after it)."""
+    is_eos = responses == eos_id
+    before_first_eos = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() == 0
+    return before_first_eos
+
+
+@torch.no_grad()
+def evaluate_toy(
+    model_dir: str | Path,
+    task: GraphTask,
+    prompts: Sequence[str],
+    teacher_dir: str | Path | None = None,
+    samples: int = 8,
+    tau: float = 0.8,
+    max_new_tokens: int = 12,
+    seed: int = 0,
+    batch_prompts: int = 64,
+) -> dict[str, float]:
+    """Accuracy, diversity and entropy diagnostics of the model in `model_dir` (module docstring)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    teacher = None
+    if teacher_dir is not None:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        teacher.eval()
+    eos = tokenizer.eos_token_id
+    ks = pass_ks(samples)
+    totals: dict[str, float] = {}
+    avg, passes, distinct, coverage = [], {k: [] for k in ks}, [], []
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = list(prompts[start : start + batch_prompts])
+        prompt_ids, sequences = _sample(model, tokenizer, chunk, samples, max_new_tokens, seed + start)
+        prompt_len = prompt_ids.shape[1]
+        responses = sequences[:, prompt_len:]  # (N, T)
+        mask = _response_mask(responses, eos)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        for p, prompt in enumerate(chunk):
+            answers = texts[p * samples : (p + 1) * samples]
+            correct = [a.strip() for a in answers if task.is_correct(prompt, a)]
+            avg.append(len(correct) / samples)
+            for k in ks:
+                passes[k].append(pass_at_k(samples, len(correct), k))
+            distinct.append(len(set(correct)))
+            source, target = task.parse_prompt(prompt)
+            coverage.append(
+                len(set(correct)) / min(samples, task.count_shortest_paths(source, target))
+            )
+        # Logits predicting each response token: positions prompt_len-1 .. end-1.
+        attention = torch.cat(
+            [torch.ones_like(sequences[:, :prompt_len]), mask.long()], dim=1
+        )
+        model_logits = model(sequences, attention_mask=attention).logits[:, prompt_len - 1 : -1]
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher(sequences, attention_mask=attention).logits
+            teacher_logits = teacher_logits[:, prompt_len - 1 : -1]
+        for key, value in token_diagnostics(model_logits, teacher_logits, mask, tau).items():
+            totals[key] = totals.get(key, 0.0) + value
+    n = len(avg)
+    out = {
+        "prompts": float(n),
+        f"avg@{samples}": sum(avg) / n,
+        "distinct_correct": sum(distinct) / n,
+        "distinct_correct_frac": sum(coverage) / n,
+        "student/entropy_mean": totals["student_entropy_sum"] / totals["tokens"],
+        "student/frac_high_entropy": totals["student_high"] / totals["tokens"],
+        "response_tokens_mean": totals["tokens"] / (n * samples),
+    }
+    out |= {f"pass@{k}": sum(v) / n for k, v in passes.items()}
+    if teacher is not None:
+        out["teacher/entropy_mean"] = totals["teacher_entropy_sum"] / totals["tokens"]
+        out["teacher/frac_high_entropy"] = totals["teacher_high"] / totals["tokens"]
+        out["fkl/high_entropy"] = totals["fkl_high_sum"] / max(1.0, totals["teacher_high"])
+    return out

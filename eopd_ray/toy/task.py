@@ -1,0 +1,199 @@
+"""The toy reasoning task: shortest paths in a fixed graph whose steps partly commute.
+
+    task = GraphTask()                      # 32 nodes labelled A..Z a..f, seeded
+    task.prompt("K", "d")                   # "K>d:"
+    task.sample_answer("K", "d", rng)       # e.g. "KQTd": one shortest path, chosen at random
+    task.check("K>d:", "KQTd")              # Verdict.CORRECT
+
+A prompt names a source and a target node; a correct answer is ANY shortest path from the source to
+the target, written as its node labels (source first, target last, no separators). Many prompts
+have several shortest paths, so a good model is uncertain exactly at the branch points (where
+two, three or four neighbours lead on equally fast) and confident everywhere else: the structure
+that entropy-aware distillation is about. The graph is fixed by `seed`, so a model must learn it
+(the edges and the distances) from samples; every answer is checked exactly.
+
+Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import string
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+
+NODE_LABELS = string.ascii_uppercase + string.ascii_lowercase
+
+
+class Verdict(enum.Enum):
+    CORRECT = "correct"
+    MALFORMED = "malformed"  # not a string of node labels, or a prompt this task cannot read
+    WRONG_START = "wrong_start"
+    NOT_AN_EDGE = "not_an_edge"  # two consecutive nodes are not adjacent
+    WRONG_END = "wrong_end"
+    NOT_SHORTEST = "not_shortest"  # a valid path, but longer than the shortest
+
+
+@dataclass(frozen=True)
+class GraphTask:
+    """A `dimensions`-cube (nodes = bit strings, edges = one-bit flips) under a random labelling,
+    with `removed_edges` random edges taken out (never disconnecting it).
+
+    A shortest path flips each differing bit once, in any order: steps that commute, so a prompt at
+    distance h has up to h! answers and h equally good first moves. The removed edges break the
+    symmetry: some orders become impossible, some prompts have a single answer, and the model
+    cannot shortcut the lookup by reading bits off the labels.
+    """
+
+    dimensions: int = 5
+    removed_edges: int = 10
+    seed: int = 0
+    min_distance: int = 2  # prompts whose nodes are closer are too easy to be interesting
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dimensions or 2**self.dimensions > len(NODE_LABELS):
+            raise ValueError(
+                f"dimensions must be in [1, 5] ({len(NODE_LABELS)} node labels); "
+                f"got {self.dimensions}"
+            )
+
+    # ------------------------------------------------------------------------- the graph
+
+    @cached_property
+    def labels(self) -> str:
+        return NODE_LABELS[: 2**self.dimensions]
+
+    @cached_property
+    def neighbours(self) -> dict[str, tuple[str, ...]]:
+        rng = random.Random(self.seed)
+        num_nodes = len(self.labels)
+        names = list(self.labels)
+        rng.shuffle(names)  # node i (a bit string) is called names[i]
+        edges = [
+            (a, a ^ (1 << bit))
+            for a in range(num_nodes)
+            for bit in range(self.dimensions)
+            if a < a ^ (1 << bit)
+        ]
+        rng.shuffle(edges)
+        kept = set(edges)
+        removed = 0
+        for edge in edges:
+            if removed == self.removed_edges:
+                break
+            if _connected(num_nodes, kept - {edge}):
+                kept.discard(edge)
+                removed += 1
+        adjacency: dict[str, list[str]] = {label: [] for label in self.labels}
+        for a, b in kept:
+            adjacency[names[a]].append(names[b])
+            adjacency[names[b]].append(names[a])
+        return {node: tuple(sorted(adj)) for node, adj in adjacency.items()}
+
+    @cached_property
+    def distances(self) -> dict[str, dict[str, int]]:
+        """All-pairs hop distances (breadth-first search from every node)."""
+        out = {}
+        for source in self.labels:
+            dist = {source: 0}
+            queue = deque([source])
+            while queue:
+                node = queue.popleft()
+                for nxt in self.neighbours[node]:
+                    if nxt not in dist:
+                        dist[nxt] = dist[node] + 1
+                        queue.append(nxt)
+            out[source] = dist
+        return out
+
+    def next_hops(self, node: str, target: str) -> tuple[str, ...]:
+        """Neighbours of `node` one hop closer to `target`: the correct choices at this step."""
+        d = self.distances[target]
+        return tuple(n for n in self.neighbours[node] if d[n] == d[node] - 1)
+
+    def count_shortest_paths(self, source: str, target: str) -> int:
+        if source == target:
+            return 1
+        return sum(self.count_shortest_paths(n, target) for n in self.next_hops(source, target))
+
+    # ------------------------------------------------------------------------- prompts
+
+    def prompt(self, source: str, target: str) -> str:
+        return f"{source}>{target}:"
+
+    def parse_prompt(self, prompt: str) -> tuple[str, str] | None:
+        """(source, target) of a prompt this task wrote, else None."""
+        text = prompt.strip()
+        if len(text) != 4 or text[1] != ">" or text[3] != ":":
+            return None
+        source, target = text[0], text[2]
+        if source not in self.labels or target not in self.labels:
+            return None
+        return source, target
+
+    @cached_property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """Every (source, target) at distance >= min_distance, in a fixed shuffled order."""
+        pairs = [
+            (s, t)
+            for s in self.labels
+            for t in self.labels
+            if self.distances[s][t] >= self.min_distance
+        ]
+        random.Random(self.seed + 1).shuffle(pairs)
+        return tuple(pairs)
+
+    def split(self, eval_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+        """(train prompts, held-out prompts): a fixed split of all pairs."""
+        num_eval = max(1, round(len(self.pairs) * eval_fraction))
+        prompts = [self.prompt(s, t) for s, t in self.pairs]
+        return prompts[num_eval:], prompts[:num_eval]
+
+    # ------------------------------------------------------------------------- answers
+
+    def sample_answer(self, source: str, target: str, rng: random.Random) -> str:
+        """A shortest path, each step uniform over the correct next hops (the task's generator)."""
+        path = [source]
+        while path[-1] != target:
+            path.append(rng.choice(self.next_hops(path[-1], target)))
+        return "".join(path)
+
+    def check(self, prompt: str, answer: str) -> Verdict:
+        """Whether `answer` is a shortest path for `prompt`; the first thing wrong otherwise.
+
+        Surrounding whitespace is ignored; anything else that is not a node label is malformed.
+        """
+        parsed = self.parse_prompt(prompt)
+        path = answer.strip()
+        if parsed is None or not path or any(ch not in self.labels for ch in path):
+            return Verdict.MALFORMED
+        source, target = parsed
+        if path[0] != source:
+            return Verdict.WRONG_START
+        for a, b in zip(path, path[1:]):
+            if b not in self.neighbours[a]:
+                return Verdict.NOT_AN_EDGE
+        if path[-1] != target:
+            return Verdict.WRONG_END
+        if len(path) - 1 != self.distances[source][target]:
+            return Verdict.NOT_SHORTEST
+        return Verdict.CORRECT
+
+    def is_correct(self, prompt: str, answer: str) -> bool:
+        return self.check(prompt, answer) is Verdict.CORRECT
+
+
+def _connected(num_nodes: int, edges: set[tuple[int, int]]) -> bool:
+    adjacency: dict[int, list[int]] = {n: [] for n in range(num_nodes)}
+    for a, b in edges:
+        adjacency[a].append(b)
+        adjacency[b].append(a)
+    seen, stack = {0}, [0]
+    while stack:
+        for nxt in adjacency[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return len(seen) == num_nodes

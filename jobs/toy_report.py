@@ -1,0 +1,84 @@
+"""Evaluate a finished toy run on the held-out prompts and write its report.
+
+    python jobs/toy_report.py --config jobs/configs/toy.yaml [section.key=value ...]
+
+Reads the run's exported student (<run.output_dir>/hf), the prepared teacher and the student's
+starting point (jobs/prepare_toy.py), samples 8 answers per held-out prompt from each, and prints
+accuracy, diversity and entropy side by side. Writes <run.output_dir>/report.md, eval.json and
+PNG curves in <run.output_dir>/plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eopd_ray.env import set_job_environment
+
+set_job_environment()
+
+from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.errors import EopdError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Held-out evaluation and report of a toy run.")
+    parser.add_argument("--config", required=True, help="the run's config, e.g. toy.yaml")
+    parser.add_argument("overrides", nargs="*", help="the run's dotted overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except EopdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from eopd_ray.metrics import read_jsonl
+    from eopd_ray.plots import plot_run
+    from eopd_ray.toy.evaluate import evaluate_toy
+    from eopd_ray.toy.prepare import load_baseline, load_settings, read_prompts
+    from eopd_ray.toy.report import comparison_table, write_report
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    run_dir = Path(cfg.run.output_dir)
+    prepared = Path(cfg.data.train_path).parent
+    exported = run_dir / "hf"
+    if not (exported / "config.json").exists():
+        print(
+            f"error: no exported student in {exported}; run jobs/distill.py with this config "
+            "first (and run.export_hf=true)",
+            file=sys.stderr,
+        )
+        return 2
+    settings = load_settings(prepared)
+    baseline = load_baseline(prepared)
+    after = evaluate_toy(
+        exported,
+        settings.task,
+        read_prompts(prepared / "eval.jsonl"),
+        teacher_dir=cfg.model.teacher_path,
+        samples=settings.eval_samples,
+        tau=cfg.loss.entropy_threshold,
+    )
+    (run_dir / "eval.json").write_text(json.dumps(after, indent=2))
+    columns = {
+        "teacher": baseline["teacher"],
+        "student before": baseline["student"],
+        f"student after {cfg.loss.name}": after,
+    }
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    plots = plot_run(rows, run_dir / "plots")
+    command = " ".join(["python jobs/distill.py --config", args.config, *args.overrides])
+    report = write_report(run_dir, columns, rows, command, plots[:1])
+    print(f"\nheld-out prompts ({int(after['prompts'])}), 8 samples each:\n")
+    print(comparison_table(columns))
+    print(f"\nreport: {report}  (curves in {run_dir / 'plots'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

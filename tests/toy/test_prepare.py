@@ -1,0 +1,62 @@
+"""Toy preparation: trained models + prompt files, cached under a key of every setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from eopd_ray.toy.models import TinyModelSpec
+from eopd_ray.toy.prepare import (
+    ToySettings,
+    load_baseline,
+    load_settings,
+    prepare_toy,
+    read_prompts,
+)
+from eopd_ray.toy.task import GraphTask
+
+SMALL = TinyModelSpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1)
+QUICK = ToySettings(teacher=SMALL, student=SMALL, teacher_steps=3, student_steps=2, batch_size=8)
+
+
+def test_prepare_builds_once_and_caches_by_settings(tmp_path):
+    logs: list[str] = []
+    prepared = prepare_toy(tmp_path, QUICK, log=logs.append)
+    assert prepared == tmp_path / QUICK.key()
+    assert (tmp_path / "current").resolve() == prepared.resolve()
+    for role in ("teacher", "student"):
+        assert (prepared / role / "model.safetensors").exists()
+        assert (prepared / role / "tokenizer.json").exists()
+    train, held_out = read_prompts(prepared / "train.jsonl"), read_prompts(prepared / "eval.jsonl")
+    assert (train, held_out) == QUICK.task.split(QUICK.eval_fraction)
+    baseline = load_baseline(prepared)
+    assert set(baseline) == {"teacher", "student"} and "avg@8" in baseline["student"]
+    assert load_settings(prepared) == QUICK
+    assert logs  # training progress was reported
+
+    # Same settings: nothing is rebuilt.
+    stamp = (prepared / "teacher" / "model.safetensors").stat().st_mtime_ns
+    logs.clear()
+    assert prepare_toy(tmp_path, QUICK, log=logs.append) == prepared
+    assert not logs
+    assert (prepared / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # Any changed setting is another key, another directory; `current` follows the newest.
+    other = dataclasses.replace(QUICK, task=GraphTask(seed=1))
+    assert other.key() != QUICK.key()
+    second = prepare_toy(tmp_path, other, log=logs.append)
+    assert second != prepared and prepared.exists()
+    assert (tmp_path / "current").resolve() == second.resolve()
+    assert not list(tmp_path.glob("*.building"))
+
+
+def test_settings_key_is_stable_and_complete():
+    assert ToySettings().key() == ToySettings().key()
+    keys = {
+        ToySettings().key(),
+        dataclasses.replace(ToySettings(), teacher_steps=1).key(),
+        dataclasses.replace(ToySettings(), seed=1).key(),
+        dataclasses.replace(ToySettings(), student=SMALL).key(),
+    }
+    assert len(keys) == 4
+    assert json.loads(json.dumps(ToySettings().as_dict()))["task"]["dimensions"] == 5
