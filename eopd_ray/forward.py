@@ -59,6 +59,42 @@ def response_logits(
     return model.get_output_embeddings()(hidden)
 
 
+@torch.no_grad()
+def score_response_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    top_k: int,
+    chunk_positions: int,
+    vocab_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's view of each response token, from one backbone pass: (B, T) log-prob of the
+    token, (B, T) full-vocabulary entropy (nats), (B, T, K) top-K ids (int32) and log-probs.
+
+    The LM head runs on the T response positions only, `chunk_positions` at a time, so at most a
+    (B, chunk, V) fp32 block exists. Rows past `vocab_rows` (embedding padding) are dropped.
+    """
+    hidden = response_hidden_states(model, input_ids, attention_mask, positions)  # (B, T, H)
+    targets = input_ids.gather(1, (positions + 1).clamp(max=input_ids.shape[1] - 1))  # (B, T)
+    lm_head = model.get_output_embeddings()
+    b, t = positions.shape
+    token_logprobs = torch.empty(b, t, device=hidden.device)
+    entropy = torch.empty(b, t, device=hidden.device)
+    topk_ids = torch.empty(b, t, top_k, dtype=torch.int32, device=hidden.device)
+    topk_logprobs = torch.empty(b, t, top_k, device=hidden.device)
+    for s in range(0, t, chunk_positions):
+        e = s + chunk_positions
+        logits = lm_head(hidden[:, s:e]).float()[..., :vocab_rows]  # (B, c, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy[:, s:e] = -(logp.exp() * logp).sum(-1)
+        token_logprobs[:, s:e] = logp.gather(-1, targets[:, s:e, None])[..., 0]
+        top = logp.topk(top_k, dim=-1)
+        topk_ids[:, s:e] = top.indices.to(torch.int32)
+        topk_logprobs[:, s:e] = top.values
+    return token_logprobs, entropy, topk_ids, topk_logprobs
+
+
 def rows_of(batch_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """The real (unpadded) ids of each row of a right-padded (B, N) tensor."""
     return [ids[m].tolist() for ids, m in zip(batch_ids, mask, strict=True)]

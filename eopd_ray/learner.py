@@ -291,7 +291,9 @@ class LearnerWorker:
             self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
             boundary = self.engine.is_gradient_accumulation_boundary()
             # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it before the step.
-            unclipped_norm = self._gradient_norm() if boundary and cfg.learner.zero_stage == 0 else None
+            unclipped_norm = (
+                self._gradient_norm() if boundary and cfg.learner.zero_stage == 0 else None
+            )
             self.engine.step()
             metrics = dict(out.metrics, update=float(update))
             if boundary:

@@ -346,6 +346,7 @@ class Pipeline:
         metrics.update(
             {
                 "rollout/response_len_mean": float(lengths.mean()),
+                "rollout/prompt_tokens": float(batch.prompt_mask.sum()),
                 "rollout/finish_length_frac": batch.finish_reason.count("length")
                 / batch.num_sequences,
                 "rollout/tokens_per_s": tokens / metrics["time/rollout_s"],

@@ -52,9 +52,7 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def plot_methods(
-    runs: dict[str, Sequence[list[dict]]], keys: Sequence[str], path: Path
-) -> Path:
+def plot_methods(runs: dict[str, Sequence[list[dict]]], keys: Sequence[str], path: Path) -> Path:
     """One panel per metric: each method's curve, mean over its runs (seeds) with a +-1 std band."""
     import numpy as np
 

@@ -22,7 +22,7 @@ from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config
 from eopd_ray.data import render_prompt
 from eopd_ray.errors import EopdError
-from eopd_ray.forward import pack, response_hidden_states, rows_of
+from eopd_ray.forward import pack, rows_of, score_response_tokens
 from eopd_ray.ray_metrics import WorkerMetrics
 
 
@@ -147,27 +147,21 @@ class TeacherWorker:
         entropy = torch.zeros(b, t)
         topk_ids = torch.zeros(b, t, k, dtype=torch.int32)
         topk_logprobs = torch.zeros(b, t, k)
-        lm_head = self.model.get_output_embeddings()
         for start in range(0, b, t_cfg.micro_batch_size):
             rows = slice(start, start + t_cfg.micro_batch_size)
             input_ids, attention, positions = pack(prompts[rows], responses[rows], t)
-            hidden = response_hidden_states(
+            scored = score_response_tokens(
                 self.model,
                 input_ids.to(self.device),
                 attention.to(self.device),
                 positions.to(self.device),
-            )  # (b, T, H)
-            targets = input_ids.gather(1, (positions + 1).clamp(max=input_ids.shape[1] - 1))
-            targets = targets.to(self.device)  # (b, T) the response ids the teacher sees
-            for s in range(0, t, t_cfg.chunk_positions):
-                e = s + t_cfg.chunk_positions
-                logits = lm_head(hidden[:, s:e]).float()[..., : self.vocab_rows]  # (b, c, V)
-                logp = torch.log_softmax(logits, dim=-1)
-                entropy[rows, s:e] = -(logp.exp() * logp).sum(-1).cpu()
-                token_logprobs[rows, s:e] = logp.gather(-1, targets[:, s:e, None])[..., 0].cpu()
-                top = logp.topk(k, dim=-1)
-                topk_ids[rows, s:e] = top.indices.to(torch.int32).cpu()
-                topk_logprobs[rows, s:e] = top.values.cpu()
+                top_k=k,
+                chunk_positions=t_cfg.chunk_positions,
+                vocab_rows=self.vocab_rows,
+            )
+            token_logprobs[rows], entropy[rows], topk_ids[rows], topk_logprobs[rows] = (
+                x.cpu() for x in scored
+            )
         src, dst = t_cfg.student_eos_token_id, t_cfg.teacher_eos_token_id
         if src is not None:  # the teacher's end token is the student's end token
             topk_ids[topk_ids == dst] = src

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 def main(argv: list[str] | None = None) -> int:
     from eopd_ray.metrics import read_jsonl
     from eopd_ray.plots import plot_run

@@ -38,7 +38,7 @@ def pass_ks(samples: int) -> list[int]:
     while k < samples:
         ks.append(k)
         k *= 2
-    return ks + [samples]
+    return [*ks, samples]
 
 
 def token_diagnostics(
@@ -111,7 +111,7 @@ def evaluate_toy(
     seed: int = 0,
     batch_prompts: int = 64,
 ) -> dict[str, float]:
-    """Accuracy, diversity and entropy diagnostics of the model in `model_dir` (module docstring)."""
+    """Accuracy, diversity and entropy diagnostics of the model in `model_dir` (see module doc)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     teacher = None
@@ -124,7 +124,9 @@ def evaluate_toy(
     avg, passes, distinct, coverage = [], {k: [] for k in ks}, [], []
     for start in range(0, len(prompts), batch_prompts):
         chunk = list(prompts[start : start + batch_prompts])
-        prompt_ids, sequences = _sample(model, tokenizer, chunk, samples, max_new_tokens, seed + start)
+        prompt_ids, sequences = _sample(
+            model, tokenizer, chunk, samples, max_new_tokens, seed + start
+        )
         prompt_len = prompt_ids.shape[1]
         responses = sequences[:, prompt_len:]  # (N, T)
         mask = _response_mask(responses, eos)
@@ -141,9 +143,7 @@ def evaluate_toy(
                 len(set(correct)) / min(samples, task.count_shortest_paths(source, target))
             )
         # Logits predicting each response token: positions prompt_len-1 .. end-1.
-        attention = torch.cat(
-            [torch.ones_like(sequences[:, :prompt_len]), mask.long()], dim=1
-        )
+        attention = torch.cat([torch.ones_like(sequences[:, :prompt_len]), mask.long()], dim=1)
         model_logits = model(sequences, attention_mask=attention).logits[:, prompt_len - 1 : -1]
         teacher_logits = None
         if teacher is not None:

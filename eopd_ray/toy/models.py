@@ -172,3 +172,42 @@ def ensure_tiny_models(
         build_causal_lm(student_dir, tok_dir, student, seed=seed)
         build_causal_lm(teacher_dir, tok_dir, teacher, seed=seed + 1)
     return student_dir, teacher_dir
+
+
+# Benchmark pair (jobs/configs/bench.yaml): large enough that compute, not overhead, dominates a
+# step on a CPU box. Tied embeddings keep the 32k-row table from dwarfing the student's body.
+BENCH_STUDENT = TinyModelSpec(
+    hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6, tie_word_embeddings=True
+)  # ~26M parameters
+BENCH_TEACHER = TinyModelSpec(
+    hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12, tie_word_embeddings=True
+)  # ~100M parameters
+BENCH_VOCAB = 32000
+
+
+def bench_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
+    """Random lower-case words: enough distinct n-grams for a 32k-merge BPE vocabulary."""
+    import random
+    import string
+
+    rng = random.Random(seed)
+    return [
+        " ".join(
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
+            for _ in range(200)
+        )
+        for _ in range(num_lines)
+    ] + [DEFAULT_CORPUS]
+
+
+def ensure_bench_models(root: str | Path) -> tuple[Path, Path]:
+    """The benchmark student and teacher under `root` (a 32k-token BPE tokenizer); ~10 s once."""
+    root = Path(root)
+    student, teacher = root / "student", root / "teacher"
+    if (student / "config.json").exists() and (teacher / "config.json").exists():
+        return student, teacher
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = build_tokenizer(Path(tmp) / "tokenizer", bench_corpus(), vocab_size=BENCH_VOCAB)
+        build_causal_lm(student, tok_dir, BENCH_STUDENT, seed=0)
+        build_causal_lm(teacher, tok_dir, BENCH_TEACHER, seed=1)
+    return student, teacher

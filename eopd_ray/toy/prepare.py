@@ -1,4 +1,4 @@
-"""Prepare the embedded default: the task's prompt files, a trained toy teacher, a warmed-up student.
+"""Prepare the embedded default: prompt files, a trained toy teacher, a warmed-up student.
 
     prepared = prepare_toy(Path("runs/toy/prepared"), ToySettings())
     prepared / "teacher", prepared / "student", prepared / "train.jsonl", prepared / "eval.jsonl"
@@ -32,16 +32,16 @@ SETTINGS_FILE = "settings.json"
 BASELINE_FILE = "baseline.json"  # held-out evaluation of the prepared teacher and student
 
 
+TOY_TEACHER = TinyModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4)  # ~1.1M
+TOY_STUDENT = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2)  # ~0.16M
+
+
 @dataclass(frozen=True)
 class ToySettings:
     task: GraphTask = field(default_factory=GraphTask)
     eval_fraction: float = 0.2
-    teacher: TinyModelSpec = TinyModelSpec(
-        arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4
-    )
-    student: TinyModelSpec = TinyModelSpec(
-        arch="llama", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2
-    )
+    teacher: TinyModelSpec = TOY_TEACHER
+    student: TinyModelSpec = TOY_STUDENT
     teacher_steps: int = 2000
     student_steps: int = 150  # a short warm-up: the student starts well below the teacher
     batch_size: int = 64
@@ -95,7 +95,9 @@ def prepare_toy(
             ("student", settings.student, settings.student_steps, 2),
         ):
             started = time.monotonic()
-            model_dir = build_causal_lm(staging / role, tokenizer, spec, seed=settings.seed + offset)
+            model_dir = build_causal_lm(
+                staging / role, tokenizer, spec, seed=settings.seed + offset
+            )
 
             def report(update: int, loss: float, role=role, steps=steps) -> None:
                 if update % 250 == 0 or update == steps - 1:

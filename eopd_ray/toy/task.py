@@ -18,6 +18,7 @@ Pure Python; no torch.
 from __future__ import annotations
 
 import enum
+import itertools
 import random
 import string
 from collections import deque
@@ -53,7 +54,7 @@ class GraphTask:
     min_distance: int = 2  # prompts whose nodes are closer are too easy to be interesting
 
     def __post_init__(self) -> None:
-        if not 1 <= self.dimensions or 2**self.dimensions > len(NODE_LABELS):
+        if not self.dimensions >= 1 or 2**self.dimensions > len(NODE_LABELS):
             raise ValueError(
                 f"dimensions must be in [1, 5] ({len(NODE_LABELS)} node labels); "
                 f"got {self.dimensions}"
@@ -172,7 +173,7 @@ class GraphTask:
         source, target = parsed
         if path[0] != source:
             return Verdict.WRONG_START
-        for a, b in zip(path, path[1:]):
+        for a, b in itertools.pairwise(path):
             if b not in self.neighbours[a]:
                 return Verdict.NOT_AN_EDGE
         if path[-1] != target:

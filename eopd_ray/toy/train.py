@@ -1,4 +1,4 @@
-"""Supervised training of a toy model on the task's own generator (teacher training, student warm-up).
+"""Supervised training of a toy model on the task's generator (teacher training, student warm-up).
 
     losses = train_supervised(model_dir, task, prompts, steps=1500, batch_size=64, lr=3e-3)
 
@@ -28,13 +28,13 @@ IGNORE = -100  # label of positions that do not count (prompt, padding)
 def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one prompt + answer + EOS; the prompt's labels are IGNORE."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels, each (B, L)."""
     length = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)

@@ -1,0 +1,228 @@
+"""End-to-end throughput against the machine's compute floor, per config.
+
+    python jobs/bench/throughput.py [--configs tiny toy bench] [--steps 4] [--quick] [--out FILE]
+                                    [section.key=value ...]
+
+For each config it starts the real pipeline on the embedded local Ray, runs `--warmup` steps
+(not counted: first-call compilation, allocator growth) and then `--steps` timed steps, and
+reports:
+
+- student tokens trained per second (response tokens of the step over the step's wall time);
+- the share of the wall time spent in each stage: rollout, teacher, train, sync, and
+  overhead = wall - the four stages (driver work, batching, Ray round trips);
+- the compute floor: the step's matmul FLOPs over the matmul throughput measured on this machine
+  in the same run. Per sequence of P prompt + R response tokens, with N = a model's parameters
+  that multiply (embedding lookups excluded, the LM head included) and H its LM head:
+  rollout 2 N_s (P + R); teacher 2 (N_t - H_t)(P + R) + 2 H_t R (head on response positions
+  only); learner 2 N_s-style forward for pi_old when recomputed, and 6 (N_s - H_s)(P + R) +
+  6 H_s R for the update. Attention score FLOPs are left out (sequences here are <= 200 tokens).
+  `ratio_to_compute_floor` = measured wall time / floor (1.0 = every core multiplying all the
+  time).
+
+The machine's matmul throughput is the best of: torch.mm on all cores, and one core's rate times
+the number of cores (the pipeline runs one single-threaded process per worker), over the GEMM
+shapes of the models in the run. Models: tiny (built), toy (jobs/prepare_toy.py's cache, built
+when missing, ~2 min), bench (built, ~10 s). --quick: tiny and toy only, 2 timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from eopd_ray.env import set_job_environment  # noqa: E402
+
+set_job_environment()
+
+CONFIGS = ("tiny", "toy", "bench")
+STAGES = ("rollout", "teacher", "train", "sync")
+
+
+def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.5) -> dict[str, float]:
+    """Best sustained torch.mm GFLOP/s over `shapes` (m, k, n): all cores in one process, and
+    one core times the core count."""
+    import torch
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)
+        best = 0.0
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            torch.mm(a, b)  # warm-up
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                torch.mm(a, b)
+                done += 1
+            best = max(best, 2 * m * k * n * done / (time.perf_counter() - started) / 1e9)
+        return best
+
+    cores = len(os.sched_getaffinity(0))
+    one = rate(1)
+    every = rate(cores)
+    torch.set_num_threads(1)
+    return {"cores": cores, "one_core": one, "all_cores": every, "peak": max(every, one * cores)}
+
+
+def multiplying_parameters(model_dir: str | Path) -> tuple[int, int, int]:
+    """(N, LM head, hidden) of a model: parameters used in matmuls (embedding lookup excluded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = config.vocab_size * config.hidden_size
+    return total - (0 if config.tie_word_embeddings else embed), head, config.hidden_size
+
+
+def step_flops(cfg, prompt_tokens: float, response_tokens: float) -> dict[str, float]:
+    """Matmul FLOPs of one step, per stage, for the step's total prompt / response tokens."""
+    n_s, h_s, _ = multiplying_parameters(cfg.model.student_path)
+    n_t, h_t, _ = multiplying_parameters(cfg.model.teacher_path)
+    p, r = prompt_tokens, response_tokens
+    forward_s = 2 * (n_s - h_s) * (p + r) + 2 * h_s * r
+    flops = {
+        "rollout": 2 * n_s * (p + r),
+        "teacher": 2 * (n_t - h_t) * (p + r) + 2 * h_t * r,
+        "train": 3 * forward_s,  # forward + backward = 3 forwards
+    }
+    if cfg.learner.old_logprobs == "recompute":
+        flops["train"] += forward_s
+    return flops
+
+
+def config_for(name: str, out_dir: Path, steps: int, overrides: list[str]):
+    from eopd_ray.config import load_config
+
+    extra = [f"run.output_dir={out_dir}", f"run.steps={steps}", "run.export_hf=false"]
+    if name == "tiny":
+        from eopd_ray.toy.models import ensure_tiny_models
+
+        cfg = load_config(REPO / "jobs/configs/tiny.yaml", [*extra, *overrides])
+        ensure_tiny_models(cfg.model.student_path, cfg.model.teacher_path)
+        return cfg
+    if name == "toy":
+        from eopd_ray.toy.prepare import ToySettings, prepare_toy
+
+        prepared = prepare_toy(REPO / "runs/toy/prepared", ToySettings(), log=print)
+        paths = [
+            f"model.student_path={prepared / 'student'}",
+            f"model.teacher_path={prepared / 'teacher'}",
+            f"data.train_path={prepared / 'train.jsonl'}",
+        ]
+        return load_config(REPO / "jobs/configs/toy.yaml", [*paths, *extra, *overrides])
+    from eopd_ray.toy.models import ensure_bench_models
+
+    student, teacher = ensure_bench_models(REPO / "runs/bench/models")
+    paths = [f"model.student_path={student}", f"model.teacher_path={teacher}"]
+    return load_config(REPO / "jobs/configs/bench.yaml", [*paths, *extra, *overrides])
+
+
+def measure(cfg, warmup: int, steps: int) -> list[dict[str, float]]:
+    """Wall time and stage times of `steps` steps after `warmup` untimed ones."""
+    from eopd_ray.pipeline import Pipeline
+
+    pipeline = Pipeline(cfg)
+    rows = []
+    try:
+        pipeline.start()
+        for step in range(warmup + steps):
+            started = time.perf_counter()
+            metrics = pipeline.step(step)
+            metrics["wall_s"] = time.perf_counter() - started
+            if step >= warmup:
+                rows.append(metrics)
+    finally:
+        pipeline.shutdown()
+    return rows
+
+
+def summarize(name: str, cfg, rows: list[dict], gflops: float) -> dict:
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    wall = mean("wall_s")
+    sequences = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    response = mean("tokens/trained")
+    prompt = mean("rollout/prompt_tokens") if "rollout/prompt_tokens" in rows[0] else 0.0
+    flops = step_flops(cfg, prompt, response)
+    floor = sum(flops.values()) / (gflops * 1e9)
+    shares = {stage: mean(f"time/{stage}_s") / wall for stage in STAGES}
+    shares["overhead"] = 1.0 - sum(shares.values())
+    return {
+        "config": name,
+        "steps_timed": len(rows),
+        "sequences_per_step": sequences,
+        "response_tokens_per_step": response,
+        "prompt_tokens_per_step": prompt,
+        "step_s": wall,
+        "tokens_per_s": response / wall,
+        "stage_share": shares,
+        "stage_s": {stage: mean(f"time/{stage}_s") for stage in STAGES},
+        "flops_per_step": flops,
+        "floor_s": floor,
+        "floor_stage_s": {k: v / (gflops * 1e9) for k, v in flops.items()},
+        "ratio_to_compute_floor": wall / floor,
+    }
+
+
+def print_table(results: list[dict], machine: dict) -> None:
+    print(
+        f"\nmatmul: {machine['one_core']:.1f} GFLOP/s one core, {machine['all_cores']:.1f} all "
+        f"{machine['cores']} cores -> floor rate {machine['peak']:.1f} GFLOP/s\n"
+    )
+    head = f"{'config':7s} {'step s':>8s} {'tok/s':>8s} {'floor s':>8s} {'ratio':>7s}  " + " ".join(
+        f"{s:>8s}" for s in (*STAGES, "overhead")
+    )
+    print(head)
+    for r in results:
+        shares = " ".join(f"{100 * r['stage_share'][s]:7.1f}%" for s in (*STAGES, "overhead"))
+        print(
+            f"{r['config']:7s} {r['step_s']:8.3f} {r['tokens_per_s']:8.0f} {r['floor_s']:8.3f} "
+            f"{r['ratio_to_compute_floor']:7.1f}  {shares}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pipeline throughput vs the compute floor.")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per config")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--quick", action="store_true", help="tiny + toy, 2 timed steps")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every config")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.configs = [c for c in args.configs if c != "bench"] or ["tiny"]
+        args.steps, args.warmup = 2, 1
+    results, shapes = [], []
+    with tempfile.TemporaryDirectory(prefix="eopd-bench-") as tmp:
+        configs = {
+            name: config_for(name, Path(tmp) / name, args.warmup + args.steps, args.overrides)
+            for name in args.configs
+        }
+        for cfg in configs.values():
+            for path in (cfg.model.student_path, cfg.model.teacher_path):
+                _, _, hidden = multiplying_parameters(path)
+                shapes.append((1024, hidden, 4 * hidden))
+        machine = matmul_gflops(sorted(set(shapes)))
+        for name, cfg in configs.items():
+            print(f"{name}: {args.warmup} warm-up + {args.steps} timed steps ...", flush=True)
+            rows = measure(cfg, args.warmup, args.steps)
+            results.append(summarize(name, cfg, rows, machine["peak"]))
+    print_table(results, machine)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine, "configs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
