@@ -89,6 +89,9 @@ class RolloutConfig:
     max_model_len: PosInt = 1024  # prompt + response tokens the engine can hold
     kv_cache_bytes: PosInt = 128 * MiB  # always sized: unset, vLLM-CPU reserves most of RAM
     seed: Int = 0
+    # 0: synchronous. 1: the rollout of step s+1 runs while step s trains, with the weights of
+    # step s-1 (one version off-policy; pi_old is then the sampler's: learner.old_logprobs).
+    async_lag: Annotated[int, Strict(), Field(ge=0, le=1)] = 0
 
 
 @dataclass(config=_SECTION)
@@ -277,6 +280,13 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         "teacher.teacher_eos_token_id",
         "teacher.student_eos_token_id and teacher.teacher_eos_token_id are set together or not "
         "at all",
+    )
+    rule(
+        ("rollout.async_lag", "learner.old_logprobs"),
+        r.async_lag == 0 or lrn.old_logprobs == "sampler",
+        "learner.old_logprobs",
+        "must be sampler when rollout.async_lag > 0: the samples come from older weights than "
+        "the learner's, so pi_old is the sampler's log-probs, not a recomputation",
     )
     rule(
         ("eval.k", "eval.samples_per_problem"),

@@ -19,7 +19,9 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
@@ -58,6 +60,18 @@ class VersionMismatch(EopdError):
     """A rollout batch was sampled with other weights than the driver expects."""
 
 
+@dataclass
+class _Rollout:
+    """A rollout in flight: its Ray refs, the weight version it must carry, and the prompt-stream
+    position before its prompts were taken (to redo it, or to checkpoint as if not started)."""
+
+    step: int
+    refs: list[Any]
+    expected_version: int
+    stream_state: dict[str, int]
+    parts: list[RolloutBatch] | None = field(default=None)
+
+
 @contextmanager
 def _timed(metrics: dict[str, float], key: str):
     start = time.perf_counter()
@@ -78,6 +92,7 @@ class Pipeline:
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
+        self._prefetched: _Rollout | None = None  # rollout.async_lag: the next step's rollout
         self.rollout: ActorGroup | None = None
         self.teacher: ActorGroup | None = None
         self.learner: ActorGroup | None = None
@@ -186,7 +201,9 @@ class Pipeline:
             self.cfg.run.step_timeout_s,
             f"checkpoint after step {step}",
         )
-        return checkpoint.commit(self.cfg, tmp, step, self.version, self.stream.state_dict())
+        # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
+        stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
+        return checkpoint.commit(self.cfg, tmp, step, self.version, stream)
 
     def export_hf(self) -> Path:
         """The current student as a Hugging Face model in <run.output_dir>/hf."""
@@ -214,8 +231,10 @@ class Pipeline:
 
     # --- one step ------------------------------------------------------------------------------
 
-    def _rollout(self, step: int) -> RolloutBatch:
+    def _launch_rollout(self, step: int) -> _Rollout:
+        """Hand the step's prompts to the rollout workers; returns without waiting."""
         cfg = self.cfg
+        stream_state = self.stream.state_dict()
         indices = self.stream.take(cfg.rollout.prompts_per_step)
         shards = [indices[i :: len(self.rollout)] for i in range(len(self.rollout))]
         args = [
@@ -226,18 +245,40 @@ class Pipeline:
             )
             for rank, shard in enumerate(shards)
         ]
-        parts = self.rollout.get(
-            self.rollout.call_each_async("generate", args),
-            cfg.run.step_timeout_s,
-            f"step {step} rollout",
-        )
-        batch = RolloutBatch.concat(parts)
-        if batch.weight_version != self.version:
+        refs = self.rollout.call_each_async("generate", args)
+        return _Rollout(step, refs, self.version, stream_state)
+
+    def _wait_rollout(self, pending: _Rollout) -> None:
+        if pending.parts is None:
+            pending.parts = self.rollout.get(
+                pending.refs, self.cfg.run.step_timeout_s, f"step {pending.step} rollout"
+            )
+
+    def _collect_rollout(self, pending: _Rollout) -> RolloutBatch:
+        self._wait_rollout(pending)
+        batch = RolloutBatch.concat(pending.parts)
+        if batch.weight_version != pending.expected_version:
             raise VersionMismatch(
-                f"step {step}: rollout batch carries weight version {batch.weight_version}, "
-                f"the driver expects {self.version}: a weight sync was lost"
+                f"step {pending.step}: rollout batch carries weight version "
+                f"{batch.weight_version}, the driver expects {pending.expected_version}: a weight "
+                "sync was lost"
             )
         return batch
+
+    def _rollout_with_recovery(self, step: int, pending: _Rollout | None) -> RolloutBatch:
+        """The step's batch: the prefetched one when there is one, else generated now. After a
+        rollout worker died it is generated again from the same prompts and seeds."""
+        stream_state = pending.stream_state if pending else self.stream.state_dict()
+        in_flight = [pending]
+
+        def rollout() -> RolloutBatch:
+            if in_flight[0] is not None:
+                launched, in_flight[0] = in_flight[0], None
+                return self._collect_rollout(launched)
+            self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
+            return self._collect_rollout(self._launch_rollout(step))
+
+        return self._recovering(self.rollout, rollout, f"step {step} rollout")
 
     def _score(self, batch: RolloutBatch, step: int) -> TeacherScores:
         shards = batch.split(min(len(self.teacher), batch.num_sequences))
@@ -323,22 +364,45 @@ class Pipeline:
                     self._push_weights(self.version, f"{what} recovery")
                 self.num_recoveries += 1
 
+    def _prefetch_next(self, step: int) -> None:
+        """rollout.async_lag = 1: start step+1's rollout now, on the current weights, so that it
+        runs while this step trains."""
+        if self.cfg.rollout.async_lag and step + 1 < self.cfg.run.steps:
+            self._prefetched = self._launch_rollout(step + 1)
+
+    def _finish_prefetch(self, step: int) -> None:
+        """Wait for the prefetched rollout before the weight sync (a worker takes one call at a
+        time). If a worker died, it is restarted and the rollout redone with the same prompts."""
+        pending = self._prefetched
+        if pending is None:
+            return
+        attempts = 0
+
+        def wait() -> None:
+            nonlocal attempts
+            if attempts:  # restarted: the weights are still those the prefetch was launched on
+                self.stream.load_state_dict(pending.stream_state)
+                redo = self._launch_rollout(pending.step)
+                pending.refs, pending.parts = redo.refs, None
+            attempts += 1
+            self._wait_rollout(pending)
+
+        self._recovering(self.rollout, wait, f"step {pending.step} rollout (prefetched)")
+
     def step(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        stream_state = self.stream.state_dict()
-
-        def rollout() -> RolloutBatch:
-            self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
-            return self._rollout(step)
-
+        pending, self._prefetched = self._prefetched, None
         with _timed(metrics, "time/rollout_s"):
-            batch = self._recovering(self.rollout, rollout, f"step {step} rollout")
+            batch = self._rollout_with_recovery(step, pending)
         with _timed(metrics, "time/teacher_s"):
             scores = self._recovering(
                 self.teacher, lambda: self._score(batch, step), f"step {step} teacher scoring"
             )
+        self._prefetch_next(step)
         with _timed(metrics, "time/train_s"):
             metrics.update(self._train(batch, scores, step))
+        with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
+            self._finish_prefetch(step)
         with _timed(metrics, "time/sync_s"):
             self._sync(step)
         tokens = batch.num_response_tokens
@@ -349,7 +413,6 @@ class Pipeline:
                 "rollout/prompt_tokens": float(batch.prompt_mask.sum()),
                 "rollout/finish_length_frac": batch.finish_reason.count("length")
                 / batch.num_sequences,
-                "rollout/tokens_per_s": tokens / metrics["time/rollout_s"],
                 "teacher/tokens_per_s": tokens / metrics["time/teacher_s"],
                 "teacher/entropy_exact": float(scores.entropy_is_exact),
                 "train/tokens_per_s": tokens / metrics["time/train_s"],
@@ -359,6 +422,8 @@ class Pipeline:
                 "data/skipped_prompts": float(self.num_skipped_prompts),
             }
         )
+        if not self.cfg.rollout.async_lag:  # async: generation overlaps training, unobserved here
+            metrics["rollout/tokens_per_s"] = tokens / metrics["time/rollout_s"]
         return metrics
 
     # --- the run -------------------------------------------------------------------------------

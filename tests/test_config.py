@@ -200,3 +200,14 @@ def test_paper_recipes_mirror_method_md(size):
         0.8,
         8192,
     )
+
+
+def test_async_rollout_needs_the_samplers_logprobs_and_lag_is_bounded():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["rollout.async_lag=1"])
+    assert "sampler" in issues_of(exc)["learner.old_logprobs"]
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["rollout.async_lag=2", "learner.old_logprobs=sampler"])
+    assert "rollout.async_lag" in issues_of(exc)
+    cfg = config_from_dict(PATHS, ["rollout.async_lag=1", "learner.old_logprobs=sampler"])
+    assert cfg.rollout.async_lag == 1

@@ -166,3 +166,35 @@ def test_placement_failure_names_what_was_asked_and_what_the_cluster_has(
     pipeline.shutdown()
     message = str(exc.value)
     assert "'GPU': 2.0" in message and "cluster has" in message and "gpus_per_worker" in message
+
+
+def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefetch(
+    local_ray, tiny_pair, tmp_path
+):
+    from eopd_ray import checkpoint
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tiny_pair,
+            out,
+            "run.steps=4",
+            "run.checkpoint_every=2",
+            "rollout.async_lag=1",
+            "learner.old_logprobs=sampler",
+        ),
+    )
+    pipeline, rows = run(cfg)
+    # Step 0 is generated synchronously; every later batch was sampled while the previous step
+    # trained, with the weights from before that step's update.
+    assert [r["rollout/weight_version"] for r in rows] == [0, 0, 1, 2]
+    assert [r["rollout/version_lag"] for r in rows] == [0, 1, 1, 1]
+    assert pipeline.version == 4
+    assert all("time/rollout_wait_s" in r for r in rows)
+    # The checkpoint after step 1 was taken with step 2's rollout in flight: its data position
+    # is that of 2 steps, so a resumed run takes step 2's prompts again.
+    per_step = cfg.rollout.prompts_per_step
+    positions = {c.step: c.stream for c in checkpoint.complete_checkpoints(cfg)}
+    assert positions[1] == {"epoch": 0, "offset": 2 * per_step}
+    assert positions[3] == {"epoch": 0, "offset": 4 * per_step}

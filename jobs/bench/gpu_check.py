@@ -1,0 +1,294 @@
+"""GPU check on one card (H100 / H200) with torch + transformers only: no Ray, no vLLM.
+
+    python jobs/bench/gpu_check.py [--out gpu_check.json]          # ~5 minutes on an H100
+    python jobs/bench/gpu_check.py --device cpu --quick             # the same code, tiny shapes
+
+Three measurements, each on random-init models built in memory (nothing to download):
+
+1. learner: optimizer steps of a Qwen3-1.7B-shaped student in bf16 autocast (fp32 master weights,
+   torch AdamW) on the EOPD loss with synthetic teacher scores; student tokens per second and
+   MFU = 6 N tokens / time / the card's dense bf16 peak (N = parameters that multiply);
+2. teacher: scoring tokens per second of a Qwen3-8B-shaped teacher in bf16 (one backbone pass,
+   LM head on response positions only, exact entropy and top-K: eopd_ray.forward's
+   `score_response_tokens`, what the TeacherWorker runs);
+3. loss kernel: time and peak memory of the EOPD loss (forward + backward) at T = 4096,
+   V = 151,936 on bf16 logits, plain vs memory-lean log-softmax.
+
+Prints a table and writes JSON (--out). The card's name is in the output: record it with the
+figures (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# Dense bf16 peak TFLOP/s (no sparsity) by card name substring; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+
+QWEN3_1_7B = dict(
+    hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+)  # fmt: skip
+QWEN3_8B = dict(
+    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+)  # fmt: skip
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=32, vocab_size=1024, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device: str) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
+
+
+def build(shape: dict, device: str, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(**shape, max_position_embeddings=8192, torch_dtype="bfloat16")
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def multiplying_parameters(model) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return total if model.config.tie_word_embeddings else total - embed
+
+
+def synthetic_scores(b: int, t: int, v: int, k: int, device: str, gen):
+    import torch
+
+    return dict(
+        response_ids=torch.randint(0, v, (b, t), generator=gen).to(device),
+        response_mask=torch.ones(b, t, dtype=torch.bool, device=device),
+        teacher_logprobs=(-torch.rand(b, t, generator=gen) - 4).to(device),
+        teacher_entropy=(torch.rand(b, t, generator=gen) * 2).to(device),
+        teacher_topk_ids=torch.randint(0, v, (b, t, k), generator=gen).to(device),
+        teacher_topk_logprobs=(torch.randn(b, t, k, generator=gen).log_softmax(-1) - 1).to(device),
+    )
+
+
+def learner_check(shape, device, b, prompt_len, t, steps, peak_tflops) -> dict:
+    import torch
+
+    from eopd_ray.forward import response_logits
+    from eopd_ray.loss import LossInputs, eopd_loss
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = build(shape, device, torch.float32)  # fp32 master weights, bf16 autocast compute
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    n = multiplying_parameters(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.startswith("cuda"))
+    v = shape["vocab_size"]
+    seq = prompt_len + t
+    input_ids = torch.randint(0, v, (b, seq), generator=gen).to(device)
+    attention = torch.ones(b, seq, dtype=torch.long, device=device)
+    positions = (prompt_len - 1 + torch.arange(t, device=device)).expand(b, t)
+    scores = synthetic_scores(b, t, v, 16, device, gen)
+    old = torch.full((b, t), -5.0, device=device)
+    times = []
+    reset_peak(device)
+    for step in range(steps + 1):  # step 0 warms up kernels and the allocator
+        synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+            logits = response_logits(model, input_ids, attention, positions)  # (B, T, V) bf16
+        inputs = LossInputs(student_logits=logits, old_logprobs=old, **scores)
+        out = eopd_loss(inputs, chunk_positions=256)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step > 0:
+            times.append(time.perf_counter() - started)
+    step_s = sum(times) / len(times)
+    tokens = b * seq
+    achieved = 6 * n * tokens / step_s / 1e12  # attention scores left out: a lower bound
+    result = {
+        "parameters": n,
+        "sequences": b,
+        "sequence_tokens": seq,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "tflops": achieved,
+        "mfu": achieved / peak_tflops if peak_tflops else float("nan"),
+        "peak_mib": peak_mib(device),
+    }
+    del model, optimizer
+    return result
+
+
+def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
+    import torch
+
+    from eopd_ray.forward import score_response_tokens
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = build(shape, device, torch.bfloat16).eval()
+    v = shape["vocab_size"]
+    seq = prompt_len + t
+    input_ids = torch.randint(0, v, (b, seq), generator=gen).to(device)
+    attention = torch.ones(b, seq, dtype=torch.long, device=device)
+    positions = (prompt_len - 1 + torch.arange(t, device=device)).expand(b, t)
+    times = []
+    reset_peak(device)
+    for i in range(repeats + 1):
+        synchronize(device)
+        started = time.perf_counter()
+        score_response_tokens(model, input_ids, attention, positions, 16, 512, v)
+        synchronize(device)
+        if i > 0:
+            times.append(time.perf_counter() - started)
+    step_s = sum(times) / len(times)
+    result = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sequences": b,
+        "sequence_tokens": seq,
+        "seconds": step_s,
+        "response_tokens_per_s": b * t / step_s,
+        "peak_mib": peak_mib(device),
+    }
+    del model
+    return result
+
+
+def loss_check(device, t, v, repeats) -> list[dict]:
+    import torch
+
+    from eopd_ray.loss import LossInputs, eopd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, chunk in (("plain", 0), ("lean", 256)):
+        times = []
+        reset_peak(device)
+        base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+        for i in range(repeats + 1):
+            logits = torch.randn(1, t, v, generator=gen).to(device, torch.bfloat16)
+            logits.requires_grad_(True)
+            scores = synthetic_scores(1, t, v, 16, device, gen)
+            old = torch.full((1, t), -5.0, device=device)
+            synchronize(device)
+            started = time.perf_counter()
+            out = eopd_loss(
+                LossInputs(student_logits=logits, old_logprobs=old, **scores),
+                chunk_positions=chunk,
+            )
+            out.loss.backward()
+            synchronize(device)
+            if i > 0:
+                times.append(time.perf_counter() - started)
+            del logits, out
+        logits_mib = t * v * 2 / 2**20
+        rows.append(
+            {
+                "path": name,
+                "T": t,
+                "V": v,
+                "seconds": sum(times) / len(times),
+                "peak_mib_over_logits": peak_mib(device) - base / 2**20 - logits_mib,
+                "logits_mib": logits_mib,
+            }
+        )
+    return rows
+
+
+def card_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Learner, teacher and loss figures on one GPU.")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device; use --device cpu --quick for a smoke test", file=sys.stderr)
+        return 2
+    name = card_name(args.device)
+    peak = args.peak_tflops or next(
+        (tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), 0.0
+    )
+    started = time.perf_counter()
+    if args.quick:
+        learner = learner_check(TINY, args.device, 2, 8, 16, 2, peak)
+        teacher = teacher_check(TINY, args.device, 2, 8, 16, 2)
+        loss = loss_check(args.device, 64, 1024, 1)
+    else:
+        learner = learner_check(QWEN3_1_7B, args.device, 8, 256, 768, 5, peak)
+        teacher = teacher_check(QWEN3_8B, args.device, 16, 256, 768, 3)
+        loss = loss_check(args.device, 4096, 151936, 3)
+    report = {
+        "card": name,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "learner_qwen3_1.7b": learner,
+        "teacher_qwen3_8b": teacher,
+        "loss_kernel": loss,
+        "wall_s": time.perf_counter() - started,
+    }
+    print(f"card: {name} (dense bf16 peak {peak:.0f} TFLOP/s)")
+    print(
+        f"learner  {learner['parameters'] / 1e9:.2f}B params: {learner['step_s']:.3f} s/step, "
+        f"{learner['tokens_per_s']:.0f} tokens/s, {learner['tflops']:.1f} TFLOP/s, "
+        f"MFU {100 * learner['mfu']:.1f}%, peak {learner['peak_mib']:.0f} MiB"
+    )
+    print(
+        f"teacher  {teacher['parameters'] / 1e9:.2f}B params: "
+        f"{teacher['response_tokens_per_s']:.0f} response tokens/s scored, "
+        f"peak {teacher['peak_mib']:.0f} MiB"
+    )
+    for row in loss:
+        print(
+            f"loss     {row['path']:5s} T={row['T']} V={row['V']}: {row['seconds'] * 1e3:.1f} ms, "
+            f"peak {row['peak_mib_over_logits']:.0f} MiB over the {row['logits_mib']:.0f} MiB logits"
+        )
+    print(f"total {report['wall_s']:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
