@@ -73,8 +73,8 @@ class _ChunkedGatherLogSoftmax(torch.autograd.Function):
                 gathered[row, s : s + chunk] = (
                     z.gather(-1, ids[row, s : s + chunk]) - lse_c[:, None]
                 )
-                p = (z - lse_c[:, None]).exp_()  # (c, V)
-                entropy[row, s : s + chunk] = lse_c - (p * z).sum(-1)  # H = lse - sum p z
+                p = (z - lse_c[:, None]).exp_()  # (c, V): the second and last (c, V) buffer
+                entropy[row, s : s + chunk] = lse_c - p.mul_(z).sum(-1)  # H = lse - sum p z
                 lse[row, s : s + chunk] = lse_c
         ctx.save_for_backward(logits, ids, lse)
         ctx.chunk = chunk
@@ -90,9 +90,11 @@ class _ChunkedGatherLogSoftmax(torch.autograd.Function):
             for s in range(0, t, ctx.chunk):
                 e = s + ctx.chunk
                 g = _upcast(grad_gathered[row, s:e])  # (c, J)
-                p = (_upcast(logits[row, s:e]) - lse[row, s:e, None]).exp_()  # (c, V)
+                # One (c, V) buffer, updated in place; copy_ casts into grad without a temporary.
+                p = logits[row, s:e].to(lse.dtype, copy=True)  # (c, V)
+                p.sub_(lse[row, s:e, None]).exp_()
                 gz = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[row, s:e], g)
-                grad[row, s:e] = gz.to(grad.dtype)
+                grad[row, s:e].copy_(gz)
         return grad, None, None
 
 

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in loss:
         print(
             f"loss     {row['path']:5s} T={row['T']} V={row['V']}: {row['seconds'] * 1e3:.1f} ms, "
-            f"peak {row['peak_mib_over_logits']:.0f} MiB over the {row['logits_mib']:.0f} MiB logits"
+            f"peak {row['peak_mib_over_logits']:.0f} MiB beyond the {row['logits_mib']:.0f} MiB "
+            "logits"
         )
     print(f"total {report['wall_s']:.0f} s")
     if args.out:

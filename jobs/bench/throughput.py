@@ -22,7 +22,7 @@ reports:
 The machine's matmul throughput is the best of: torch.mm on all cores, and one core's rate times
 the number of cores (the pipeline runs one single-threaded process per worker), over the GEMM
 shapes of the models in the run. Models: tiny (built), toy (jobs/prepare_toy.py's cache, built
-when missing, ~2 min), bench (built, ~10 s). --quick: tiny and toy only, 2 timed steps.
+when missing, ~2 min), bench (built, ~10 s). --quick: tiny only, 1 warm-up + 2 timed steps.
 """
 
 from __future__ import annotations
@@ -195,13 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--quick", action="store_true", help="tiny + toy, 2 timed steps")
+    parser.add_argument("--quick", action="store_true", help="tiny only, 2 timed steps")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every config")
     args = parser.parse_args(argv)
     if args.quick:
-        args.configs = [c for c in args.configs if c != "bench"] or ["tiny"]
-        args.steps, args.warmup = 2, 1
+        args.configs, args.steps, args.warmup = ["tiny"], 2, 1
     results, shapes = [], []
     with tempfile.TemporaryDirectory(prefix="eopd-bench-") as tmp:
         configs = {

