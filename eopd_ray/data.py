@@ -11,12 +11,15 @@ Ray, vLLM nor DeepSpeed.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray.config import DataConfig
+from eopd_ray.config import Config, DataConfig
 from eopd_ray.errors import EopdError
+
+log = logging.getLogger(__name__)
 
 
 class DataError(EopdError):
@@ -87,6 +90,40 @@ def render_prompt(text: str, template: str, tokenizer: Any) -> list[int]:
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
     )
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_prompts(cfg: Config) -> tuple[list[list[int]], int]:
+    """Every prompt rendered with the student template, and how many over-long ones were skipped
+    (or a DataError naming the first, with data.overlong_prompts: error). Refuses data too short
+    for run.steps x rollout.prompts_per_step over data.epochs."""
+    from transformers import AutoTokenizer
+
+    d = cfg.data
+    tok = AutoTokenizer.from_pretrained(
+        cfg.model.student_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    kept, skipped = [], 0
+    for row, text in enumerate(load_prompt_texts(d)):
+        ids = render_prompt(text, d.student_template, tok)
+        if len(ids) <= d.max_prompt_tokens:
+            kept.append(ids)
+        elif d.overlong_prompts == "error":
+            raise DataError(
+                f"prompt row {row} has {len(ids)} tokens > data.max_prompt_tokens = "
+                f"{d.max_prompt_tokens}; raise the limit or set data.overlong_prompts: skip"
+            )
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("skipped %d prompts longer than data.max_prompt_tokens", skipped)
+    needed = cfg.run.steps * cfg.rollout.prompts_per_step
+    if len(kept) * d.epochs < needed:
+        raise DataError(
+            f"run.steps x rollout.prompts_per_step = {needed} prompts, but the data holds "
+            f"{len(kept)} usable prompts x data.epochs = {d.epochs}: lower run.steps or raise "
+            "data.epochs"
+        )
+    return kept, skipped
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config, save_config
-from eopd_ray.data import DataError, PromptStream, load_prompt_texts, render_prompt
+from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
 from eopd_ray.learner import LearnerWorker
 from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
@@ -88,7 +88,7 @@ class Pipeline:
         self.start_step = 0
         self.stopped_early = False
         self.num_recoveries = 0
-        self.prompts = self._load_prompts()
+        self.prompts, self.num_skipped_prompts = tokenize_prompts(cfg)
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
@@ -99,38 +99,6 @@ class Pipeline:
         self._pg = None
 
     # --- set-up --------------------------------------------------------------------------------
-
-    def _load_prompts(self) -> list[list[int]]:
-        """Render every prompt with the student template; skip (count) or reject over-long ones."""
-        from transformers import AutoTokenizer
-
-        d = self.cfg.data
-        tok = AutoTokenizer.from_pretrained(
-            self.cfg.model.student_path, trust_remote_code=self.cfg.model.trust_remote_code
-        )
-        kept, skipped = [], 0
-        for row, text in enumerate(load_prompt_texts(d)):
-            ids = render_prompt(text, d.student_template, tok)
-            if len(ids) <= d.max_prompt_tokens:
-                kept.append(ids)
-            elif d.overlong_prompts == "error":
-                raise DataError(
-                    f"prompt row {row} has {len(ids)} tokens > data.max_prompt_tokens = "
-                    f"{d.max_prompt_tokens}; raise the limit or set data.overlong_prompts: skip"
-                )
-            else:
-                skipped += 1
-        if skipped:
-            log.warning("skipped %d prompts longer than data.max_prompt_tokens", skipped)
-        needed = self.cfg.run.steps * self.cfg.rollout.prompts_per_step
-        if len(kept) * d.epochs < needed:
-            raise DataError(
-                f"run.steps x rollout.prompts_per_step = {needed} prompts, but the data holds "
-                f"{len(kept)} usable prompts x data.epochs = {d.epochs}: lower run.steps or raise "
-                "data.epochs"
-            )
-        self.num_skipped_prompts = skipped
-        return kept
 
     def start(self) -> None:
         cfg = self.cfg
