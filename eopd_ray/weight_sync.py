@@ -56,8 +56,13 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[Te
     return buckets
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+
+
+def _flat_buffer(bucket: Sequence[TensorMeta], device: torch.device | str = "cpu") -> torch.Tensor:
+    numel = sum(m.numel for m in bucket)
+    return torch.empty(numel, dtype=getattr(torch, bucket[0].dtype), device=device)
 
 
 def unflatten(flat: torch.Tensor, bucket: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
@@ -76,31 +81,41 @@ def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: 
 
 
 class WeightSender:
-    """Learner rank 0's end: broadcasts each bucket as one flat buffer."""
+    """Learner rank 0's end: broadcasts each bucket as one flat buffer.
+
+    The flat buffers are allocated once and reused every step (a fresh multi-MiB allocation per
+    bucket and step costs page faults comparable to the copy itself)."""
 
     def __init__(self, group, buckets: list[list[TensorMeta]]) -> None:
         self.group, self.buckets = group, buckets
+        self._flats: list[torch.Tensor | None] = [None] * len(buckets)
 
     @classmethod
     def connect(cls, address: str, port: int, world_size: int, buckets, timeout_s: float):
         return cls(_gloo_group(address, port, 0, world_size, timeout_s), buckets)
 
     def send(self, bucket_index: int, tensors: Sequence[torch.Tensor]) -> None:
-        self.group.broadcast(flatten(tensors), 0).wait()
+        flat = self._flats[bucket_index]
+        if flat is None or flat.device != tensors[0].device:
+            flat = self._flats[bucket_index] = _flat_buffer(
+                self.buckets[bucket_index], tensors[0].device
+            )
+        self.group.broadcast(flatten(tensors, out=flat), 0).wait()
 
 
 class WeightReceiver:
-    """A rollout worker's end: receives the buckets in the agreed order."""
+    """A rollout worker's end: receives the buckets in the agreed order, into buffers reused
+    every step (the consumer copies each bucket into its engine before the next receive)."""
 
     def __init__(self, group, buckets: list[list[TensorMeta]]) -> None:
         self.group, self.buckets = group, buckets
+        self._flats = [_flat_buffer(bucket) for bucket in buckets]
 
     @classmethod
     def connect(cls, address: str, port: int, rank: int, world_size: int, buckets, timeout_s):
         return cls(_gloo_group(address, port, rank, world_size, timeout_s), buckets)
 
     def receive(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        for bucket in self.buckets:
-            flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype))
+        for bucket, flat in zip(self.buckets, self._flats, strict=True):
             self.group.broadcast(flat, 0).wait()
             yield unflatten(flat, bucket)

@@ -11,8 +11,8 @@ rank 0) to a rollout-side Ray actor that copies every received tensor into its o
 - `object_store`: the buckets put in Ray's object store and fetched by the actor, then copied.
 
 Floors, measured in the same run on the same bytes:
-- `broadcast_floor_s`: one gloo broadcast of a single preallocated buffer of all the bytes
-  (no flatten, no copy-in): the cost of moving the bytes between the two processes;
+- `broadcast_floor_s`: one gloo broadcast of a single buffer of all the bytes, preallocated on
+  both sides (no flatten, no copy-in): the cost of moving the bytes between the two processes;
 - `memcpy_s`: one in-process copy of all the bytes (the cost of touching them once).
 
 `ratio_to_floor` = sync time / broadcast floor (goal: <= 2 for 10M+ parameters);
@@ -105,8 +105,9 @@ def make_receiver_class():
             return received
 
         def receive_floor(self, numel: int) -> int:
-            flat = torch.empty(numel)
-            self.receiver.group.broadcast(flat, 0).wait()
+            if getattr(self, "floor_buffer", None) is None:  # allocated (and faulted in) once
+                self.floor_buffer = torch.empty(numel)
+            self.receiver.group.broadcast(self.floor_buffer, 0).wait()
             return numel
 
         def receive_objects(self, buckets) -> int:
