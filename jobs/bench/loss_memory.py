@@ -3,10 +3,11 @@
     python jobs/bench/loss_memory.py [--quick] [--out results.json]
 
 Each (T, V, path) runs in a fresh process on bf16 logits of shape (1, T, V) with K = 16: forward
-and backward of `eopd_loss`. Peak memory is the process's peak resident set size minus its size
-just before the loss (so it counts the loss's own allocations: the logits' gradient, and for the
-plain path the fp32 (T, V) log-softmax and its backward buffers). Prints a table; `peak_ratio` in
-the JSON is plain peak over lean peak, per shape.
+and backward of `eopd_loss`. Peak memory is the process's peak resident set size during the loss
+(VmHWM, reset through /proc/self/clear_refs just before it) minus its size just before, so it
+counts the loss's own allocations: the logits' gradient, and for the plain path the fp32 (T, V)
+log-softmax and its backward buffers; not the set-up. Prints a table; `peak_ratio` in the JSON is
+plain peak over lean peak, per shape.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[4])
 from eopd_ray.loss import LossInputs, eopd_loss
 T, V, chunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(0)
-logits = torch.randn(1, T, V, generator=g).bfloat16().requires_grad_(True)
+logits = torch.randn(1, T, V, generator=g, dtype=torch.bfloat16).requires_grad_(True)
 teacher = torch.randn(1, T, 16, generator=g).log_softmax(-1) - 1.0
 inputs = LossInputs(
     student_logits=logits, response_ids=torch.randint(0, V, (1, T), generator=g),
@@ -33,15 +34,17 @@ inputs = LossInputs(
     teacher_logprobs=-torch.rand(1, T) - 4, teacher_entropy=torch.rand(1, T) * 2,
     teacher_topk_ids=torch.randint(0, V, (1, T, 16), generator=g, dtype=torch.int32),
     teacher_topk_logprobs=teacher)
-def rss_kib():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() // 1024
-before = rss_kib()
+def status_kib(field):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(field + ":"))
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak (VmHWM) to the current RSS: set-up peaks do not count
 start = time.perf_counter()
 out = eopd_loss(inputs, chunk_positions=chunk)
 out.loss.backward()
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+peak = status_kib("VmHWM")
 print(json.dumps({"peak_mib": (peak - before) / 1024, "seconds": elapsed,
                   "loss": out.loss.item()}))
 """
