@@ -71,6 +71,16 @@ WORKER_ENV = {
 }
 
 
+def _threads(resources) -> dict[str, str]:
+    """A worker given 2+ CPUs (`<role>.cpus_per_worker`) runs that many torch threads: stages run
+    one after another, so the active one can use the cores the idle ones leave. Idle OpenMP
+    threads then sleep at once instead of spinning on the cores the next stage needs."""
+    threads = int(resources.cpus_per_worker)
+    if threads < 2:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def connect(cfg: Config) -> None:
     """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else start a local Ray on
     127.0.0.1 sized to hold every worker."""
@@ -236,7 +246,7 @@ def spawn(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=first_bundle + i
                 ),
-                runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}},
+                runtime_env={"env_vars": {**WORKER_ENV, **_threads(resources), **(env or {})}},
                 # Rollout and teacher workers hold no state between steps: Ray restarts them
                 # and the driver redoes their lost work. Learners hold optimizer state: no.
                 max_restarts=cfg.run.max_worker_restarts if role != "learner" else 0,

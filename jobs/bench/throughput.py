@@ -8,8 +8,9 @@ For each config it starts the real pipeline on the embedded local Ray, runs `--w
 reports:
 
 - student tokens trained per second (response tokens of the step over the step's wall time);
-- the share of the wall time spent in each stage: rollout, teacher, train, sync, and
-  overhead = wall - the four stages (driver work, batching, Ray round trips);
+- the share of the wall time spent in each stage: rollout, teacher, train, rollout_wait (async
+  mode: waiting for the prefetched rollout after training), sync, and overhead = wall - the
+  stages (driver work, batching, Ray round trips);
 - the compute floor: the step's matmul FLOPs over the matmul throughput measured on this machine
   in the same run. Per sequence of P prompt + R response tokens, with N = a model's parameters
   that multiply (embedding lookups excluded, the LM head included) and H its LM head:
@@ -42,7 +43,7 @@ from eopd_ray.env import set_job_environment  # noqa: E402
 set_job_environment()
 
 CONFIGS = ("tiny", "toy", "bench")
-STAGES = ("rollout", "teacher", "train", "sync")
+STAGES = ("rollout", "teacher", "train", "rollout_wait", "sync")  # rollout_wait: async mode
 
 
 def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.5) -> dict[str, float]:
@@ -179,11 +180,11 @@ def print_table(results: list[dict], machine: dict) -> None:
         f"{machine['cores']} cores -> floor rate {machine['peak']:.1f} GFLOP/s\n"
     )
     head = f"{'config':7s} {'step s':>8s} {'tok/s':>8s} {'floor s':>8s} {'ratio':>7s}  " + " ".join(
-        f"{s:>8s}" for s in (*STAGES, "overhead")
+        f"{s:>12s}" for s in (*STAGES, "overhead")
     )
     print(head)
     for r in results:
-        shares = " ".join(f"{100 * r['stage_share'][s]:7.1f}%" for s in (*STAGES, "overhead"))
+        shares = " ".join(f"{100 * r['stage_share'][s]:11.1f}%" for s in (*STAGES, "overhead"))
         print(
             f"{r['config']:7s} {r['step_s']:8.3f} {r['tokens_per_s']:8.0f} {r['floor_s']:8.3f} "
             f"{r['ratio_to_compute_floor']:7.1f}  {shares}"

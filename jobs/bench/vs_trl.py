@@ -120,11 +120,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: eopd-ray ...", flush=True)
             rows = throughput.measure(cfg, 2, args.steps)
             ours = sum(r["tokens/trained"] for r in rows) / sum(r["wall_s"] for r in rows)
-            row = {"config": name, "eopd_ray_tokens_per_s": ours, "trl": {}}
+            ours_per_step = sum(r["tokens/trained"] for r in rows) / len(rows)
+            row = {
+                "config": name,
+                "eopd_ray_tokens_per_s": ours,
+                "eopd_ray_tokens_per_step": ours_per_step,
+                "trl": {},
+            }
             prompts = load_prompt_texts(cfg.data)
             for variant in args.variants:
                 print(f"{name}: TRL {variant} ...", flush=True)
-                row["trl"][variant] = run_trl(python, variant, cfg, prompts, args.steps, tmp)
+                trl = run_trl(python, variant, cfg, prompts, args.steps, tmp)
+                if "tokens_per_step" in trl:
+                    # Same prompts and budget, but a trainer that renders prompts differently can
+                    # make the student answer at a very different length: not the same work.
+                    ratio = trl["tokens_per_step"] / ours_per_step
+                    trl["comparable"] = 0.5 <= ratio <= 2.0
+                row["trl"][variant] = trl
             gkd = row["trl"].get("gkd_rkl", {})
             if "tokens_per_s" in gkd:
                 row["ratio_vs_trl_gkd"] = ours / gkd["tokens_per_s"]
