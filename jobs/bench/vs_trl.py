@@ -12,8 +12,10 @@ steps) and TRL 1.16 on the same student, teacher, prompts, sequences per step an
 
 Student tokens trained per second = completion tokens in the loss (up to the first EOS) over the
 step's wall time. A TRL run whose completions hold less than half or more than twice our tokens
-per step is flagged `comparable: false` (marked * in the table): same prompts, different work. TRL gets every core in its one process (torch threads = cores); ours runs its
-workers as single-threaded processes. JSON key `ratio_vs_trl_gkd`: our tokens/s over gkd_rkl's.
+per step is flagged `comparable: false` (marked * in the table): same prompts, different work.
+TRL gets every core in its one process (torch threads = cores); ours runs each worker with the
+threads its config gives it (`<role>.cpus_per_worker`). JSON key `ratio_vs_trl_gkd`: our
+tokens/s over gkd_rkl's.
 
 TRL is not a dependency of eopd-ray: it is installed on first use into a throwaway virtual
 environment (--trl-env, default runs/bench/trl-env) that sees this project's torch and
