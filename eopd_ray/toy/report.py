@@ -22,7 +22,7 @@ TABLE_ROWS = (
     ("distinct_correct_frac", "coverage of the prompt's shortest paths"),
     ("student/entropy_mean", "token entropy (nats)"),
     ("student/frac_high_entropy", "fraction of tokens with entropy >= tau"),
-    ("fkl/high_entropy", "KL(teacher || model) on teacher-uncertain tokens"),
+    ("fkl/high_entropy", "KL(teacher ‖ model) on teacher-uncertain tokens"),
 )
 
 
