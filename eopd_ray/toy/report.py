@@ -1,7 +1,7 @@
 """Markdown for the toy task's evaluations: the before/after table of `make run` and its report.
 
     table = comparison_table({"teacher": t, "student before": b, "student after": a})
-    write_report(run_dir, columns, rows, command)    # <run_dir>/report.md, plots in <run_dir>/plots
+    write_report(run_dir, columns, rows, command, plots)   # <run_dir>/report.md, linking plots
 
 Pure: imports neither Ray, vLLM nor DeepSpeed.
 """
