@@ -237,11 +237,11 @@ class Pipeline:
         """The step's batch: the prefetched one when there is one, else generated now. After a
         rollout worker died it is generated again from the same prompts and seeds."""
         stream_state = pending.stream_state if pending else self.stream.state_dict()
-        in_flight = [pending]
 
         def rollout() -> RolloutBatch:
-            if in_flight[0] is not None:
-                launched, in_flight[0] = in_flight[0], None
+            nonlocal pending
+            if pending is not None:  # first attempt: the prefetch; a redo generates afresh
+                launched, pending = pending, None
                 return self._collect_rollout(launched)
             self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
             return self._collect_rollout(self._launch_rollout(step))

@@ -95,18 +95,10 @@ def main() -> int:
                 for p in prompts
             ]
         )
-        trainer = GKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=config,
-            train_dataset=data,
-            processing_class=tokenizer,
-        )
-        loss_fn = trainer.compute_loss
+        trainer_cls = GKDTrainer
 
-        def counting_loss(model, inputs, *a, **k):
-            tokens.append(int((inputs["labels"] != -100).sum()))
-            return loss_fn(model, inputs, *a, **k)
+        def completion_tokens(inputs) -> int:
+            return int((inputs["labels"] != -100).sum())
     else:
         from trl import DistillationConfig, DistillationTrainer
 
@@ -122,18 +114,23 @@ def main() -> int:
         )
         config = DistillationConfig(max_completion_length=args.max_new_tokens, **common, **vllm)
         data = Dataset.from_list([{"prompt": p} for p in prompts])
-        trainer = DistillationTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=config,
-            train_dataset=data,
-            processing_class=tokenizer,
-        )
-        loss_fn = trainer.compute_loss
+        trainer_cls = DistillationTrainer
 
-        def counting_loss(model, inputs, *a, **k):
-            tokens.append(int(inputs["completion_mask"].sum()))
-            return loss_fn(model, inputs, *a, **k)
+        def completion_tokens(inputs) -> int:
+            return int(inputs["completion_mask"].sum())
+
+    trainer = trainer_cls(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    loss_fn = trainer.compute_loss
+
+    def counting_loss(model, inputs, *a, **k):  # the loss inputs hold the on-policy completions
+        tokens.append(completion_tokens(inputs))
+        return loss_fn(model, inputs, *a, **k)
 
     trainer.compute_loss = counting_loss
     trainer.add_callback(Timer())
