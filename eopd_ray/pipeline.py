@@ -17,7 +17,6 @@ import logging
 import signal
 import threading
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from eopd_ray.errors import EopdError
 from eopd_ray.learner import LearnerWorker
 from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 from eopd_ray.ray_metrics import RayMetricsSink
-from eopd_ray.rollout import RolloutWorker
+from eopd_ray.rollout import RolloutWorker, prompt_seeds
 from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import ActorGroup, WorkerError, connect, create_placement_group, spawn
 
@@ -204,14 +203,16 @@ class Pipeline:
         cfg = self.cfg
         stream_state = self.stream.state_dict()
         indices = self.stream.take(cfg.rollout.prompts_per_step)
-        shards = [indices[i :: len(self.rollout)] for i in range(len(self.rollout))]
+        # Seeds by position in the step: the same streams whatever the number of workers.
+        seeds = prompt_seeds(f"{cfg.rollout.seed}/{step}", range(len(indices)))
+        workers = len(self.rollout)
         args = [
             (
-                [self.prompts[j] for j in shard],
-                shard,
-                zlib.crc32(f"{cfg.rollout.seed}/{step}/{rank}".encode()),
+                [self.prompts[j] for j in indices[rank::workers]],
+                indices[rank::workers],
+                seeds[rank::workers],
             )
-            for rank, shard in enumerate(shards)
+            for rank in range(workers)
         ]
         refs = self.rollout.call_each_async("generate", args)
         return _Rollout(step, refs, self.version, stream_state)

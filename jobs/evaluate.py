@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from eopd_ray.data import render_prompt
-    from eopd_ray.rollout import ENGINES, Sampling
+    from eopd_ray.rollout import ENGINES, Sampling, prompt_seeds
 
     e = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             render_prompt(f"{p.problem} {e.prompt_suffix}".strip(), e.template, tokenizer)
             for p in problems
         ]
-        samples = engine.generate(prompts, sampling, e.seed)
+        # A seed per problem (and per sample inside the engine): independent samples.
+        seeds = prompt_seeds(f"{e.seed}/{name}", range(len(problems)))
+        samples = engine.generate(prompts, sampling, seeds)
         completions = [
             [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in ss]
             for ss in samples

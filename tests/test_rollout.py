@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import config_from_dict
-from eopd_ray.rollout import RolloutWorker, Sampling
+from eopd_ray.rollout import RolloutWorker, Sampling, prompt_seeds
 
 
 def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):
@@ -19,7 +19,7 @@ def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):
     )
     worker = RolloutWorker(cfg, rank=0)
     prompts = [[5, 6, 7], [8, 9]]
-    batch = worker.generate(prompts, [11, 12], seed=0)
+    batch = worker.generate(prompts, [11, 12], seeds=[0, 1])
     assert batch.num_sequences == 4 and batch.weight_version == 0
     assert batch.prompt_index.tolist() == [11, 11, 12, 12]
     assert batch.prompt_mask.sum(1).tolist() == [3, 3, 2, 2]
@@ -32,7 +32,7 @@ def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):
             logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0], -1)
         expected = logp[len(prompt) - 1 : -1].gather(-1, torch.tensor(response)[:, None])[:, 0]
         torch.testing.assert_close(batch.sampler_logprobs[row], expected, atol=1e-5, rtol=0)
-    again = worker.generate(prompts, [11, 12], seed=0)
+    again = worker.generate(prompts, [11, 12], seeds=[0, 1])
     assert torch.equal(again.response_ids, batch.response_ids)  # seeded
 
 
@@ -46,11 +46,50 @@ def test_loaded_weights_change_greedy_output_and_version(tiny_pair):
     )
     worker = RolloutWorker(cfg, rank=0)
     greedy = Sampling(temperature=0.0, max_new_tokens=8)
-    before = worker.generate([[5, 6, 7]], [0], 0, greedy).response_ids
+    before = worker.generate([[5, 6, 7]], [0], [0], greedy).response_ids
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
     with torch.no_grad():
         teacher.get_output_embeddings().weight.mul_(-1.0)
     bucket = [("lm_head.weight", teacher.get_output_embeddings().weight.detach())]
     assert worker.load_weights([bucket], version=1) == 1
-    after = worker.generate([[5, 6, 7]], [0], 0, greedy)
+    after = worker.generate([[5, 6, 7]], [0], [0], greedy)
     assert after.weight_version == 1 and not torch.equal(after.response_ids, before)
+
+
+def test_every_request_has_its_own_random_stream(tiny_pair):
+    """Identical prompts in one call, and the samples of one prompt, are independent draws;
+    the seeds of a prompt do not depend on what else is in the call."""
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])},
+            "data": {"toy_prompts": 8},
+            "rollout": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 8},
+        }
+    )
+    worker = RolloutWorker(cfg, rank=0)
+    seeds = prompt_seeds("0/3", range(4))
+    assert len(set(seeds)) == 4
+    batch = worker.generate([[5, 6, 7]] * 4, [0, 1, 2, 3], seeds)
+    responses = {tuple(r) for r in batch.response_ids.tolist()}
+    assert len(responses) == 8  # 4 identical prompts x 2 samples: 8 different responses
+    alone = worker.generate([[5, 6, 7]], [2], seeds[2:3])  # prompt 2 without the others
+    assert torch.equal(alone.response_ids, batch.response_ids[4:6])
+
+
+def test_sampler_logprobs_are_those_of_the_tempered_distribution(tiny_pair):
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])},
+            "data": {"toy_prompts": 8},
+            "rollout": {"engine": "hf", "temperature": 0.7, "max_new_tokens": 6},
+        }
+    )
+    batch = RolloutWorker(cfg, rank=0).generate([[5, 6, 7]], [0], [3])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    response = batch.response_ids[0].tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7, *response]])).logits[0, 2:-1].double()
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(response)[:, None])
+    torch.testing.assert_close(
+        batch.sampler_logprobs[0].double(), expected[:, 0], atol=1e-5, rtol=0
+    )
