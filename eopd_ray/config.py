@@ -83,8 +83,8 @@ class RolloutConfig:
     cpus_per_worker: PosFloat = 0.5
     prompts_per_step: PosInt = 8
     samples_per_prompt: PosInt = 1
-    temperature: PosFloat = 1.0
-    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+    temperature: PosFloat = 1.0  # the teacher's logits are divided by it too
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0  # must stay 1.0 (a rule below)
     max_new_tokens: PosInt = 64
     max_model_len: PosInt = 1024  # prompt + response tokens the engine can hold
     kv_cache_bytes: PosInt = 128 * MiB  # always sized: unset, vLLM-CPU reserves most of RAM
@@ -96,7 +96,8 @@ class RolloutConfig:
 
 @dataclass(config=_SECTION)
 class TeacherConfig:
-    engine: Literal["hf", "vllm"] = "hf"  # "hf": exact entropy; "vllm": top-K + tail estimate
+    # A transformers forward with an fp32 LM head: exact full-vocabulary entropy, teacher logits
+    # divided by rollout.temperature.
     num_workers: PosInt = 1
     gpus_per_worker: NonNegInt = 0
     cpus_per_worker: PosFloat = 0.5
@@ -143,8 +144,12 @@ class LossConfig:
 @dataclass(config=_SECTION)
 class SyncConfig:
     transport: Literal["collective", "object_store"] = "collective"
-    bucket_bytes: PosInt = 256 * MiB
+    bucket_bytes: PosInt = 256 * MiB  # any size: a sync is one vLLM weight-update bracket
     timeout_s: PosFloat = 300.0
+    # Mean |log-prob gap| per token between a rollout engine and the learner (the probe after
+    # every sync, and opd/sampler_gap) above which the run stops. None: 1e-3 for float32
+    # models, 5e-2 for bfloat16 (eopd_ray/invariants.py).
+    max_logprob_gap: PosFloat | None = None
 
 
 @dataclass(config=_SECTION)
@@ -260,6 +265,15 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         f"must hold data.max_prompt_tokens + rollout.max_new_tokens "
         f"({cfg.data.max_prompt_tokens} + {r.max_new_tokens}); got {r.max_model_len}",
     )
+    rule(
+        ("rollout.top_p",),
+        r.top_p == 1.0,
+        "rollout.top_p",
+        f"must be 1.0 for training; got {r.top_p}. The sampler's, the learner's and the "
+        "teacher's log-probs are all over the full (tempered) vocabulary, so sampling from a "
+        "truncated nucleus would make the ratio r_t and the advantage A_t wrong; "
+        "evaluation has its own eval.top_p",
+    )
     d = cfg.data
     rule(
         ("data.train_path", "data.toy_prompts"),
@@ -345,6 +359,17 @@ def _suggest(path: str, key: str, siblings: Sequence[str]) -> str:
     return f"; valid keys here: {', '.join(siblings)}"
 
 
+# Keys that existed once, with what to do instead (so an old file is told why, not "did you mean").
+_REMOVED_KEYS = {
+    "teacher.engine": "removed: the teacher always runs the transformers forward with an fp32 LM "
+    "head (exact full-vocabulary entropy); delete the key",
+}
+
+
+def _unknown_key(path: str, key: str, siblings: Sequence[str], what: str = "unknown key") -> str:
+    return _REMOVED_KEYS.get(path) or what + _suggest(path, key, siblings)
+
+
 def _drop_unknown_keys(data: Any, cls: type, prefix: str, issues: list[ConfigIssue]) -> Any:
     """Copy of `data` without keys `cls` does not have, recording each with a suggestion."""
     if not isinstance(data, Mapping):
@@ -354,7 +379,7 @@ def _drop_unknown_keys(data: Any, cls: type, prefix: str, issues: list[ConfigIss
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            issues.append(ConfigIssue(path, "unknown key" + _suggest(path, str(key), names)))
+            issues.append(ConfigIssue(path, _unknown_key(path, str(key), names)))
             continue
         sub = _section_type(cls, key)
         kept[key] = _drop_unknown_keys(value, sub, f"{path}.", issues) if sub else value
@@ -378,7 +403,9 @@ def _apply_override(data: dict[str, Any], override: str, issues: list[ConfigIssu
         here = ".".join(keys[: depth + 1])
         names = _field_names(cls)
         if key not in names:
-            issues.append(ConfigIssue(here, "unknown key in override" + _suggest(here, key, names)))
+            issues.append(
+                ConfigIssue(here, _unknown_key(here, key, names, "unknown key in override"))
+            )
             return
         sub = _section_type(cls, key)
         if depth == len(keys) - 1:

@@ -53,10 +53,27 @@ def response_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Logits (B, T, V) that predict each response token."""
+    """Logits (B, T, V) that predict each response token, divided by `temperature` (the
+    sampler's: their log-softmax is then the distribution the response was sampled from)."""
     hidden = response_hidden_states(model, input_ids, attention_mask, positions)
-    return model.get_output_embeddings()(hidden)
+    logits = model.get_output_embeddings()(hidden)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def fp32_lm_head(
+    model: torch.nn.Module, vocab_rows: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight (V, H) and bias (V,) or None, in float32, cut to `vocab_rows`.
+
+    Computed once per teacher (not per chunk): for a bf16 Qwen3-8B it is a 2.5 GB copy; for an
+    fp32 model it is a view, no copy. Rows past `vocab_rows` (embedding padding) are dropped.
+    """
+    head = model.get_output_embeddings()
+    weight = head.weight.detach()[:vocab_rows].float()
+    bias = getattr(head, "bias", None)
+    return weight, None if bias is None else bias.detach()[:vocab_rows].float()
 
 
 @torch.no_grad()
@@ -68,16 +85,31 @@ def score_response_tokens(
     top_k: int,
     chunk_positions: int,
     vocab_rows: int,
+    temperature: float = 1.0,
+    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    merged_ids: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's view of each response token, from one backbone pass: (B, T) log-prob of the
-    token, (B, T) full-vocabulary entropy (nats), (B, T, K) top-K ids (int32) and log-probs.
+    token, (B, T) full-vocabulary entropy (nats), (B, T, K) top-K ids (int32) and log-probs, all
+    of the tempered distribution softmax(logits / temperature) over the first `vocab_rows` ids.
 
-    The LM head runs on the T response positions only, `chunk_positions` at a time, so at most a
-    (B, chunk, V) fp32 block exists. Rows past `vocab_rows` (embedding padding) are dropped.
+    Numerics: the LM head matmul, the log-softmax and every reduction run in float32 whatever the
+    model dtype (`lm_head` = `fp32_lm_head(model, vocab_rows)`, computed here when None); logits
+    rounded to bf16 first would shift the entropy by up to ~0.04 nats at the paper's scale. The
+    head runs on the T response positions only, `chunk_positions` at a time, so at most a few
+    (B, chunk, V) fp32 blocks exist.
+
+    `merged_ids = (keep, drop)` scores the two ids as one token reported as `keep`: its log-prob
+    is logsumexp(logp[keep], logp[drop]), `drop` leaves the top-K, and a target `drop` is scored
+    as `keep` (the student's one end token standing for two of the teacher's). The entropy stays
+    that of the teacher's own, unmerged distribution.
     """
     hidden = response_hidden_states(model, input_ids, attention_mask, positions)  # (B, T, H)
     targets = input_ids.gather(1, (positions + 1).clamp(max=input_ids.shape[1] - 1))  # (B, T)
-    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head if lm_head is not None else fp32_lm_head(model, vocab_rows)
+    if merged_ids is not None:
+        keep, drop = merged_ids
+        targets = torch.where(targets == drop, keep, targets)
     b, t = positions.shape
     token_logprobs = torch.empty(b, t, device=hidden.device)
     entropy = torch.empty(b, t, device=hidden.device)
@@ -85,11 +117,19 @@ def score_response_tokens(
     topk_logprobs = torch.empty(b, t, top_k, device=hidden.device)
     for s in range(0, t, chunk_positions):
         e = s + chunk_positions
-        logits = lm_head(hidden[:, s:e]).float()[..., :vocab_rows]  # (B, c, V)
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy[:, s:e] = -(logp.exp() * logp).sum(-1)
+        logits = hidden[:, s:e].float() @ weight.T  # (B, c, V) fp32 matmul, fp32 accumulation
+        if bias is not None:
+            logits += bias
+        if temperature != 1.0:
+            logits /= temperature
+        logp = torch.log_softmax(logits, dim=-1)  # (B, c, V)
+        del logits
+        entropy[:, s:e] = -logp.exp().mul_(logp).sum(-1)
+        if merged_ids is not None:
+            logp[..., keep] = torch.logaddexp(logp[..., keep], logp[..., drop])
+            logp[..., drop] = -torch.inf
         token_logprobs[:, s:e] = logp.gather(-1, targets[:, s:e, None])[..., 0]
-        top = logp.topk(top_k, dim=-1)
+        top = logp.topk(top_k, dim=-1)  # sorted descending
         topk_ids[:, s:e] = top.indices.to(torch.int32)
         topk_logprobs[:, s:e] = top.values
     return token_logprobs, entropy, topk_ids, topk_logprobs

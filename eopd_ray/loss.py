@@ -223,18 +223,24 @@ def _jsd_per_token(t: _Terms, beta: float) -> torch.Tensor:
 def _finish(
     t: _Terms,
     losses: dict[str, torch.Tensor],
-    gate: torch.Tensor,
+    fired: torch.Tensor | None,
     entropy_threshold: float,
     clipped: torch.Tensor | None,
 ) -> LossOutput:
     """Sum the per-token terms (each divided by the valid-token count) and compute the metrics.
-    `losses` maps metric name -> (B, T) per-token term already including its coefficient/gate."""
+    `losses` maps metric name -> (B, T) per-token term already including its coefficient/gate.
+    `fired` is the (B, T) mask the FKL term was applied on (eopd variants), None otherwise.
+
+    `gate/frac` and `fkl/on_gated` always describe the tau gate 1[H_t >= tau], whatever fired,
+    so every variant's curves are comparable (method.md: EOPD lowers the FKL on high-entropy
+    tokens; under eopd_all that must not read as 'FKL on every token'). `gate/fired_frac` is the
+    share of valid tokens the FKL term was applied on (eopd variants only)."""
     parts = {name: _token_sum(term, t.mask) / t.denom for name, term in losses.items()}
     total = torch.stack(list(parts.values())).sum()
+    tau_gate = _entropy_gate(t, entropy_threshold)
     with torch.no_grad():
         m = t.mask
         n = m.sum().clamp(min=1).to(t.denom.dtype)
-        gated = gate & m
         fkl = _fkl_per_token(t)
         values = {f"loss/{name}": v for name, v in parts.items()}
         values["loss/total"] = total
@@ -242,9 +248,11 @@ def _finish(
             values["opd/clip_frac"] = _token_sum(clipped.float(), m) / n
         values["opd/approx_kl"] = _token_sum(t.old_logprobs - t.sampled_logprobs, m) / n
         values["kl/reverse_sampled"] = _token_sum(t.old_logprobs - t.teacher_logprobs, m) / n
-        values["gate/frac"] = gated.sum() / n
+        values["gate/frac"] = tau_gate.sum() / n
+        if fired is not None:
+            values["gate/fired_frac"] = (fired & m).sum() / n
         values["gate/teacher_entropy_mean"] = _token_sum(t.teacher_entropy, m) / n
-        values["fkl/on_gated"] = _token_sum(fkl, gated) / gated.sum().clamp(min=1)
+        values["fkl/on_gated"] = _token_sum(fkl, tau_gate) / tau_gate.sum().clamp(min=1)
         values["student/entropy_mean"] = _token_sum(t.student_entropy, m) / n
         values["student/frac_high_entropy"] = (
             (t.student_entropy >= entropy_threshold) & m
@@ -254,7 +262,8 @@ def _finish(
         values["tokens/num_valid"] = m.sum()
         keys = list(values)
         floats = torch.stack([v.detach().double().reshape(()) for v in values.values()]).tolist()
-    return LossOutput(loss=total, metrics=dict(zip(keys, floats, strict=True)), gate=gated)
+    gate = tau_gate if fired is None else fired & t.mask
+    return LossOutput(loss=total, metrics=dict(zip(keys, floats, strict=True)), gate=gate)
 
 
 def _entropy_gate(t: _Terms, entropy_threshold: float) -> torch.Tensor:
@@ -294,7 +303,7 @@ def opd_loss(
     The top-K inputs and `entropy_threshold` only feed the diagnostics (gate/*, fkl/on_gated)."""
     t = _terms(inputs, num_valid_tokens, chunk_positions)
     opd, clipped = _opd_per_token(t, clip_eps)
-    return _finish(t, {"opd": opd}, _entropy_gate(t, entropy_threshold), entropy_threshold, clipped)
+    return _finish(t, {"opd": opd}, None, entropy_threshold, clipped)
 
 
 def _eopd_with_gate(
@@ -363,8 +372,7 @@ def fkl_loss(
 ) -> LossOutput:
     """Top-K forward KL (eq. 2) on every valid token, no reverse-KL term; token-mean."""
     t = _terms(inputs, num_valid_tokens, chunk_positions)
-    gate = _entropy_gate(t, entropy_threshold)  # diagnostics only
-    return _finish(t, {"fkl": _fkl_per_token(t)}, gate, entropy_threshold, None)
+    return _finish(t, {"fkl": _fkl_per_token(t)}, None, entropy_threshold, None)
 
 
 def jsd_loss(
@@ -377,8 +385,7 @@ def jsd_loss(
 ) -> LossOutput:
     """Generalized JSD(jsd_beta) on the teacher's top-K support, every valid token; token-mean."""
     t = _terms(inputs, num_valid_tokens, chunk_positions)
-    gate = _entropy_gate(t, entropy_threshold)  # diagnostics only
-    return _finish(t, {"jsd": _jsd_per_token(t, jsd_beta)}, gate, entropy_threshold, None)
+    return _finish(t, {"jsd": _jsd_per_token(t, jsd_beta)}, None, entropy_threshold, None)
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {

@@ -27,6 +27,13 @@ from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config, save_config
 from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
+from eopd_ray.invariants import (
+    check_sampler_gap,
+    check_teacher_scores,
+    check_weights_in_sync,
+    logprob_gap_bound,
+    probe_sequence,
+)
 from eopd_ray.learner import LearnerWorker
 from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 from eopd_ray.ray_metrics import RayMetricsSink
@@ -71,6 +78,17 @@ class _Rollout:
     parts: list[RolloutBatch] | None = field(default=None)
 
 
+def _scored_vocabulary(cfg: Config) -> int:
+    """Rows of the vocabulary the teacher scores over: those both models have."""
+    from transformers import AutoConfig
+
+    remote = cfg.model.trust_remote_code
+    return min(
+        AutoConfig.from_pretrained(path, trust_remote_code=remote).vocab_size
+        for path in (cfg.model.student_path, cfg.model.teacher_path)
+    )
+
+
 @contextmanager
 def _timed(metrics: dict[str, float], key: str):
     start = time.perf_counter()
@@ -92,6 +110,8 @@ class Pipeline:
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
         self._prefetched: _Rollout | None = None  # rollout.async_lag: the next step's rollout
+        self.probe_ids = probe_sequence(self.prompts)
+        self.vocab_rows = _scored_vocabulary(cfg)  # bounds the teacher's entropy: ln V
         self.rollout: ActorGroup | None = None
         self.teacher: ActorGroup | None = None
         self.learner: ActorGroup | None = None
@@ -259,6 +279,8 @@ class Pipeline:
         )
         scores = TeacherScores.concat(parts)
         scores.check_matches(batch)
+        for shard, part, ident in zip(shards, parts, self.teacher.identities, strict=False):
+            check_teacher_scores(part, shard, self.vocab_rows, step, str(ident))
         return scores
 
     def _train(self, batch: RolloutBatch, scores: TeacherScores, step: int) -> dict[str, float]:
@@ -314,6 +336,26 @@ class Pipeline:
                 f"{what}: rollout workers report versions {versions}, expected {new_version}"
             )
         self.version = new_version
+        self._check_weights_in_sync(what)
+
+    def _check_weights_in_sync(self, what: str) -> None:
+        """Every rollout engine scores the probe sequence; the learner scores it too. Different
+        log-probs mean the engines do not hold the learner's weights: stop, naming the worker."""
+        timeout = self.cfg.sync.timeout_s
+        learner_refs = self.learner.call_async("token_logprobs", self.probe_ids)
+        rollout_refs = self.rollout.call_async("token_logprobs", self.probe_ids)
+        scored = self.rollout.get(rollout_refs, timeout, f"{what} weight-sync probe")
+        expected = self.learner.get(learner_refs, timeout, f"{what} weight-sync probe")[0]
+        check_weights_in_sync(
+            expected,
+            [lp for _, lp in scored],
+            [
+                f"{ident} (weight version {v})"
+                for ident, (v, _) in zip(self.rollout.identities, scored, strict=True)
+            ],
+            logprob_gap_bound(self.cfg),
+            what,
+        )
 
     def _recovering(self, group: ActorGroup, work, what: str):
         """Run `work()`; if a worker of `group` died, wait for Ray to restart it, bring it back
@@ -370,6 +412,8 @@ class Pipeline:
         self._prefetch_next(step)
         with _timed(metrics, "time/train_s"):
             metrics.update(self._train(batch, scores, step))
+        if self.cfg.learner.old_logprobs == "recompute":
+            check_sampler_gap(metrics["opd/sampler_gap"], logprob_gap_bound(self.cfg), step)
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
             self._finish_prefetch(step)
         with _timed(metrics, "time/sync_s"):

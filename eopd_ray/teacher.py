@@ -1,14 +1,19 @@
 """TeacherWorker: scores every response position of a RolloutBatch with the frozen teacher.
 
 For each position t it returns the teacher's logprob of the sampled token, its entropy over the
-FULL vocabulary (exact, in nats, at temperature 1), and its top-K ids and raw logprobs. The
-default engine is a batched transformers forward: the response positions' hidden states go
-through the LM head `teacher.chunk_positions` at a time and each (chunk, V) block is reduced at
-once, so no (B, T, V) tensor is ever kept and only K * 8 + 8 bytes per token leave the worker.
+FULL vocabulary (exact, in nats), and its top-K ids and raw logprobs, all of the distribution
+softmax(logits / rollout.temperature) (method.md: teacher logits divided by the rollout
+temperature). The engine is a batched transformers forward: the response positions' hidden
+states go through an fp32 copy of the LM head `teacher.chunk_positions` at a time and each
+(chunk, V) block is reduced at once in fp32, so no (B, T, V) tensor is ever kept and only
+K * 8 + 8 bytes per token leave the worker.
 
 The teacher's context is its own rendering of the prompt (`data.teacher_template`, e.g. a chat
 template) followed by the student's response tokens, with the student's EOS mapped to the
-teacher's (`teacher.student_eos_token_id` -> `teacher.teacher_eos_token_id`).
+teacher's (`teacher.student_eos_token_id` -> `teacher.teacher_eos_token_id`). The student's one
+end token stands for both of the teacher's end tokens: the two are scored as one token under the
+student's id (log-probs merged with logsumexp, in the top-K and at the sampled token), so an id
+never appears twice in a top-K. The entropy stays that of the teacher's own vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config
 from eopd_ray.data import render_prompt
 from eopd_ray.errors import EopdError
-from eopd_ray.forward import pack, rows_of, score_response_tokens
+from eopd_ray.forward import fp32_lm_head, pack, rows_of, score_response_tokens
 from eopd_ray.ray_metrics import WorkerMetrics
 
 
@@ -112,13 +117,27 @@ class TeacherWorker:
             cfg.model.student_path, trust_remote_code=remote
         ).vocab_size
         self.vocab_rows = min(student_rows, self.model.config.vocab_size)
-        if cfg.teacher.top_k > self.vocab_rows:
+        t_cfg = cfg.teacher
+        src, dst = t_cfg.student_eos_token_id, t_cfg.teacher_eos_token_id
+        self.merged_ids = None if src is None or src == dst else (src, dst)
+        usable = self.vocab_rows - (self.merged_ids is not None)  # a merged id leaves the top-K
+        if t_cfg.top_k > usable:
             raise EopdError(
-                f"teacher.top_k = {cfg.teacher.top_k} exceeds the vocabulary ({self.vocab_rows})"
+                f"teacher.top_k = {t_cfg.top_k} exceeds the {usable} ids the teacher can rank; "
+                "lower teacher.top_k"
             )
-        self.device = torch.device("cuda" if cfg.teacher.gpus_per_worker > 0 else "cpu")
+        for key, token in (("student", src), ("teacher", dst)):
+            if token is not None and token >= self.vocab_rows:
+                raise EopdError(
+                    f"teacher.{key}_eos_token_id = {token} is outside the shared vocabulary "
+                    f"({self.vocab_rows} ids); check the EOS ids of model.student_path and "
+                    "model.teacher_path"
+                )
+        self.device = torch.device("cuda" if t_cfg.gpus_per_worker > 0 else "cpu")
         self.metrics = WorkerMetrics("teacher", rank)
         self.model.to(self.device)
+        # fp32 LM head, made once: the teacher never changes (a view for an fp32 model).
+        self.lm_head = fp32_lm_head(self.model, self.vocab_rows)
 
     def _teacher_prompts(self, batch: RolloutBatch) -> list[list[int]]:
         prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
@@ -158,18 +177,18 @@ class TeacherWorker:
                 top_k=k,
                 chunk_positions=t_cfg.chunk_positions,
                 vocab_rows=self.vocab_rows,
+                temperature=self.cfg.rollout.temperature,
+                lm_head=self.lm_head,
+                merged_ids=self.merged_ids,
             )
             token_logprobs[rows], entropy[rows], topk_ids[rows], topk_logprobs[rows] = (
                 x.cpu() for x in scored
             )
-        src, dst = t_cfg.student_eos_token_id, t_cfg.teacher_eos_token_id
-        if src is not None:  # the teacher's end token is the student's end token
-            topk_ids[topk_ids == dst] = src
         mask = batch.response_mask
         self.metrics.throughput("teacher", batch.num_response_tokens, started)
-        return TeacherScores(
-            token_logprobs=token_logprobs * mask,
-            entropy=entropy * mask,
-            topk_ids=topk_ids * mask[..., None],
-            topk_logprobs=topk_logprobs * mask[..., None],
+        return TeacherScores(  # padding is 0 (torch.where: a non-finite value there stays out)
+            token_logprobs=torch.where(mask, token_logprobs, 0.0),
+            entropy=torch.where(mask, entropy, 0.0),
+            topk_ids=torch.where(mask[..., None], topk_ids, 0),
+            topk_logprobs=torch.where(mask[..., None], topk_logprobs, 0.0),
         )

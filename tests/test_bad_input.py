@@ -73,6 +73,8 @@ CASES = [
     ("more rollout workers than prompts", None, ["rollout.num_workers=9"], "rollout.num_workers"),
     ("context too short", None, ["rollout.max_model_len=32"], "rollout.max_model_len"),
     ("one eos id only", None, ["teacher.student_eos_token_id=0"], "set together"),
+    ("nucleus sampling in training", None, ["rollout.top_p=0.9"], "rollout.top_p: must be 1.0"),
+    ("removed teacher engine", None, ["teacher.engine=vllm"], "teacher.engine: removed"),
     ("malformed override", None, ["loss.name"], "key.path=value"),
     ("missing config file", "MISSING", [], "cannot read the config file"),
     ("top-k above vocabulary", None, ["teacher.top_k=5000"], "lower teacher.top_k"),

@@ -211,3 +211,21 @@ def test_async_rollout_needs_the_samplers_logprobs_and_lag_is_bounded():
     assert "rollout.async_lag" in issues_of(exc)
     cfg = config_from_dict(PATHS, ["rollout.async_lag=1", "learner.old_logprobs=sampler"])
     assert cfg.rollout.async_lag == 1
+
+
+def test_training_refuses_nucleus_sampling_but_keeps_the_temperature():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["rollout.top_p=0.9"])
+    message = issues_of(exc)["rollout.top_p"]
+    assert "must be 1.0" in message and "got 0.9" in message and "eval.top_p" in message
+    cfg = config_from_dict(PATHS, ["rollout.temperature=0.7", "eval.top_p=0.8"])
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.eval.top_p) == (0.7, 1.0, 0.8)
+
+
+def test_removed_teacher_engine_key_says_why():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({**PATHS, "teacher": {"engine": "vllm"}})
+    assert issues_of(exc)["teacher.engine"].startswith("removed: the teacher always runs")
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["teacher.engine=hf"])
+    assert "removed" in issues_of(exc)["teacher.engine"]

@@ -19,6 +19,7 @@ PURE = [
     "eopd_ray.weight_sync",
     "eopd_ray.env",
     "eopd_ray.toy.models",
+    "eopd_ray.invariants",
 ]
 
 

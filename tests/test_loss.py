@@ -335,6 +335,31 @@ def test_metrics_match_brute_force():
     assert fkl_all.metrics["loss/fkl"] > 0
 
 
+def test_gate_metrics_describe_the_tau_gate_for_every_variant():
+    """gate/frac and fkl/on_gated are the tau gate's under every variant (eopd_all and
+    eopd_random too); gate/fired_frac is where the FKL term was applied (eopd variants)."""
+    inputs = make_inputs(seed=32, b=4, t=9)
+    _, _, eopd = call(eopd_loss, inputs, **HP)
+    mask = inputs["response_mask"]
+    tau_frac = ((inputs["teacher_entropy"] >= TAU) & mask).sum().item() / mask.sum().item()
+    assert 0 < tau_frac < 1 and eopd.metrics["gate/frac"] == pytest.approx(tau_frac)
+    fired = {"eopd": tau_frac, "eopd_all": 1.0, "eopd_random": tau_frac}
+    for name in sorted(LOSSES):
+        _, _, out = call(LOSSES[name], inputs, generator=torch.Generator().manual_seed(0), **HP)
+        for key in ("gate/frac", "fkl/on_gated", "gate/teacher_entropy_mean"):
+            assert out.metrics[key] == pytest.approx(eopd.metrics[key], rel=1e-12), (name, key)
+        if name in fired:
+            assert out.metrics["gate/fired_frac"] == pytest.approx(fired[name]), name
+            assert out.metrics["gate/fired_frac"] == pytest.approx(
+                out.gate.sum().item() / mask.sum().item()
+            )
+        else:
+            assert "gate/fired_frac" not in out.metrics, name
+            assert torch.equal(out.gate, eopd.gate), name  # .gate is the tau gate there
+    _, _, every = call(LOSSES["eopd_all"], inputs, **HP)
+    assert torch.equal(every.gate, mask)  # the FKL term fired on every valid token
+
+
 # ----------------------------------------------------------------------------- memory-lean path
 
 

@@ -3,6 +3,7 @@ EOS mapping, teacher templates, and the vocabulary check."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -86,23 +87,72 @@ def test_payload_is_k_times_8_plus_8_bytes_per_token(tiny_pair):
     assert scores.nbytes < b * t * vocab * 4 / 10  # far below full logits
 
 
-def test_student_eos_is_mapped_to_the_teacher_eos(tiny_pair):
+def test_student_eos_stands_for_both_end_tokens(tiny_pair):
+    """The response's student EOS is fed as the teacher's; the two end tokens are scored as one
+    token under the student's id: merged with logsumexp, once in the top-K, sorted."""
     tok = AutoTokenizer.from_pretrained(tiny_pair[0])
-    student_eos = tok.eos_token_id
-    teacher_eos = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = make_cfg(tiny_pair, student_eos_token_id=student_eos, teacher_eos_token_id=teacher_eos)
-    batch = ragged_batch(plen=(4,), rlen=(3,))
-    batch.response_ids[0, 2] = student_eos
-    scores = TeacherWorker(cfg, 0).score(batch)
+    src, dst = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    assert (src, dst) == (0, 2)
+    vocab = len(tok)
     model = AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
-    prompt = batch.prompt_ids[0].tolist()
-    response = batch.response_ids[0].tolist()
-    rows, _ = brute_force(model, prompt, [*response[:2], teacher_eos])
-    # The teacher scores its own end token where the student ended.
-    assert scores.token_logprobs[0, 2].item() == pytest.approx(
-        rows[2, teacher_eos].item(), abs=1e-5
+    batch = ragged_batch(plen=(4, 5), rlen=(3, 6))
+    batch.response_ids[0, 2] = src
+    batch.response_ids[1, 5] = src
+    for k in (8, vocab - 1):  # V - 1: every id but the teacher's EOS, so both ends are in range
+        cfg = make_cfg(tiny_pair, top_k=k, student_eos_token_id=src, teacher_eos_token_id=dst)
+        scores = TeacherWorker(cfg, 0).score(batch)
+        for b, end in ((0, 2), (1, 5)):
+            prompt = batch.prompt_ids[b][batch.prompt_mask[b]].tolist()
+            response = batch.response_ids[b][batch.response_mask[b]].tolist()
+            rows, entropy = brute_force(model, prompt, [dst if x == src else x for x in response])
+            merged = rows.clone()
+            merged[:, src] = torch.logaddexp(rows[:, src], rows[:, dst])
+            merged[:, dst] = -torch.inf
+            n = len(response)
+            assert scores.token_logprobs[b, end].item() == pytest.approx(
+                merged[end, src].item(), abs=1e-5
+            )
+            torch.testing.assert_close(
+                scores.topk_logprobs[b, :n].double(), merged.topk(k, -1).values, atol=5e-5, rtol=0
+            )
+            torch.testing.assert_close(scores.entropy[b, :n].double(), entropy, atol=1e-5, rtol=0)
+            ids = scores.topk_ids[b, :n]
+            assert (ids != dst).all()
+            assert all(len(set(r)) == k for r in ids.tolist())
+            if k == vocab - 1:  # the student's EOS carries the mass of both end tokens
+                slot = (ids == src).int().argmax(-1, keepdim=True)
+                merged_value = scores.topk_logprobs[b, :n].gather(-1, slot)[:, 0].double()
+                torch.testing.assert_close(merged_value, merged[:, src], atol=5e-5, rtol=0)
+
+
+def test_teacher_scores_the_tempered_distribution(tiny_pair):
+    cfg = make_cfg(tiny_pair)
+    tempered = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, temperature=0.7))
+    scores = TeacherWorker(tempered, 0).score(batch := ragged_batch(plen=(4,), rlen=(6,)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
+    with torch.no_grad():
+        logits = model(
+            torch.tensor([batch.prompt_ids[0].tolist() + batch.response_ids[0].tolist()])
+        )
+    rows = torch.log_softmax(logits.logits[0, 3:9].double() / 0.7, -1)
+    sampled = rows.gather(-1, batch.response_ids[0][:, None])[:, 0]
+    torch.testing.assert_close(scores.token_logprobs[0].double(), sampled, atol=5e-5, rtol=0)
+    torch.testing.assert_close(
+        scores.entropy[0].double(), -(rows.exp() * rows).sum(-1), atol=5e-5, rtol=0
     )
-    assert teacher_eos not in scores.topk_ids.tolist()[0][2]
+    torch.testing.assert_close(
+        scores.topk_logprobs[0].double(), rows.topk(8, -1).values, atol=5e-5, rtol=0
+    )
+
+
+def test_bf16_teacher_keeps_one_fp32_lm_head(tiny_pair):
+    cfg = make_cfg(tiny_pair)
+    bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+    worker = TeacherWorker(bf16, 0)
+    weight, bias = worker.lm_head
+    assert worker.model.dtype == torch.bfloat16 and weight.dtype == torch.float32 and bias is None
+    assert weight.shape == (worker.vocab_rows, worker.model.config.hidden_size)
+    assert worker.score(ragged_batch()).entropy.dtype == torch.float32
 
 
 def test_teacher_template_re_renders_the_raw_prompt(tiny_pair):

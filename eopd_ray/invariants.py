@@ -1,0 +1,216 @@
+"""Runtime invariants: cheap checks that stop a run where a number first goes wrong.
+
+A silent numerical fault (a NaN from a bf16 overflow, an unnormalized log-prob, a top-K out of
+order) does not crash anything: it trains the student on garbage. These checks run on data that
+crosses an actor boundary, fail with an `InvariantError` naming the step, the worker, the first
+offending place and value, and the likely cause, and cost one pass over O(B * T * K) numbers.
+
+    check_teacher_scores(scores, batch, vocab_size=151936, step=12, worker="teacher[0]")
+
+Pure torch: imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.config import Config
+from eopd_ray.errors import EopdError
+
+# fp32 rounding allowances: an entropy may round this far below 0 / above ln(V) (nats), and a
+# log-probability this far above 0.
+ENTROPY_BELOW_SLACK = 1e-4
+ENTROPY_ABOVE_SLACK = 1e-3
+LOGPROB_SLACK = 1e-4
+
+
+class InvariantError(EopdError):
+    """A runtime invariant failed. Keeps its fields across processes (Ray re-raises it)."""
+
+    def __init__(
+        self, check: str, step: int, worker: str, where: str, value: object, cause: str
+    ) -> None:
+        self.check, self.step, self.worker = check, step, worker
+        self.where, self.value, self.cause = where, value, cause
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        super().__init__(
+            f"step {step}, {worker}: {check} at {where} (value {shown}); likely cause: {cause}"
+        )
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.check, self.step, self.worker, self.where, self.value, self.cause),
+        )
+
+
+# ----------------------------------------------------------------------------- teacher scores
+
+_NON_FINITE = (
+    "the teacher forward overflowed (model.dtype too narrow for these activations) or the "
+    "teacher weights are corrupt"
+)
+_ABOVE_ZERO = (
+    "the teacher's log-probs are not normalized (no log-softmax over the full vocabulary, or a "
+    "merged token's mass counted twice)"
+)
+
+
+def _first(bad: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first True element of `bad` (row-major), or None."""
+    hits = bad.nonzero()
+    return None if hits.numel() == 0 else tuple(hits[0].tolist())
+
+
+def _where(index: tuple[int, ...]) -> str:
+    text = f"row {index[0]}, position {index[1]}"
+    return text + (f", top-k slot {index[2]}" if len(index) > 2 else "")
+
+
+def check_teacher_scores(
+    scores: TeacherScores, batch: RolloutBatch, vocab_size: int, step: int, worker: str
+) -> None:
+    """Raise InvariantError unless, at every valid response position (batch.response_mask), all
+    of the teacher's numbers are finite, 0 <= entropy <= ln(vocab_size), every log-prob is <= 0,
+    and each top-K is sorted descending (what the loss's renormalization and gate assume).
+    `vocab_size` is the number of ids the teacher's softmax runs over; `worker` names it
+    (e.g. "teacher[0]"). Padding is not looked at."""
+    if tuple(scores.token_logprobs.shape) != tuple(batch.response_ids.shape):
+        raise InvariantError(
+            "teacher scores do not cover the rollout batch",
+            step,
+            worker,
+            "the whole batch",
+            f"{tuple(scores.token_logprobs.shape)} vs {tuple(batch.response_ids.shape)}",
+            "the scores were made for another batch, or rows were dropped or reordered",
+        )
+    mask = batch.response_mask  # (B, T)
+    mask_k = mask[..., None].expand_as(scores.topk_logprobs)  # (B, T, K)
+    entropy_max = math.log(vocab_size) + ENTROPY_ABOVE_SLACK
+    checks: list[tuple[str, torch.Tensor, torch.Tensor, str]] = [
+        ("non-finite entropy", scores.entropy, ~scores.entropy.isfinite() & mask, _NON_FINITE),
+        (
+            "non-finite sampled-token log-prob",
+            scores.token_logprobs,
+            ~scores.token_logprobs.isfinite() & mask,
+            _NON_FINITE,
+        ),
+        (
+            "non-finite top-k log-prob",
+            scores.topk_logprobs,
+            ~scores.topk_logprobs.isfinite() & mask_k,
+            _NON_FINITE,
+        ),
+        (
+            "negative entropy",
+            scores.entropy,
+            (scores.entropy < -ENTROPY_BELOW_SLACK) & mask,
+            "the entropy was reduced in low precision, or from unnormalized log-probs",
+        ),
+        (
+            f"entropy above ln(vocab_size = {vocab_size}) = {math.log(vocab_size):.4f}",
+            scores.entropy,
+            (scores.entropy > entropy_max) & mask,
+            "the vocabulary size passed to the check is wrong, or the log-probs are not normalized",
+        ),
+        (
+            "sampled-token log-prob above 0",
+            scores.token_logprobs,
+            (scores.token_logprobs > LOGPROB_SLACK) & mask,
+            _ABOVE_ZERO,
+        ),
+        (
+            "top-k log-prob above 0",
+            scores.topk_logprobs,
+            (scores.topk_logprobs > LOGPROB_SLACK) & mask_k,
+            _ABOVE_ZERO,
+        ),
+    ]
+    for check, values, bad, cause in checks:
+        index = _first(bad)
+        if index is not None:
+            raise InvariantError(check, step, worker, _where(index), values[index].item(), cause)
+    top = scores.topk_logprobs
+    index = _first((top[..., 1:] > top[..., :-1]) & mask_k[..., 1:])  # slot j+1 above slot j
+    if index is not None:
+        row, pos, slot = index
+        raise InvariantError(
+            "top-k log-probs not sorted descending",
+            step,
+            worker,
+            _where((row, pos, slot + 1)),
+            f"{top[row, pos, slot + 1].item():.6g} after {top[row, pos, slot].item():.6g}",
+            "the top-K was edited after selection without re-sorting (e.g. ids merged or "
+            "remapped), or rows of different batches were mixed",
+        )
+
+
+# ----------------------------------------------------------------------------- weight sync
+
+# Mean |log p_rollout - log p_learner| per token that still counts as "the same weights": the
+# two sides run different kernels (vLLM vs transformers), which agree to ~1e-6 in fp32; bf16
+# rounding in both moves single log-probs by up to a few 1e-2. A wrong or stale weight moves
+# them by O(0.1-1) (measured: a module loaded from uninitialized memory gave 1.0 and more).
+LOGPROB_GAP_BOUNDS = {"float32": 1e-3, "bfloat16": 5e-2}
+PROBE_TOKENS = 64
+
+
+class WeightsOutOfSync(EopdError):
+    """The rollout engines do not sample from the weights the learner holds."""
+
+
+def logprob_gap_bound(cfg: Config) -> float:
+    """`sync.max_logprob_gap`, or the default for `model.dtype`."""
+    return cfg.sync.max_logprob_gap or LOGPROB_GAP_BOUNDS[cfg.model.dtype]
+
+
+def probe_sequence(prompts: Sequence[Sequence[int]], num_tokens: int = PROBE_TOKENS) -> list[int]:
+    """A fixed sequence every side can score: the first prompts of the data, concatenated."""
+    ids: list[int] = []
+    for prompt in prompts:
+        ids += list(prompt)
+        if len(ids) >= num_tokens:
+            break
+    if len(ids) < 2:
+        raise EopdError("the prompts hold fewer than 2 tokens in all: nothing to probe with")
+    return ids[:num_tokens]
+
+
+def check_weights_in_sync(
+    learner_logprobs: Sequence[float],
+    rollout_logprobs: Sequence[Sequence[float]],
+    workers: Sequence[str],
+    bound: float,
+    what: str,
+) -> None:
+    """Each rollout worker's log-probs of the probe against the learner's: the mean absolute
+    gap must be finite and at most `bound`."""
+    expected = torch.tensor(learner_logprobs, dtype=torch.float64)
+    for worker, got in zip(workers, rollout_logprobs, strict=True):
+        gap = float((torch.tensor(got, dtype=torch.float64) - expected).abs().mean())
+        if not gap <= bound:  # also catches NaN
+            raise WeightsOutOfSync(
+                f"{what}: {worker} does not hold the learner's weights: mean |log-prob gap| "
+                f"on the probe sequence is {gap:.4g} (bound {bound:g}, sync.max_logprob_gap). "
+                "Likely cause: a weight sync that loaded only part of a module or stale "
+                "tensors, or a dtype/kernel mismatch between the engine and the learner "
+                "(model.dtype); the run stopped before training on these rollouts"
+            )
+
+
+def check_sampler_gap(gap: float, bound: float, step: int) -> None:
+    """The step's mean |log pi_sampler(y_t) - log pi_old(y_t)| (learner.old_logprobs:
+    recompute): the rollout sampled from the weights the learner trained on."""
+    if not gap <= bound:  # also catches NaN
+        raise WeightsOutOfSync(
+            f"step {step}: opd/sampler_gap = {gap:.4g} exceeds {bound:g} (sync.max_logprob_gap): "
+            "the rollout workers' log-probs of their own samples differ from the learner's "
+            "recomputation. Likely cause: the rollout engines hold other weights than the "
+            "learner (a broken weight sync), or sample from another distribution than the "
+            "learner scores (rollout.temperature / top-p). The learner applied this step's "
+            "updates; the newest checkpoint precedes them"
+        )
