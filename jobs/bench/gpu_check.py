@@ -153,7 +153,7 @@ def learner_check(shape, device, b, prompt_len, t, steps, peak_tflops) -> dict:
 def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     import torch
 
-    from eopd_ray.forward import score_response_tokens
+    from eopd_ray.forward import fp32_lm_head, score_response_tokens
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -163,12 +163,13 @@ def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     input_ids = torch.randint(0, v, (b, seq), generator=gen).to(device)
     attention = torch.ones(b, seq, dtype=torch.long, device=device)
     positions = (prompt_len - 1 + torch.arange(t, device=device)).expand(b, t)
+    lm_head = fp32_lm_head(model, v)  # built once, as the TeacherWorker does
     times = []
     reset_peak(device)
     for i in range(repeats + 1):
         synchronize(device)
         started = time.perf_counter()
-        score_response_tokens(model, input_ids, attention, positions, 16, 512, v)
+        score_response_tokens(model, input_ids, attention, positions, 16, 512, v, lm_head=lm_head)
         synchronize(device)
         if i > 0:
             times.append(time.perf_counter() - started)
