@@ -5,11 +5,32 @@ so that update u uses rows [u*M, (u+1)*M) of the step, M = `learner.mini_batch_s
 over the ranks). It then:
 
 1. recomputes log pi_old of the sampled tokens with the current weights, before any update
-   (or takes the sampler's, `learner.old_logprobs: sampler`), logging the gap between the two;
+   and in eval mode (no dropout: the sampler's policy), or takes the sampler's
+   (`learner.old_logprobs: sampler`), logging the gap between the two;
 2. runs one optimizer update per mini-batch, accumulating micro-batches
    (`learner.micro_batch_size`); every micro-batch loss is divided by the GLOBAL number of valid
    tokens in its mini-batch, so the summed gradient is that of the token-mean over the whole
    mini-batch, whatever the sharding.
+
+Log-probs are those of the distribution the rollout sampled from: the student's logits are
+divided by `rollout.temperature` (pi_old and the loss alike).
+
+Every forward goes through `DeepSpeedEngine.forward` (the engine's module is `ResponseLM`, a thin
+wrapper whose forward returns the response logits): that is where DeepSpeed registers its
+backward hooks and where ZeRO-3 advances its micro-step counter. Calling the Hugging Face modules
+directly made ZeRO-3 overwrite its gradient partitions at every micro-batch instead of adding to
+them, so only the last micro-batch of an update counted. Parameter names for weight sync, export
+and the sync buckets are the Hugging Face ones (`ResponseLM.hf`'s, without the `hf.` prefix);
+DeepSpeed checkpoints store the wrapper's names (`hf.` + the HF name).
+
+bf16 (`model.dtype: bfloat16`): DeepSpeed's default accumulates the micro-batch gradients and
+all-reduces them in bf16. The config asks for fp32 accumulation and communication
+(`data_types.grad_accum_dtype: fp32`, `communication_data_type: fp32`); DeepSpeed 0.19.8 takes
+that with ZeRO-1 (its BF16_Optimizer: fp32 gradient buffer, fp32 master weights), ZeRO-2
+(fp32 gradient partitions) and ZeRO-3 (fp32 gradient partitions). Without ZeRO it refuses the
+mix (`_do_optimizer_sanity_check`: "unsupported mix of model_dtype and grad_accum_dtype"), so
+`zero_stage: 0` with bf16 runs as ZeRO-1 (`deepspeed_zero_stage`): the same update, with the
+fp32 master weights and optimizer state split over the ranks.
 
 Gloo on CPU, NCCL on GPU; ZeRO stage from `learner.zero_stage`; torch AdamW (DeepSpeed's own
 Adam would JIT-compile an op); constant or cosine LR with linear warm-up.
@@ -17,6 +38,7 @@ Adam would JIT-compile an op); constant or cosine LR with linear warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -94,20 +116,54 @@ def lr_multiplier(cfg: Config, update: int) -> float:
     return lrn.min_lr_ratio + (1 - lrn.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def deepspeed_zero_stage(cfg: Config) -> int:
+    """The ZeRO stage the engine runs: `learner.zero_stage`, except bf16 without ZeRO, which runs
+    as ZeRO-1 (DeepSpeed 0.19.8 accumulates gradients in fp32 only under ZeRO; module docstring)."""
+    if cfg.model.dtype == "bfloat16" and cfg.learner.zero_stage == 0:
+        return 1
+    return cfg.learner.zero_stage
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     lrn = cfg.learner
     per_rank = lrn.mini_batch_size // world_size
     accumulation = per_rank // lrn.micro_batch_size
-    return {
+    bf16 = cfg.model.dtype == "bfloat16"
+    config = {
         "train_micro_batch_size_per_gpu": lrn.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": lrn.micro_batch_size * accumulation * world_size,
-        "zero_optimization": {"stage": lrn.zero_stage},
+        "zero_optimization": {"stage": deepspeed_zero_stage(cfg)},
         "gradient_clipping": lrn.grad_clip,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
         "steps_per_print": 2**31 - 1,
     }
+    if bf16:  # DeepSpeed's bf16 default would accumulate and all-reduce gradients in bf16
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
+
+
+class ResponseLM(torch.nn.Module):
+    """The module DeepSpeed wraps: forward(input_ids, attention_mask, positions) -> the response
+    logits (B, T, V) of the Hugging Face causal LM `hf`, divided by the sampling temperature."""
+
+    def __init__(self, hf: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.hf = hf
+        self.temperature = temperature
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """`temperature` None: the sampling temperature given at construction."""
+        t = self.temperature if temperature is None else temperature
+        return response_logits(self.hf, input_ids, attention_mask, positions, t)
 
 
 class LearnerWorker:
@@ -167,7 +223,7 @@ class LearnerWorker:
             optimizer, lambda update: lr_multiplier(self.cfg, update)
         )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
+            model=ResponseLM(model, self.cfg.rollout.temperature),
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.world_size),
@@ -213,26 +269,54 @@ class LearnerWorker:
             yield start // per_rank, list(range(start, start + lrn.micro_batch_size))
 
     def _logits(self, batch: RolloutBatch) -> torch.Tensor:
+        """Tempered response logits (b, T, V), through the engine (see the module docstring)."""
         device = self.engine.device
         prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
         responses = rows_of(batch.response_ids, batch.response_mask)
         ids, attention, positions = pack(prompts, responses, batch.response_ids.shape[1])
-        return response_logits(
-            self.engine.module, ids.to(device), attention.to(device), positions.to(device)
-        )  # (b, T, V)
+        return self.engine(ids.to(device), attention.to(device), positions.to(device))
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout: the policy the rollout engines sample from), no autograd; the
+        previous mode afterwards. Forwards still go through the engine: under ZeRO-3 each is a
+        collective, so every rank must run the same number of them."""
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.engine.train(was_training)
+
     def _recompute_old_logprobs(self, shard: RolloutBatch) -> torch.Tensor:
+        """log pi_old of the sampled tokens (tempered), in eval mode."""
         out = torch.zeros_like(shard.sampler_logprobs)
         size = self.cfg.learner.micro_batch_size
-        for start in range(0, shard.num_sequences, size):
-            mb = shard.select(list(range(start, min(start + size, shard.num_sequences))))
-            logits = self._logits(mb)
-            lp, _ = student_logprobs_at(
-                logits, mb.response_ids.to(logits.device)[..., None], self.cfg.loss.chunk_positions
-            )
-            out[start : start + size] = lp[..., 0].float().cpu() * mb.response_mask
+        with self._eval_mode():
+            for start in range(0, shard.num_sequences, size):
+                mb = shard.select(list(range(start, min(start + size, shard.num_sequences))))
+                logits = self._logits(mb)
+                lp, _ = student_logprobs_at(
+                    logits,
+                    mb.response_ids.to(logits.device)[..., None],
+                    self.cfg.loss.chunk_positions,
+                )
+                out[start : start + size] = lp[..., 0].float().cpu() * mb.response_mask
         return out
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[j] | ids[:j]) for j >= 1 at temperature 1, in eval mode: the weight-sync
+        probe the driver compares with every rollout engine's. Every rank must call it under
+        ZeRO-3 (the forward gathers parameters)."""
+        device = self.engine.device
+        input_ids, attention, positions = pack([ids[:1]], [ids[1:]], len(ids) - 1)
+        with self._eval_mode():
+            logits = self.engine(
+                input_ids.to(device), attention.to(device), positions.to(device), temperature=1.0
+            )  # (1, L-1, V)
+            logp = torch.log_softmax(logits[0].float(), dim=-1)
+            return logp.gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
 
     def _gradient_norm(self) -> float:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -292,7 +376,7 @@ class LearnerWorker:
             boundary = self.engine.is_gradient_accumulation_boundary()
             # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it before the step.
             unclipped_norm = (
-                self._gradient_norm() if boundary and cfg.learner.zero_stage == 0 else None
+                self._gradient_norm() if boundary and deepspeed_zero_stage(cfg) == 0 else None
             )
             self.engine.step()
             metrics = dict(out.metrics, update=float(update))
@@ -310,7 +394,8 @@ class LearnerWorker:
     # --- weight sync ---------------------------------------------------------------------------
 
     def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.engine.module.named_parameters())
+        """The Hugging Face names (those of the checkpoint files vLLM and export_hf use)."""
+        return list(self.engine.module.hf.named_parameters())
 
     def _parameter_metas(self) -> list[TensorMeta]:
         metas = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from eopd_ray.config import config_from_dict
 from eopd_ray.learner import deepspeed_config, lr_multiplier
@@ -41,3 +42,40 @@ def test_deepspeed_config_accumulates_micro_batches_into_the_mini_batch():
     assert ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_accumulates_and_communicates_gradients_in_fp32(stage):
+    c = config_from_dict(
+        {
+            **BASE,
+            "model": {**BASE["model"], "dtype": "bfloat16"},
+            "learner": {"zero_stage": stage, "mini_batch_size": 8, "micro_batch_size": 2},
+            "rollout": {"prompts_per_step": 8},
+        }
+    )
+    ds = deepspeed_config(c, world_size=2)
+    assert ds["bf16"]["enabled"] is True
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["communication_data_type"] == "fp32"
+    # DeepSpeed 0.19.8 refuses fp32 accumulation without ZeRO: bf16 stage 0 runs as ZeRO-1.
+    assert ds["zero_optimization"]["stage"] == max(stage, 1)
+    assert "data_types" not in deepspeed_config(cfg(zero_stage=stage), world_size=1)
+
+
+def test_response_lm_returns_the_tempered_response_logits(tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    from eopd_ray.forward import pack, response_logits
+    from eopd_ray.learner import ResponseLM
+
+    student, _ = tiny_pair
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    ids, attention, positions = pack([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], 3)
+    wrapped = ResponseLM(model, temperature=0.5)
+    assert [n for n, _ in wrapped.hf.named_parameters()] == [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        got = wrapped(ids, attention, positions)
+        want = response_logits(model, ids, attention, positions) / 0.5
+    assert got.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
