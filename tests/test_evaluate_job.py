@@ -17,6 +17,10 @@ DATA = REPO / "tests" / "data"
 @pytest.mark.slow
 def test_evaluate_writes_json_markdown_and_samples(tiny_pair, tmp_path):
     out = tmp_path / "eval"
+    same = tmp_path / "same.jsonl"  # four identical problems: four independent samples
+    same.write_text(
+        "".join(json.dumps({"problem": "1 + 1", "answer": "2"}) + "\n" for _ in range(4))
+    )
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "evaluate.py"),
@@ -25,6 +29,7 @@ def test_evaluate_writes_json_markdown_and_samples(tiny_pair, tmp_path):
         "--benchmarks",
         str(DATA / "synthetic_arith.jsonl"),
         str(DATA / "synthetic_sets.jsonl"),
+        str(same),
         "--out",
         str(out),
         "eval.samples_per_problem=4",
@@ -41,7 +46,7 @@ def test_evaluate_writes_json_markdown_and_samples(tiny_pair, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["benchmarks"]) == {"synthetic_arith", "synthetic_sets"}
+    assert set(results["benchmarks"]) == {"synthetic_arith", "synthetic_sets", "same"}
     assert results["benchmarks"]["synthetic_arith"]["problems"] == 3
     assert results["benchmarks"]["synthetic_arith"]["samples"] == 4
     assert set(results["mean"]) == {"avg@2", "pass@2"}
@@ -49,6 +54,9 @@ def test_evaluate_writes_json_markdown_and_samples(tiny_pair, tmp_path):
     assert "| synthetic_sets |" in table and "| mean |" in table
     rows = [json.loads(x) for x in (out / "synthetic_arith.samples.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["completions"]) == 4 for r in rows)
+    same_rows = [json.loads(x) for x in (out / "same.samples.jsonl").read_text().splitlines()]
+    first_samples = [r["completions"][0] for r in same_rows]
+    assert len(set(first_samples)) == 4, first_samples  # a seed per problem and per sample
 
 
 def test_evaluate_rejects_a_bad_benchmark_file(tmp_path):
