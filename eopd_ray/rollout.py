@@ -136,7 +136,9 @@ class VllmEngine:
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0)
         out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-        return [float(lp[tok].logprob) for tok, lp in zip(ids[1:], out.prompt_logprobs[1:])]
+        return [
+            float(lp[tok].logprob) for tok, lp in zip(ids[1:], out.prompt_logprobs[1:], strict=True)
+        ]
 
     def load_weights(self, buckets: Buckets, version: int) -> None:
         """Every bucket of one sync inside ONE start/finish bracket (vllm_transfer.py: why)."""

@@ -60,7 +60,8 @@ with torch.no_grad():
     ids = torch.tensor([prompts[0] + sample.response_ids])
     logits = hf.model(ids).logits[0, len(prompts[0]) - 1 : -1].double() / 0.7
 expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None])
-result["tempered_gap"] = float((torch.tensor(sample.logprobs).double() - expected[:, 0]).abs().max())
+gap = torch.tensor(sample.logprobs).double() - expected[:, 0]
+result["tempered_gap"] = float(gap.abs().max())
 print(json.dumps(result))
 """
 

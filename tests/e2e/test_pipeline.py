@@ -51,11 +51,21 @@ def run(cfg) -> tuple[Pipeline, list[dict]]:
         pipeline.shutdown()
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage):
+@pytest.mark.parametrize(
+    ("zero_stage", "temperature"), [(2, 1.0), (3, 0.7)], ids=["zero2", "zero3-tempered"]
+)
+def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage, temperature):
     out = tmp_path / "run"
     cfg = load_config(
-        TINY, tiny_overrides(tiny_pair, out, "run.steps=2", f"learner.zero_stage={zero_stage}")
+        TINY,
+        tiny_overrides(
+            tiny_pair,
+            out,
+            "run.steps=2",
+            f"learner.zero_stage={zero_stage}",
+            f"rollout.temperature={temperature}",
+            "learner.micro_batch_size=1",  # 2 micro-batches per rank and update
+        ),
     )
     assert cfg.rollout.num_workers == 2 and cfg.learner.num_workers == 2
     pipeline, _ = run(cfg)
@@ -68,8 +78,9 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage)
     assert [r["rollout/weight_version"] for r in rows] == [0, 1]
     assert pipeline.version == 2
     assert load_config(out / "config.yaml") == cfg
-    # pi_old recomputed by the learner agrees with vLLM's sampler (same weights, fp32).
-    assert rows[0]["opd/sampler_gap"] < 1e-3
+    # pi_old recomputed by the learner agrees with vLLM's sampler (same weights, fp32, the same
+    # tempered distribution) at every step, i.e. after every weight sync.
+    assert all(r["opd/sampler_gap"] < 1e-3 for r in rows), [r["opd/sampler_gap"] for r in rows]
     # TensorBoard events sit next to metrics.jsonl.
     assert list(out.glob("events.out.tfevents.*"))
     # Every series the shipped Grafana dashboard plots is a metric the run exports.
@@ -85,7 +96,8 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage)
 def _greedy(pipeline: Pipeline, prompts: list[list[int]]) -> list[list[list[int]]]:
     """Greedy responses from every rollout worker."""
     sampling = Sampling(temperature=0.0, max_new_tokens=12)
-    refs = pipeline.rollout.call_async("generate", prompts, list(range(len(prompts))), 0, sampling)
+    indices = list(range(len(prompts)))
+    refs = pipeline.rollout.call_async("generate", prompts, indices, indices, sampling)
     batches = pipeline.rollout.get(refs, 120, "greedy")
     return [
         [r[m].tolist() for r, m in zip(b.response_ids, b.response_mask, strict=True)]
@@ -106,10 +118,10 @@ def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
         before = _greedy(pipeline, prompts)
         calls_before = pipeline.learner.num_calls + pipeline.rollout.num_calls
         pipeline.step(0)
-        # One step = 2 rollout + 2 train + (2 broadcast + 2 receive) sync calls: the sync's
-        # share is fixed, whatever the number of parameter tensors.
+        # One step = 2 rollout + 2 train + (2 broadcast + 2 receive) sync calls + (2 + 2)
+        # probe calls checking the sync: fixed, whatever the number of parameter tensors.
         calls = pipeline.learner.num_calls + pipeline.rollout.num_calls - calls_before
-        assert calls == 2 + 2 + (2 + 2)
+        assert calls == 2 + 2 + (2 + 2) + (2 + 2)
         after = _greedy(pipeline, prompts)
         buckets = pipeline.learner.get(pipeline.learner.call_async("weight_buckets"), 120, "w")[0]
     finally:

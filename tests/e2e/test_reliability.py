@@ -188,7 +188,7 @@ def test_dead_workers_rollout_and_teacher_recovered_learner_fails_fast(
         from eopd_ray.rollout import Sampling
 
         greedy = Sampling(temperature=0.0, max_new_tokens=8)
-        refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], 0, greedy)
+        refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], [0], greedy)
         a, b = pipeline.rollout.get(refs, 120, "greedy")
         assert torch.equal(a.response_ids, b.response_ids) and a.weight_version == 4
         # A learner holds optimizer state: its death fails the step, naming it and the checkpoint.
