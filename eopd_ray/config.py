@@ -55,6 +55,9 @@ class ModelConfig:
     trust_remote_code: Bool = False  # never on unless the user asks for it
     # Build tiny random models (eopd_ray.toy) at the two paths when they do not exist yet.
     build_tiny: Bool = False
+    # Build the paper-shaped rehearsal assets (eopd_ray.toy.rehearsal) when missing: both
+    # models and data.train_path, beside model.student_path (jobs/configs/rehearsal.yaml).
+    build_rehearsal: Bool = False
 
 
 @dataclass(config=_SECTION)
@@ -228,6 +231,12 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         bool(m.teacher_path),
         "model.teacher_path",
         "required: set it to the teacher's HF model directory",
+    )
+    rule(
+        ("model.build_tiny", "model.build_rehearsal"),
+        not (m.build_tiny and m.build_rehearsal),
+        "model.build_rehearsal",
+        "set at most one of model.build_tiny and model.build_rehearsal",
     )
     seqs = r.prompts_per_step * r.samples_per_prompt
     rule(

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             from eopd_ray.toy.models import ensure_tiny_models
 
             ensure_tiny_models(cfg.model.student_path, cfg.model.teacher_path)
+        if cfg.model.build_rehearsal:
+            from eopd_ray.toy.rehearsal import ensure_rehearsal_for_config
+
+            ensure_rehearsal_for_config(cfg)
         from eopd_ray.pipeline import Pipeline
 
         pipeline = Pipeline(cfg)
