@@ -28,6 +28,7 @@ from eopd_ray.config import Config, save_config
 from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
 from eopd_ray.invariants import (
+    PROBE_TOKENS,
     check_sampler_gap,
     check_teacher_scores,
     check_weights_in_sync,
@@ -110,7 +111,10 @@ class Pipeline:
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
         self._prefetched: _Rollout | None = None  # rollout.async_lag: the next step's rollout
-        self.probe_ids = probe_sequence(self.prompts)
+        # vLLM scores a prompt of at most max_model_len - 1 tokens (one more is generated).
+        self.probe_ids = probe_sequence(
+            self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
+        )
         self.vocab_rows = _scored_vocabulary(cfg)  # bounds the teacher's entropy: ln V
         self.rollout: ActorGroup | None = None
         self.teacher: ActorGroup | None = None

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import load_config
+from eopd_ray.invariants import InvariantError
 from eopd_ray.metrics import read_jsonl
 from eopd_ray.pipeline import Pipeline
 from eopd_ray.workers import WorkerError
@@ -146,7 +147,9 @@ def test_sigterm_checkpoints_then_the_same_command_resumes(tiny_pair, tmp_path):
     assert [r["step"] for r in read_jsonl(metrics)] == list(range(stopped_at + 3))
 
 
-def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pair, tmp_path):
+def test_nan_teacher_stops_the_run_before_training_with_the_teacher_named(
+    local_ray, tiny_pair, tmp_path
+):
     broken = tmp_path / "nan-teacher"
     model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])
     with torch.no_grad():
@@ -159,8 +162,12 @@ def test_non_finite_loss_stops_the_run_with_the_learner_named(local_ray, tiny_pa
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
-        with pytest.raises(WorkerError, match=r"non-finite loss .* step 0"):
+        with pytest.raises(InvariantError, match=r"step 0, teacher\[0\] .*non-finite") as err:
             pipeline.run(progress=False)
+        assert err.value.worker.startswith("teacher[0]")
+        # Stopped inside step 0, before training on the scores: no step was recorded.
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        assert not metrics.exists() or not metrics.read_text().strip()
     finally:
         pipeline.shutdown()
 
