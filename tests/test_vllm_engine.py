@@ -20,79 +20,82 @@ from eopd_ray.config import config_from_dict
 from eopd_ray.rollout import HfEngine, Sampling, VllmEngine
 from eopd_ray.weight_sync import TensorMeta, plan_buckets
 
-path = sys.argv[1]
-cfg = config_from_dict({
-    "model": {"student_path": path, "teacher_path": path}, "data": {"toy_prompts": 8},
-    "rollout": {"max_model_len": 1024, "kv_cache_bytes": 16 * 2**20},
-})
-vllm, hf = VllmEngine(cfg, seed=0), HfEngine(cfg, seed=0)
-greedy = Sampling(temperature=0.0, max_new_tokens=12)
-prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-result = {"greedy": []}
+def check(path):
+    cfg = config_from_dict({
+        "model": {"student_path": path, "teacher_path": path}, "data": {"toy_prompts": 8},
+        "rollout": {"max_model_len": 1024, "kv_cache_bytes": 16 * 2**20},
+    })
+    vllm, hf = VllmEngine(cfg, seed=0), HfEngine(cfg, seed=0)
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    result = {"greedy": []}
 
-def compare():
-    a = [s[0].response_ids for s in vllm.generate(prompts, greedy, [1, 2])]
-    b = [s[0].response_ids for s in hf.generate(prompts, greedy, [1, 2])]
-    probe = prompts[1] + a[1]
-    gap = max(abs(x - y) for x, y in zip(vllm.token_logprobs(probe), hf.token_logprobs(probe)))
-    result["greedy"].append({"vllm": a, "hf": b, "probe_gap": gap})
+    def compare():
+        a = [s[0].response_ids for s in vllm.generate(prompts, greedy, [1, 2])]
+        b = [s[0].response_ids for s in hf.generate(prompts, greedy, [1, 2])]
+        probe = prompts[1] + a[1]
+        gap = max(abs(x - y) for x, y in zip(vllm.token_logprobs(probe), hf.token_logprobs(probe)))
+        result["greedy"].append({"vllm": a, "hf": b, "probe_gap": gap})
 
-compare()
-new = AutoModelForCausalLM.from_pretrained(path)
-torch.manual_seed(0)
-for version, order in ((1, 1), (2, -1)):  # second sync: the buckets in reverse order
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    named = dict(new.named_parameters())
-    metas = [TensorMeta(n, tuple(p.shape), "float32") for n, p in named.items()]
-    plan = plan_buckets(metas, bucket_bytes=64)  # smaller than any tensor: one per bucket
-    buckets = [[(m.name, named[m.name].detach().clone()) for m in b] for b in plan][::order]
-    result["num_buckets"] = len(buckets)
-    vllm.load_weights(buckets, version)
-    hf.load_weights(buckets, version)
     compare()
+    new = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(0)
+    for version, order in ((1, 1), (2, -1)):  # second sync: the buckets in reverse order
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        named = dict(new.named_parameters())
+        metas = [TensorMeta(n, tuple(p.shape), "float32") for n, p in named.items()]
+        plan = plan_buckets(metas, bucket_bytes=64)  # smaller than any tensor: one per bucket
+        buckets = [[(m.name, named[m.name].detach().clone()) for m in b] for b in plan][::order]
+        result["num_buckets"] = len(buckets)
+        vllm.load_weights(buckets, version)
+        hf.load_weights(buckets, version)
+        compare()
 
-same = vllm.generate([prompts[0]] * 4, Sampling(max_new_tokens=16), [11, 12, 13, 14])
-result["identical_prompts"] = [s[0].response_ids for s in same]
-sample = vllm.generate([prompts[0]], Sampling(temperature=0.7, max_new_tokens=8), [5])[0][0]
-with torch.no_grad():
-    ids = torch.tensor([prompts[0] + sample.response_ids])
-    logits = hf.model(ids).logits[0, len(prompts[0]) - 1 : -1].double() / 0.7
-expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None])
-gap = torch.tensor(sample.logprobs).double() - expected[:, 0]
-result["tempered_gap"] = float(gap.abs().max())
-print(json.dumps(result))
+    same = vllm.generate([prompts[0]] * 4, Sampling(max_new_tokens=16), [11, 12, 13, 14])
+    result["identical_prompts"] = [s[0].response_ids for s in same]
+    sample = vllm.generate([prompts[0]], Sampling(temperature=0.7, max_new_tokens=8), [5])[0][0]
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0] + sample.response_ids])
+        logits = hf.model(ids).logits[0, len(prompts[0]) - 1 : -1].double() / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None])
+    gap = torch.tensor(sample.logprobs).double() - expected[:, 0]
+    result["tempered_gap"] = float(gap.abs().max())
+    return result
+
+print(json.dumps([check(path) for path in sys.argv[1:]]))
 """
 
 
-def _run(model_dir) -> dict:
-    # vLLM's in-process engine changes its host process: run it in a child.
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(model_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def three_students(tmp_path_factory, tiny_pair):
-    """Llama (untied), Qwen3 (q/k norms), and a tied-embedding Qwen3."""
+def results(tmp_path_factory, tiny_pair) -> dict[str, dict]:
+    """Llama (untied), Qwen3 (q/k norms) and a tied-embedding Qwen3, checked in one child
+    process (vLLM's in-process engine changes its host process)."""
     root = tmp_path_factory.mktemp("vllm_students")
     tok = build_tokenizer(root / "tok")
     tied = TinyModelSpec(arch="qwen3", hidden_size=64, num_heads=2, tie_word_embeddings=True)
-    return [tiny_pair[0], tiny_pair[1], build_causal_lm(root / "tied", tok, tied, seed=3)]
+    models = {
+        "llama": tiny_pair[0],
+        "qwen3": tiny_pair[1],
+        "qwen3-tied": build_causal_lm(root / "tied", tok, tied, seed=3),
+    }
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, *map(str, models.values())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(zip(models, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["llama", "qwen3", "qwen3-tied"])
-def test_vllm_matches_transformers_after_syncs_in_tiny_buckets(three_students, which):
-    result = _run(three_students[which])
+@pytest.mark.parametrize("which", ["llama", "qwen3", "qwen3-tied"])
+def test_vllm_matches_transformers_after_syncs_in_tiny_buckets(results, which):
+    result = results[which]
     assert result["num_buckets"] > 10
     for stage in result["greedy"]:  # before, after sync 1, after sync 2 (reverse order)
         assert stage["vllm"] == stage["hf"], stage

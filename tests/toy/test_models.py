@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 
-import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eopd_ray.toy.models import TinyModelSpec, build_causal_lm, build_tokenizer
@@ -45,40 +40,3 @@ def test_pair_shares_one_tokenizer_and_vocab_matches(tiny_pair):
         enable_thinking=False,
     )
     assert chat.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-
-
-_VLLM_GREEDY = r"""
-import json, sys, torch
-from vllm import LLM, SamplingParams
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path = sys.argv[1]
-tok = AutoTokenizer.from_pretrained(path)
-prompt = tok("question: what is 12 + 30? answer:")["input_ids"]
-llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
-          kv_cache_memory_bytes=16 * 2**20)
-out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=12, temperature=0))
-model = AutoModelForCausalLM.from_pretrained(path).eval()
-ids = list(prompt)
-with torch.no_grad():
-    for _ in range(12):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-print(json.dumps({"vllm": list(out[0].outputs[0].token_ids), "hf": ids[len(prompt):]}))
-"""
-
-
-@pytest.mark.slow
-def test_vllm_loads_the_tiny_models_and_greedy_matches_hf(tiny_pair):
-    # vLLM's in-process engine changes its host process: run it in a child.
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
-    for model_dir in tiny_pair:
-        proc = subprocess.run(
-            [sys.executable, "-c", _VLLM_GREEDY, str(model_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert result["vllm"] == result["hf"], (model_dir, result)
-        assert len(result["hf"]) == 12
