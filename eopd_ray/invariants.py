@@ -194,8 +194,9 @@ def check_weights_in_sync(
         gap = float((torch.tensor(got, dtype=torch.float64) - expected).abs().mean())
         if not gap <= bound:  # also catches NaN
             raise WeightsOutOfSync(
-                f"{what}: {worker} does not hold the learner's weights: mean |log-prob gap| "
-                f"on the probe sequence is {gap:.4g} (bound {bound:g}, sync.max_logprob_gap). "
+                f"{what} weight sync: {worker} does not hold the learner's weights: mean "
+                f"|log-prob gap| on the probe sequence is {gap:.4g} (bound {bound:g}, "
+                "sync.max_logprob_gap). "
                 "Likely cause: a weight sync that loaded only part of a module or stale "
                 "tensors, or a dtype/kernel mismatch between the engine and the learner "
                 "(model.dtype); the run stopped before training on these rollouts"
