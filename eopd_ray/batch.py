@@ -172,6 +172,20 @@ class RolloutBatch(_Wire):
     def _select_extra(self, rows: list[int]) -> dict[str, Any]:
         return {"finish_reason": tuple(self.finish_reason[i] for i in rows)}
 
+    def trimmed(self) -> RolloutBatch:
+        """The batch cut to its own longest prompt and response (at least one column each):
+        after selecting a few rows of a step, the step's padding columns are dead weight."""
+        p = max(1, int(self.prompt_mask.sum(1).max()))
+        t = max(1, int(self.response_mask.sum(1).max()))
+        return dataclasses.replace(
+            self,
+            prompt_ids=self.prompt_ids[:, :p],
+            prompt_mask=self.prompt_mask[:, :p],
+            response_ids=self.response_ids[:, :t],
+            response_mask=self.response_mask[:, :t],
+            sampler_logprobs=self.sampler_logprobs[:, :t],
+        )
+
     @classmethod
     def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Join batches from several workers; they must share one weight version."""
@@ -226,6 +240,17 @@ class TeacherScores(_Wire):
     @property
     def top_k(self) -> int:
         return self.topk_ids.shape[2]
+
+    def narrowed(self, num_positions: int) -> TeacherScores:
+        """The first `num_positions` response positions (to match a trimmed RolloutBatch)."""
+        t = num_positions
+        return dataclasses.replace(
+            self,
+            token_logprobs=self.token_logprobs[:, :t],
+            entropy=self.entropy[:, :t],
+            topk_ids=self.topk_ids[:, :t],
+            topk_logprobs=self.topk_logprobs[:, :t],
+        )
 
     def check_matches(self, batch: RolloutBatch) -> None:
         """Raise BatchError unless these scores cover exactly `batch`'s response positions."""

@@ -106,6 +106,9 @@ class TeacherConfig:
     cpus_per_worker: PosFloat = 0.5
     top_k: PosInt = 16
     micro_batch_size: PosInt = 8  # sequences per teacher forward
+    # Token budget per teacher forward (count x longest prompt+response, sorted by length);
+    # replaces micro_batch_size when set. Each forward is cut to its own longest sequence.
+    max_tokens_per_micro_batch: PosInt | None = None
     chunk_positions: PosInt = 256  # positions whose (., V) logits are reduced at once
     # The student's EOS is replaced by the teacher's before scoring (Qwen3 base 151643 -> 151645).
     student_eos_token_id: NonNegInt | None = None
@@ -129,6 +132,11 @@ class LearnerConfig:
     grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 disables clipping
     mini_batch_size: PosInt = 8  # sequences per optimizer update, over all ranks
     micro_batch_size: PosInt = 4  # sequences per forward/backward on one rank
+    # Token budget per micro-batch (count x longest prompt+response, after sorting by length);
+    # replaces micro_batch_size when set. Each micro-batch is cut to its own longest sequence.
+    max_tokens_per_micro_batch: PosInt | None = None
+    # Deal each mini-batch's sequences to the ranks by tokens (and attention work), not count.
+    balance_tokens: Bool = True
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
     gradient_checkpointing: Bool = False  # recompute activations in backward (long sequences)
     seed: Int = 0

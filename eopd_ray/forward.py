@@ -39,13 +39,17 @@ def response_hidden_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states at `positions` (B, T, H) of a Hugging Face causal LM."""
+    """Final hidden states at `positions` (B, T, H) of a Hugging Face causal LM; with `valid`
+    (B, T) bool, only the valid positions' states, packed as (1, N, H): whatever follows (LM
+    head, logits, loss) then does no work on padding."""
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, L, H)
     index = positions[..., None].expand(-1, -1, hidden.shape[-1])  # (B, T, H)
-    return hidden.gather(1, index)
+    hidden = hidden.gather(1, index)
+    return hidden if valid is None else hidden[valid][None]  # (1, N, H)
 
 
 def response_logits(
@@ -54,10 +58,12 @@ def response_logits(
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
     temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) that predict each response token, divided by `temperature` (the
-    sampler's: their log-softmax is then the distribution the response was sampled from)."""
-    hidden = response_hidden_states(model, input_ids, attention_mask, positions)
+    sampler's: their log-softmax is then the distribution the response was sampled from).
+    With `valid` (B, T) bool: only those positions' logits, packed as (1, N, V)."""
+    hidden = response_hidden_states(model, input_ids, attention_mask, positions, valid)
     logits = model.get_output_embeddings()(hidden)
     return logits if temperature == 1.0 else logits / temperature
 
@@ -88,6 +94,7 @@ def score_response_tokens(
     temperature: float = 1.0,
     lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     merged_ids: tuple[int, int] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's view of each response token, from one backbone pass: (B, T) log-prob of the
     token, (B, T) full-vocabulary entropy (nats), (B, T, K) top-K ids (int32) and log-probs, all
@@ -103,14 +110,18 @@ def score_response_tokens(
     is logsumexp(logp[keep], logp[drop]), `drop` leaves the top-K, and a target `drop` is scored
     as `keep` (the student's one end token standing for two of the teacher's). The entropy stays
     that of the teacher's own, unmerged distribution.
+
+    `valid` (B, T) bool: score only those positions, returned packed as (1, N, ...).
     """
-    hidden = response_hidden_states(model, input_ids, attention_mask, positions)  # (B, T, H)
+    hidden = response_hidden_states(model, input_ids, attention_mask, positions, valid)
     targets = input_ids.gather(1, (positions + 1).clamp(max=input_ids.shape[1] - 1))  # (B, T)
+    if valid is not None:
+        targets = targets[valid][None]  # (1, N)
     weight, bias = lm_head if lm_head is not None else fp32_lm_head(model, vocab_rows)
     if merged_ids is not None:
         keep, drop = merged_ids
         targets = torch.where(targets == drop, keep, targets)
-    b, t = positions.shape
+    b, t = targets.shape
     token_logprobs = torch.empty(b, t, device=hidden.device)
     entropy = torch.empty(b, t, device=hidden.device)
     topk_ids = torch.empty(b, t, top_k, dtype=torch.int32, device=hidden.device)

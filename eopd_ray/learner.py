@@ -48,6 +48,7 @@ from collections.abc import Iterator
 import torch
 
 from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.batching import count_micro_batches
 from eopd_ray.config import Config, total_updates
 from eopd_ray.errors import EopdError
 from eopd_ray.forward import pack, response_logits, rows_of
@@ -160,10 +161,12 @@ class ResponseLM(torch.nn.Module):
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         temperature: float | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`temperature` None: the sampling temperature given at construction."""
+        """`temperature` None: the sampling temperature given at construction. `valid` (B, T):
+        only those positions' logits, packed as (1, N, V)."""
         t = self.temperature if temperature is None else temperature
-        return response_logits(self.hf, input_ids, attention_mask, positions, t)
+        return response_logits(self.hf, input_ids, attention_mask, positions, t, valid)
 
 
 class LearnerWorker:
@@ -261,20 +264,45 @@ class LearnerWorker:
 
     # --- training ------------------------------------------------------------------------------
 
-    def _micro_batches(self, num_sequences: int) -> Iterator[tuple[int, list[int]]]:
-        """(update index, rows of the shard) of each micro-batch, in update order."""
+    def _fixed_plan(self, num_sequences: int) -> list[list[list[int]]]:
+        """The plan without one from the driver: the shard holds each update's rows as one
+        contiguous block of mini_batch_size / world_size, cut into fixed counts."""
         lrn = self.cfg.learner
         per_rank = lrn.mini_batch_size // self.world_size
-        for start in range(0, num_sequences, lrn.micro_batch_size):
-            yield start // per_rank, list(range(start, start + lrn.micro_batch_size))
+        return [
+            count_micro_batches(range(start, start + per_rank), lrn.micro_batch_size)
+            for start in range(0, num_sequences, per_rank)
+        ]
+
+    def _micro_batch(
+        self, shard: RolloutBatch, scores: TeacherScores | None, rows: list[int]
+    ) -> tuple[RolloutBatch, TeacherScores | None]:
+        """Rows of the shard; under a token budget cut to their own longest sequence."""
+        mb = shard.select(rows)
+        mb_scores = scores.select(rows) if scores is not None else None
+        if self._budgeted:
+            mb = mb.trimmed()
+            if mb_scores is not None:
+                mb_scores = mb_scores.narrowed(mb.response_ids.shape[1])
+        return mb, mb_scores
+
+    @property
+    def _budgeted(self) -> bool:
+        return self.cfg.learner.max_tokens_per_micro_batch is not None
 
     def _logits(self, batch: RolloutBatch) -> torch.Tensor:
-        """Tempered response logits (b, T, V), through the engine (see the module docstring)."""
+        """Tempered response logits through the engine (see the module docstring): (b, T, V),
+        or under a token budget only the real response positions', packed as (1, N, V)."""
         device = self.engine.device
         prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
         responses = rows_of(batch.response_ids, batch.response_mask)
         ids, attention, positions = pack(prompts, responses, batch.response_ids.shape[1])
-        return self.engine(ids.to(device), attention.to(device), positions.to(device))
+        valid = batch.response_mask.to(device) if self._budgeted else None
+        return self.engine(ids.to(device), attention.to(device), positions.to(device), valid=valid)
+
+    def _packed(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(b, T, ...) -> what matches `_logits`: itself, or under a budget (1, N, ...)."""
+        return x[mask][None] if self._budgeted else x
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -289,20 +317,29 @@ class LearnerWorker:
         finally:
             self.engine.train(was_training)
 
-    def _recompute_old_logprobs(self, shard: RolloutBatch) -> torch.Tensor:
-        """log pi_old of the sampled tokens (tempered), in eval mode."""
+    def _recompute_old_logprobs(
+        self, shard: RolloutBatch, plan: list[list[list[int]]]
+    ) -> torch.Tensor:
+        """log pi_old of the sampled tokens (tempered), in eval mode, micro-batch by micro-batch
+        as `plan` cuts them (empty ones too: every rank runs the same number of forwards)."""
         out = torch.zeros_like(shard.sampler_logprobs)
-        size = self.cfg.learner.micro_batch_size
         with self._eval_mode():
-            for start in range(0, shard.num_sequences, size):
-                mb = shard.select(list(range(start, min(start + size, shard.num_sequences))))
+            for rows in (mb for update in plan for mb in update):
+                mb, _ = self._micro_batch(shard, None, rows or [0])
                 logits = self._logits(mb)
-                lp, _ = student_logprobs_at(
-                    logits,
-                    mb.response_ids.to(logits.device)[..., None],
-                    self.cfg.loss.chunk_positions,
-                )
-                out[start : start + size] = lp[..., 0].float().cpu() * mb.response_mask
+                if not rows:
+                    continue  # a placeholder: the forward only keeps ZeRO-3's gathers in step
+                mask = mb.response_mask
+                ids = self._packed(mask, mb.response_ids).to(logits.device)
+                lp, _ = student_logprobs_at(logits, ids[..., None], self.cfg.loss.chunk_positions)
+                lp = lp[..., 0].float().cpu()
+                t = mb.response_ids.shape[1]
+                if self._budgeted:  # packed: back to the rows' valid positions
+                    block = torch.zeros(mask.shape)
+                    block[mask] = lp[0]
+                    out[rows, :t] = block
+                else:
+                    out[rows, :t] = lp * mask
         return out
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -323,18 +360,26 @@ class LearnerWorker:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def train_step(
-        self, shard: RolloutBatch, scores: TeacherScores, tokens_per_update: list[int]
+        self,
+        shard: RolloutBatch,
+        scores: TeacherScores,
+        tokens_per_update: list[int],
+        plan: list[list[list[int]]] | None = None,
     ) -> list[dict[str, float]]:
-        """All optimizer updates of one step on this rank's shard. Returns one metrics dict per
-        micro-batch (the driver reduces them over micro-batches and ranks)."""
+        """All optimizer updates of one step on this rank's shard. `plan[u]` lists update u's
+        micro-batches as rows of the shard (the driver's eopd_ray.batching plan; [] = a
+        zero-weight placeholder keeping the ranks' collectives in step); None: fixed counts of
+        contiguous rows. Returns one metrics dict per micro-batch (the driver reduces them over
+        micro-batches and ranks)."""
         cfg = self.cfg
         started = time.perf_counter()
         scores.check_matches(shard)
+        plan = plan if plan is not None else self._fixed_plan(shard.num_sequences)
         self.engine.train()
         old = shard.sampler_logprobs
         gap = 0.0
         if cfg.learner.old_logprobs == "recompute":
-            old = self._recompute_old_logprobs(shard)
+            old = self._recompute_old_logprobs(shard, plan)
             mask = shard.response_mask
             gap = float((old - shard.sampler_logprobs).abs()[mask].sum())
         fn = LOSSES[cfg.loss.name]
@@ -348,47 +393,64 @@ class LearnerWorker:
             generator=gen,
         )
         results = []
-        for update, rows in self._micro_batches(shard.num_sequences):
-            mb, mb_scores = shard.select(rows), scores.select(rows)
-            logits = self._logits(mb)
-            device = logits.device
-            inputs = LossInputs(
-                student_logits=logits,
-                response_ids=mb.response_ids.to(device),
-                response_mask=mb.response_mask.to(device),
-                old_logprobs=old[rows].to(device),
-                teacher_logprobs=mb_scores.token_logprobs.to(device),
-                teacher_entropy=mb_scores.entropy.to(device),
-                teacher_topk_ids=mb_scores.topk_ids.to(device),
-                teacher_topk_logprobs=mb_scores.topk_logprobs.to(device),
-            )
-            out = fn(
-                inputs, num_valid_tokens=tokens_per_update[update], **loss_hyperparameters(fn, **hp)
-            )
-            if not torch.isfinite(out.loss):
-                raise EopdError(
-                    f"learner[{self.rank}]: non-finite loss ({float(out.loss)}) at step "
-                    f"{self.step}, update {update}; no update was applied. Check the teacher's "
-                    f"scores and learner.lr ({cfg.learner.lr})"
+        for update, micro_batches in enumerate(plan):
+            for index, rows in enumerate(micro_batches):
+                boundary = index == len(micro_batches) - 1
+                # Micro-batch counts may differ between updates: say where the update ends.
+                self.engine.set_gradient_accumulation_boundary(boundary)
+                mb, mb_scores = self._micro_batch(shard, scores, rows or [0])
+                logits = self._logits(mb)
+                device = logits.device
+                t = mb.response_ids.shape[1]
+                mask = mb.response_mask
+
+                def packed(x: torch.Tensor, mask=mask, device=device) -> torch.Tensor:
+                    return self._packed(mask, x).to(device)
+
+                inputs = LossInputs(
+                    student_logits=logits,
+                    response_ids=packed(mb.response_ids),
+                    response_mask=packed(mask),
+                    old_logprobs=packed(old[rows or [0], :t]),
+                    teacher_logprobs=packed(mb_scores.token_logprobs),
+                    teacher_entropy=packed(mb_scores.entropy),
+                    teacher_topk_ids=packed(mb_scores.topk_ids),
+                    teacher_topk_logprobs=packed(mb_scores.topk_logprobs),
                 )
-            # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
-            self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it before the step.
-            unclipped_norm = (
-                self._gradient_norm() if boundary and deepspeed_zero_stage(cfg) == 0 else None
-            )
-            self.engine.step()
-            metrics = dict(out.metrics, update=float(update))
-            if boundary:
-                norm = self.engine.get_global_grad_norm()
-                metrics["learner/grad_norm"] = float(norm if norm is not None else unclipped_norm)
-                metrics["learner/lr"] = float(self.engine.get_lr()[0])
-            results.append(metrics)
+                out = fn(
+                    inputs,
+                    num_valid_tokens=tokens_per_update[update],
+                    **loss_hyperparameters(fn, **hp),
+                )
+                if not torch.isfinite(out.loss):
+                    raise EopdError(
+                        f"learner[{self.rank}]: non-finite loss ({float(out.loss)}) at step "
+                        f"{self.step}, update {update}; no update was applied. Check the "
+                        f"teacher's scores and learner.lr ({cfg.learner.lr})"
+                    )
+                # DeepSpeed averages gradients over ranks; the loss is already a global
+                # token-mean. A placeholder contributes a zero gradient.
+                weight = self.world_size if rows else 0.0
+                self.engine.backward(out.loss * weight, scale_wrt_gas=False)
+                # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it first.
+                unclipped_norm = (
+                    self._gradient_norm() if boundary and deepspeed_zero_stage(cfg) == 0 else None
+                )
+                self.engine.step()
+                metrics = dict(out.metrics, update=float(update)) if rows else {}
+                if boundary:
+                    norm = self.engine.get_global_grad_norm()
+                    metrics["learner/grad_norm"] = float(
+                        norm if norm is not None else unclipped_norm
+                    )
+                    metrics["learner/lr"] = float(self.engine.get_lr()[0])
+                if metrics:
+                    results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap
         self.step += 1
         self.metrics.throughput("train", shard.num_response_tokens, started)
-        self.metrics.set("train/loss", sum(r["loss/total"] for r in results) / len(results))
+        losses = [r["loss/total"] for r in results if "loss/total" in r]
+        self.metrics.set("train/loss", sum(losses) / max(1, len(losses)))
         return results
 
     # --- weight sync ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.batching import MicroBatches, plan_step, rank_imbalance, rank_share
 from eopd_ray.config import Config, save_config
 from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
@@ -79,15 +80,16 @@ class _Rollout:
     parts: list[RolloutBatch] | None = field(default=None)
 
 
-def _scored_vocabulary(cfg: Config) -> int:
-    """Rows of the vocabulary the teacher scores over: those both models have."""
+def _student_shape(cfg: Config) -> tuple[int, int]:
+    """(vocabulary rows the teacher scores over, those both models have; student hidden size)."""
     from transformers import AutoConfig
 
     remote = cfg.model.trust_remote_code
-    return min(
-        AutoConfig.from_pretrained(path, trust_remote_code=remote).vocab_size
+    student, teacher = (
+        AutoConfig.from_pretrained(path, trust_remote_code=remote)
         for path in (cfg.model.student_path, cfg.model.teacher_path)
     )
+    return min(student.vocab_size, teacher.vocab_size), student.hidden_size
 
 
 @contextmanager
@@ -115,7 +117,9 @@ class Pipeline:
         self.probe_ids = probe_sequence(
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
         )
-        self.vocab_rows = _scored_vocabulary(cfg)  # bounds the teacher's entropy: ln V
+        self.vocab_rows, hidden = _student_shape(cfg)  # vocab rows bound the entropy: ln V
+        # Attention work per token relative to the linear layers' grows as L / (6 * hidden).
+        self.attention_weight = 1.0 / (6 * hidden)
         self.rollout: ActorGroup | None = None
         self.teacher: ActorGroup | None = None
         self.learner: ActorGroup | None = None
@@ -288,26 +292,19 @@ class Pipeline:
         return scores
 
     def _train(self, batch: RolloutBatch, scores: TeacherScores, step: int) -> dict[str, float]:
-        """Shard so that update u uses rows [u*M, (u+1)*M) of the step, split over the ranks."""
-        m = self.cfg.learner.mini_batch_size
-        n = len(self.learner)
-        per_rank = m // n
-        num_updates = batch.num_sequences // m
+        """Update u uses rows [u*M, (u+1)*M) of the step; eopd_ray.batching deals them to the
+        ranks and cuts micro-batches; each rank gets its rows and its plan in shard rows."""
+        lrn = self.cfg.learner
+        num_updates = batch.num_sequences // lrn.mini_batch_size
+        plan = self._learner_plan(batch, num_updates)
         args = []
-        for rank in range(n):
-            rows = [
-                u * m + rank * per_rank + i for u in range(num_updates) for i in range(per_rank)
+        for rank in range(len(self.learner)):
+            rows, rank_plan = rank_share(plan, rank)
+            m = lrn.mini_batch_size
+            tokens = [
+                int(batch.response_mask[u * m : (u + 1) * m].sum()) for u in range(num_updates)
             ]
-            args.append(
-                (
-                    batch.select(rows),
-                    scores.select(rows),
-                    [
-                        int(batch.response_mask[u * m : (u + 1) * m].sum())
-                        for u in range(num_updates)
-                    ],
-                )
-            )
+            args.append((batch.select(rows), scores.select(rows), tokens, rank_plan))
         try:
             per_rank_metrics = self.learner.get(
                 self.learner.call_each_async("train_step", args),
@@ -319,7 +316,23 @@ class Pipeline:
             ckpt = checkpoint.latest(self.cfg)
             where = f"resume from {ckpt.path} (run.resume=auto)" if ckpt else "no checkpoint yet"
             raise WorkerError(f"{exc}; {where}") from exc
-        return reduce_learner_metrics(per_rank_metrics, num_updates)
+        metrics = reduce_learner_metrics(per_rank_metrics, num_updates)
+        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+        metrics["train/rank_imbalance"] = rank_imbalance(plan, lengths)
+        return metrics
+
+    def _learner_plan(self, batch: RolloutBatch, num_updates: int) -> list[list[MicroBatches]]:
+        lrn = self.cfg.learner
+        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+        return plan_step(
+            lengths,
+            num_updates,
+            len(self.learner),
+            lrn.micro_batch_size,
+            lrn.max_tokens_per_micro_batch,
+            balance=lrn.balance_tokens,
+            attention_weight=self.attention_weight,
+        )
 
     def _sync(self, step: int) -> None:
         """Send the new weights to every rollout worker; all must report version v + 1."""

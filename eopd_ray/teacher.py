@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.batching import budget_micro_batches, count_micro_batches
 from eopd_ray.config import Config
 from eopd_ray.data import render_prompt
 from eopd_ray.errors import EopdError
@@ -155,6 +156,22 @@ class TeacherWorker:
             return responses
         return [[dst if tok == src else tok for tok in r] for r in responses]
 
+    @property
+    def _budgeted(self) -> bool:
+        return self.cfg.teacher.max_tokens_per_micro_batch is not None
+
+    def _micro_batches(
+        self, prompts: list[list[int]], responses: list[list[int]]
+    ) -> list[list[int]]:
+        """Rows of each forward: `teacher.max_tokens_per_micro_batch` tokens (padded, sorted by
+        length) when set, else `teacher.micro_batch_size` rows in order."""
+        t_cfg = self.cfg.teacher
+        rows = range(len(prompts))
+        if not self._budgeted:
+            return count_micro_batches(rows, t_cfg.micro_batch_size)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        return budget_micro_batches(rows, lengths, t_cfg.max_tokens_per_micro_batch)
+
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherScores:
         started = time.perf_counter()
@@ -166,9 +183,14 @@ class TeacherWorker:
         entropy = torch.zeros(b, t)
         topk_ids = torch.zeros(b, t, k, dtype=torch.int32)
         topk_logprobs = torch.zeros(b, t, k)
-        for start in range(0, b, t_cfg.micro_batch_size):
-            rows = slice(start, start + t_cfg.micro_batch_size)
-            input_ids, attention, positions = pack(prompts[rows], responses[rows], t)
+        for rows in self._micro_batches(prompts, responses):
+            # Under a token budget each forward is cut to its own longest response.
+            width = max(len(responses[r]) for r in rows) if self._budgeted else t
+            # Under a token budget only the real response positions reach the LM head.
+            valid = batch.response_mask[rows, : max(1, width)] if self._budgeted else None
+            input_ids, attention, positions = pack(
+                [prompts[r] for r in rows], [responses[r] for r in rows], max(1, width)
+            )
             scored = score_response_tokens(
                 self.model,
                 input_ids.to(self.device),
@@ -180,10 +202,19 @@ class TeacherWorker:
                 temperature=self.cfg.rollout.temperature,
                 lm_head=self.lm_head,
                 merged_ids=self.merged_ids,
+                valid=valid.to(self.device) if valid is not None else None,
             )
-            token_logprobs[rows], entropy[rows], topk_ids[rows], topk_logprobs[rows] = (
-                x.cpu() for x in scored
-            )
+            index = torch.tensor(rows)
+            w = positions.shape[1]
+            for out, value in zip(
+                (token_logprobs, entropy, topk_ids, topk_logprobs), scored, strict=True
+            ):
+                if valid is None:
+                    out[index, :w] = value.cpu()
+                else:  # packed (1, N, ...): back to the rows' valid positions
+                    block = out[index, :w]
+                    block[valid] = value[0].cpu()
+                    out[index, :w] = block
         mask = batch.response_mask
         self.metrics.throughput("teacher", batch.num_response_tokens, started)
         return TeacherScores(  # padding is 0 (torch.where: a non-finite value there stays out)

@@ -41,6 +41,12 @@ FP32_CASES = [
     for checkpointing in (False, True)
 ]
 BF16_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
+# Token-budget plans (eopd_ray.batching), each micro-batch cut to its own longest sequence:
+# "split" (budget 17, ranks by count) gives the ranks 3 and 4 micro-batches, so one splits;
+# "balanced" (budget 20, ranks by tokens) deals rows by length; "placeholder" (a hand plan)
+# leaves rank 1 with 3 sequences for 5 micro-batches: 2 zero-weight placeholders.
+BUDGET_PLANS = ("split", "balanced", "placeholder")
+BUDGET_CASES = [(stage, plan) for stage in (0, 1, 2, 3) for plan in BUDGET_PLANS]
 
 # fp32: the update is read back as (weights before - weights after) / LR in fp32, which for a
 # norm weight near 1 has a resolution of ~6e-8 against gradients of ~1e-2 (measured 7.4e-6);
@@ -54,7 +60,14 @@ FP32_TOL = 1e-4
 BF16_TOL = 5e-2
 
 
-def _config(student: str, stage: int, micro: int, checkpointing: bool, dtype: str):
+def _config(
+    student: str,
+    stage: int,
+    micro: int,
+    checkpointing: bool,
+    dtype: str,
+    max_tokens: int | None = None,
+):
     from eopd_ray.config import config_from_dict
 
     return config_from_dict(
@@ -72,6 +85,7 @@ def _config(student: str, stage: int, micro: int, checkpointing: bool, dtype: st
                 "mini_batch_size": MINI_BATCH,
                 "micro_batch_size": micro,
                 "gradient_checkpointing": checkpointing,
+                "max_tokens_per_micro_batch": max_tokens,
             },
             "loss": {"name": "eopd", "chunk_positions": 3},
             "run": {"steps": 1},
@@ -114,6 +128,19 @@ def _synthetic_batch(vocab: int, seed: int = 0):
         topk_logprobs=topk_logprobs * m[..., None],
     )
     return batch, scores
+
+
+def _budget_plan(batch, kind: str):
+    """(the step's plan, the config's learner.max_tokens_per_micro_batch) for a BUDGET_PLANS
+    kind."""
+    from eopd_ray.batching import equalize_counts, plan_step
+
+    lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+    if kind == "placeholder":
+        per_rank = [[[0], [1], [2], [3], [4]], [[5], [6], [7]]]
+        return [equalize_counts(per_rank, lengths)], 12
+    budget, balance = {"split": (17, False), "balanced": (20, True)}[kind]
+    return plan_step(lengths, 1, WORLD, 1, budget, balance=balance), budget
 
 
 def _shard(batch, scores, rank: int):
@@ -194,6 +221,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         torch.optim.AdamW = SGDAsAdamW  # this process only
         from transformers import AutoConfig
 
+        from eopd_ray.batching import rank_share
         from eopd_ray.learner import LearnerWorker, deepspeed_config
 
         batch, scores = _synthetic_batch(AutoConfig.from_pretrained(student).vocab_size)
@@ -227,14 +255,35 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             engine.destroy()
             del worker, engine
 
+        tokens = [int(batch.response_mask.sum())]  # one update: the global valid tokens
+        for stage, kind in BUDGET_CASES:
+            plan, budget = _budget_plan(batch, kind)
+            rows, rank_plan = rank_share(plan, rank)
+            cfg = _config(student, stage, 1, False, "float32", budget)
+            worker = LearnerWorker(cfg, rank, WORLD)
+            worker.setup("127.0.0.1", port)
+            before = _full_params(worker, "float32")
+            metrics = worker.train_step(batch.select(rows), scores.select(rows), tokens, rank_plan)
+            after = _full_params(worker, "float32")
+            results["updates"][(stage, kind)] = {
+                "grad": {n: (before[n] - after[n]) / LR for n in before},
+                "boundaries": sum("learner/grad_norm" in m for m in metrics),
+                "micro_batches": len(rank_plan[0]),
+                "placeholders": sum(not mb for mb in rank_plan[0]),
+                "seconds": 0.0,
+            }
+            worker.engine.destroy()
+            del worker
+
         # pi_old of a model with dropout: recomputed in eval mode, deterministic, and the
         # engine is back in train mode for the updates.
         cfg = _config(dropout_student, 3, 2, False, "float32")
         worker = LearnerWorker(cfg, rank, WORLD)
         worker.setup("127.0.0.1", port)
         worker.engine.train()
-        first = worker._recompute_old_logprobs(shard)
-        second = worker._recompute_old_logprobs(shard)
+        fixed = worker._fixed_plan(shard.num_sequences)
+        first = worker._recompute_old_logprobs(shard, fixed)
+        second = worker._recompute_old_logprobs(shard, fixed)
         results["dropout"] = {
             "path": dropout_student,
             "first": first,
@@ -380,6 +429,22 @@ def _check(results, reference, key, tol) -> float:
 def test_applied_update_is_the_global_token_mean_gradient(learner_run, stage, micro, checkpointing):
     results, reference, _ = learner_run
     _check(results, reference, (stage, micro, checkpointing, "float32"), FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind"), BUDGET_CASES, ids=[f"zero{s}-{k}" for s, k in BUDGET_CASES]
+)
+def test_token_budget_plans_apply_the_same_gradient(learner_run, stage, kind):
+    """Sorted, trimmed, length-balanced micro-batches, unequal counts equalized by splitting or
+    by zero-weight placeholders: still exactly the global token-mean gradient."""
+    results, reference, _ = learner_run
+    info = results["updates"][(stage, kind)]
+    assert info["boundaries"] == 1
+    if kind == "placeholder":
+        assert info["micro_batches"] == 5 and info["placeholders"] == 0  # rank 0's share
+    errors = {n: _relative_error(info["grad"][n], reference[n]) for n in reference}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= FP32_TOL, f"{stage}, {kind}: {worst} off by {errors[worst]:.3g}"
 
 
 @pytest.mark.parametrize("stage", [stage for stage, _, _ in BF16_CASES])

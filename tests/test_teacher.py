@@ -202,3 +202,17 @@ def test_start_up_checks_name_the_key_and_the_fix(tiny_pair, tmp_path):
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(EopdError, match="no chat template"):
         check_model_pair(make_cfg((tiny_pair[0], plain), data={"teacher_template": "chat"}))
+
+
+def test_token_budget_scores_equal_fixed_micro_batches(tiny_pair):
+    """Sorted, budgeted forwards that put only real positions through the LM head give the same
+    scores as fixed micro-batches over the full padded width."""
+    batch = ragged_batch(plen=(5, 3, 4, 2, 6, 3), rlen=(7, 2, 5, 1, 7, 4), seed=3)
+    fixed = TeacherWorker(make_cfg(tiny_pair, micro_batch_size=4), 0)
+    budget = TeacherWorker(make_cfg(tiny_pair, max_tokens_per_micro_batch=16), 0)
+    groups = budget._micro_batches(budget._teacher_prompts(batch), budget._teacher_responses(batch))
+    assert len(groups) > 2  # several budgeted forwards, rows reordered by length
+    a, b = fixed.score(batch), budget.score(batch)
+    for name in ("token_logprobs", "entropy", "topk_logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)
+    assert torch.equal(a.topk_ids, b.topk_ids)

@@ -1,0 +1,176 @@
+"""How a step's sequences are cut into per-rank shards and micro-batches: pure functions from
+sequence lengths to plans (no torch, Ray or DeepSpeed), tested like the loss.
+
+    plan = plan_step(lengths, response_lengths, num_updates=4, num_ranks=2,
+                     max_tokens_per_micro_batch=16384, attention_weight=1 / (6 * 2048))
+    plan[update][rank] -> list of micro-batches, each a list of step rows
+
+Why: real responses are ragged (a few hundred tokens to the 4,096 cap). A fixed count of
+sequences per micro-batch, padded to the step's longest response, spends most FLOPs and logits
+memory on padding; equal sequence counts per rank leave the rank with the long tail setting the
+pace. Here:
+
+- **Balanced ranks.** Each update's sequences are dealt to the ranks longest first, each to the
+  rank with the least work so far (LPT scheduling), where a sequence of L tokens costs
+  L * (1 + attention_weight * L): the linear layers grow with L, attention with L^2.
+- **Token-budget micro-batches.** A rank's sequences of one update, sorted by length, are grouped
+  so that each micro-batch's padded size (its count x its longest sequence) stays within
+  `max_tokens_per_micro_batch`; a longer sequence gets a micro-batch of its own. Consumers cut
+  each micro-batch to its own longest sequence (`trim`), so no LM-head row, logit or loss term
+  is spent on padding. `max_tokens_per_micro_batch=None` keeps fixed counts.
+- **The same number of micro-batches on every rank** for each update: under ZeRO-3 every forward
+  gathers parameters and under ZeRO-2/3 every backward reduces gradients, collectives all ranks
+  must join. A rank with fewer micro-batches splits its largest ones; a rank with fewer
+  sequences than that gets empty micro-batches (the learner runs them as zero-weight forwards).
+
+The loss stays exact: every micro-batch loss is divided by the mini-batch's GLOBAL token count,
+so how rows are grouped changes only the floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+# One rank's micro-batches for one update: lists of step rows ([] = a zero-weight placeholder).
+MicroBatches = list[list[int]]
+
+
+def sequence_cost(length: int, attention_weight: float) -> float:
+    """Forward/backward work of one sequence of `length` tokens, in token units."""
+    return length * (1.0 + attention_weight * length)
+
+
+def balance_ranks(
+    rows: Sequence[int], lengths: Sequence[int], num_ranks: int, attention_weight: float = 0.0
+) -> list[list[int]]:
+    """Deal `rows` to `num_ranks` ranks so that their total costs are as even as LPT makes them
+    (within the largest single sequence's cost of each other). Every rank gets at least one row
+    when there are at least as many rows as ranks."""
+    order = sorted(rows, key=lambda r: (-lengths[r], r))
+    heap = [(0.0, 0, rank) for rank in range(num_ranks)]  # (cost, rows, rank)
+    shards: list[list[int]] = [[] for _ in range(num_ranks)]
+    for row in order:
+        cost, count, rank = heapq.heappop(heap)
+        shards[rank].append(row)
+        cost += sequence_cost(lengths[row], attention_weight)
+        heapq.heappush(heap, (cost, count + 1, rank))
+    return shards
+
+
+def budget_micro_batches(
+    rows: Sequence[int], lengths: Sequence[int], max_tokens: int
+) -> MicroBatches:
+    """Sorted by length, longest first, cut into consecutive groups whose count x longest length
+    stays <= `max_tokens` (a longer sequence alone): the fewest groups, and among those the
+    least padding (dynamic programming over the cut points, O(n^2) for n rows)."""
+    order = sorted(rows, key=lambda r: (-lengths[r], r))
+    n = len(order)
+    # best[j]: (groups, padded tokens - real tokens, start of the last group) for order[:j]
+    best: list[tuple[int, int, int]] = [(0, 0, 0)] + [(n + 1, 0, 0)] * n
+    for j in range(1, n + 1):
+        real = 0
+        for i in range(j - 1, -1, -1):  # last group = order[i:j], its longest is order[i]
+            real += lengths[order[i]]
+            size = (j - i) * lengths[order[i]]
+            if size > max_tokens and j - i > 1:
+                break  # longer groups only grow
+            count, pad, _ = best[i]
+            candidate = (count + 1, pad + size - real, i)
+            if candidate[:2] < best[j][:2]:
+                best[j] = candidate
+    out: MicroBatches = []
+    j = n
+    while j > 0:
+        i = best[j][2]
+        out.append(order[i:j])
+        j = i
+    return out[::-1]
+
+
+def count_micro_batches(rows: Sequence[int], size: int) -> MicroBatches:
+    """Fixed counts: `size` rows per micro-batch, in the given order."""
+    rows = list(rows)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def padded_tokens(micro_batch: Sequence[int], lengths: Sequence[int]) -> int:
+    """Positions a micro-batch cut to its own longest sequence computes."""
+    return len(micro_batch) * max((lengths[r] for r in micro_batch), default=0)
+
+
+def equalize_counts(per_rank: list[MicroBatches], lengths: Sequence[int]) -> list[MicroBatches]:
+    """Give every rank the same number of micro-batches: split a rank's largest (padded)
+    micro-batch in two, longest half first, until it has as many as the busiest rank; pad with
+    empty micro-batches when every one left is a single sequence."""
+    target = max(len(mbs) for mbs in per_rank)
+    out = []
+    for mbs in per_rank:
+        mbs = [list(mb) for mb in mbs]
+        while len(mbs) < target:
+            splittable = [i for i, mb in enumerate(mbs) if len(mb) > 1]
+            if not splittable:
+                mbs += [[] for _ in range(target - len(mbs))]
+                break
+            i = max(splittable, key=lambda j: padded_tokens(mbs[j], lengths))
+            mb = mbs.pop(i)
+            half = (len(mb) + 1) // 2
+            mbs[i:i] = [mb[:half], mb[half:]]
+        out.append(mbs)
+    return out
+
+
+def plan_step(
+    lengths: Sequence[int],
+    num_updates: int,
+    num_ranks: int,
+    micro_batch_size: int,
+    max_tokens_per_micro_batch: int | None = None,
+    balance: bool = True,
+    attention_weight: float = 0.0,
+) -> list[list[MicroBatches]]:
+    """plan[update][rank] = that rank's micro-batches of that update, as step rows.
+
+    `lengths[i]`: the tokens row i of the step puts through the model (prompt + response).
+    Update u takes rows [u * M, (u + 1) * M), M = len(lengths) / num_updates (the mini-batch).
+    balance=False deals each update's rows to ranks in equal contiguous blocks (the layout
+    without balancing); max_tokens_per_micro_batch=None cuts fixed counts of micro_batch_size.
+    """
+    total = len(lengths)
+    if total % num_updates:
+        raise ValueError(f"{total} sequences do not split into {num_updates} equal mini-batches")
+    m = total // num_updates
+    plan = []
+    for u in range(num_updates):
+        rows = list(range(u * m, (u + 1) * m))
+        if balance:
+            shards = balance_ranks(rows, lengths, num_ranks, attention_weight)
+        else:
+            per_rank = m // num_ranks
+            shards = [rows[r * per_rank : (r + 1) * per_rank] for r in range(num_ranks)]
+        if max_tokens_per_micro_batch is None:
+            per_rank_mbs = [count_micro_batches(s, micro_batch_size) for s in shards]
+        else:
+            per_rank_mbs = [
+                budget_micro_batches(s, lengths, max_tokens_per_micro_batch) for s in shards
+            ]
+        plan.append(equalize_counts(per_rank_mbs, lengths))
+    return plan
+
+
+def rank_share(plan: list[list[MicroBatches]], rank: int) -> tuple[list[int], list[MicroBatches]]:
+    """(step rows of `rank`, in plan order; its plan in positions of those rows): what one
+    learner rank receives."""
+    rows = [r for update in plan for mb in update[rank] for r in mb]
+    local = {row: i for i, row in enumerate(rows)}
+    return rows, [[[local[r] for r in mb] for mb in update[rank]] for update in plan]
+
+
+def rank_imbalance(plan: list[list[MicroBatches]], lengths: Sequence[int]) -> float:
+    """max / min - 1 of the ranks' real tokens over the whole step (0 = perfectly even)."""
+    num_ranks = len(plan[0])
+    tokens = [
+        sum(lengths[r] for update in plan for mb in update[rank] for r in mb)
+        for rank in range(num_ranks)
+    ]
+    return max(tokens) / max(1, min(tokens)) - 1.0
