@@ -179,6 +179,8 @@ class LearnerWorker:
         self.buckets: list[list[TensorMeta]] = []
         self.step = 0
         self.metrics = WorkerMetrics("learner", rank)
+        # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
+        self._early_old: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def free_address(self) -> tuple[str, int]:
         """This node's address and a free port (rank 0 hosts the rendezvous)."""
@@ -317,6 +319,11 @@ class LearnerWorker:
         finally:
             self.engine.train(was_training)
 
+    def recompute_old_logprobs(self, shard: RolloutBatch, plan: list[list[list[int]]]) -> None:
+        """Recompute pi_old of the shard the next `train_step` will get (with the same plan),
+        before the teacher's scores exist: the driver overlaps it with teacher scoring."""
+        self._early_old = (shard.response_ids, self._recompute_old_logprobs(shard, plan))
+
     def _recompute_old_logprobs(
         self, shard: RolloutBatch, plan: list[list[list[int]]]
     ) -> torch.Tensor:
@@ -377,9 +384,14 @@ class LearnerWorker:
         plan = plan if plan is not None else self._fixed_plan(shard.num_sequences)
         self.engine.train()
         old = shard.sampler_logprobs
-        gap = 0.0
+        gap, overlapped = 0.0, 0.0
         if cfg.learner.old_logprobs == "recompute":
-            old = self._recompute_old_logprobs(shard, plan)
+            early, self._early_old = self._early_old, None
+            if early is not None and torch.equal(early[0], shard.response_ids):
+                old = early[1]  # recomputed while the teacher scored (recompute_old_logprobs)
+                overlapped = 1.0
+            else:
+                old = self._recompute_old_logprobs(shard, plan)
             mask = shard.response_mask
             gap = float((old - shard.sampler_logprobs).abs()[mask].sum())
         fn = LOSSES[cfg.loss.name]
@@ -447,6 +459,7 @@ class LearnerWorker:
                 if metrics:
                     results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap
+        results[0]["learner/old_logprobs_overlapped"] = overlapped
         self.step += 1
         self.metrics.throughput("train", shard.num_response_tokens, started)
         losses = [r["loss/total"] for r in results if "loss/total" in r]

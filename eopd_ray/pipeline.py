@@ -92,6 +92,15 @@ def _student_shape(cfg: Config) -> tuple[int, int]:
     return min(student.vocab_size, teacher.vocab_size), student.hidden_size
 
 
+@dataclass
+class _Shares:
+    """How a step's sequences go to the learner ranks (eopd_ray.batching)."""
+
+    plan: list[list[MicroBatches]]  # [update][rank] -> micro-batches of step rows
+    ranks: list[tuple[list[int], list[MicroBatches]]]  # per rank: (step rows, plan in shard rows)
+    imbalance: float  # max / min - 1 of the ranks' tokens
+
+
 @contextmanager
 def _timed(metrics: dict[str, float], key: str):
     start = time.perf_counter()
@@ -291,21 +300,51 @@ class Pipeline:
             check_teacher_scores(part, shard, self.vocab_rows, step, str(ident))
         return scores
 
-    def _train(self, batch: RolloutBatch, scores: TeacherScores, step: int) -> dict[str, float]:
+    def _learner_shares(self, batch: RolloutBatch) -> _Shares:
         """Update u uses rows [u*M, (u+1)*M) of the step; eopd_ray.batching deals them to the
         ranks and cuts micro-batches; each rank gets its rows and its plan in shard rows."""
         lrn = self.cfg.learner
         num_updates = batch.num_sequences // lrn.mini_batch_size
-        plan = self._learner_plan(batch, num_updates)
-        args = []
-        for rank in range(len(self.learner)):
-            rows, rank_plan = rank_share(plan, rank)
-            m = lrn.mini_batch_size
-            tokens = [
-                int(batch.response_mask[u * m : (u + 1) * m].sum()) for u in range(num_updates)
-            ]
-            args.append((batch.select(rows), scores.select(rows), tokens, rank_plan))
+        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+        plan = plan_step(
+            lengths,
+            num_updates,
+            len(self.learner),
+            lrn.micro_batch_size,
+            lrn.max_tokens_per_micro_batch,
+            balance=lrn.balance_tokens,
+            attention_weight=self.attention_weight,
+        )
+        return _Shares(
+            plan=plan,
+            ranks=[rank_share(plan, rank) for rank in range(len(self.learner))],
+            imbalance=rank_imbalance(plan, lengths),
+        )
+
+    def _recompute_old_logprobs_async(self, batch: RolloutBatch, shares: _Shares) -> list | None:
+        if self.cfg.learner.old_logprobs != "recompute":
+            return None
+        args = [(batch.select(rows), plan) for rows, plan in shares.ranks]
+        return self.learner.call_each_async("recompute_old_logprobs", args)
+
+    def _train(
+        self,
+        batch: RolloutBatch,
+        scores: TeacherScores,
+        step: int,
+        shares: _Shares,
+        recompute: list | None = None,
+    ) -> dict[str, float]:
+        lrn = self.cfg.learner
+        num_updates = len(shares.plan)
+        m = lrn.mini_batch_size
+        tokens = [int(batch.response_mask[u * m : (u + 1) * m].sum()) for u in range(num_updates)]
+        args = [
+            (batch.select(rows), scores.select(rows), tokens, plan) for rows, plan in shares.ranks
+        ]
         try:
+            if recompute is not None:
+                self.learner.get(recompute, self.cfg.run.step_timeout_s, f"step {step} pi_old")
             per_rank_metrics = self.learner.get(
                 self.learner.call_each_async("train_step", args),
                 self.cfg.run.step_timeout_s,
@@ -317,22 +356,8 @@ class Pipeline:
             where = f"resume from {ckpt.path} (run.resume=auto)" if ckpt else "no checkpoint yet"
             raise WorkerError(f"{exc}; {where}") from exc
         metrics = reduce_learner_metrics(per_rank_metrics, num_updates)
-        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
-        metrics["train/rank_imbalance"] = rank_imbalance(plan, lengths)
+        metrics["train/rank_imbalance"] = shares.imbalance
         return metrics
-
-    def _learner_plan(self, batch: RolloutBatch, num_updates: int) -> list[list[MicroBatches]]:
-        lrn = self.cfg.learner
-        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
-        return plan_step(
-            lengths,
-            num_updates,
-            len(self.learner),
-            lrn.micro_batch_size,
-            lrn.max_tokens_per_micro_batch,
-            balance=lrn.balance_tokens,
-            attention_weight=self.attention_weight,
-        )
 
     def _sync(self, step: int) -> None:
         """Send the new weights to every rollout worker; all must report version v + 1."""
@@ -422,13 +447,16 @@ class Pipeline:
         pending, self._prefetched = self._prefetched, None
         with _timed(metrics, "time/rollout_s"):
             batch = self._rollout_with_recovery(step, pending)
+        shares = self._learner_shares(batch)
+        # pi_old does not need the teacher: the learners recompute it while the teacher scores.
+        recompute = self._recompute_old_logprobs_async(batch, shares)
         with _timed(metrics, "time/teacher_s"):
             scores = self._recovering(
                 self.teacher, lambda: self._score(batch, step), f"step {step} teacher scoring"
             )
         self._prefetch_next(step)
         with _timed(metrics, "time/train_s"):
-            metrics.update(self._train(batch, scores, step))
+            metrics.update(self._train(batch, scores, step, shares, recompute))
         if self.cfg.learner.old_logprobs == "recompute":
             check_sampler_gap(metrics["opd/sampler_gap"], logprob_gap_bound(self.cfg), step)
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide

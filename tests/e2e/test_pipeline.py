@@ -81,6 +81,8 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage,
     # pi_old recomputed by the learner agrees with vLLM's sampler (same weights, fp32, the same
     # tempered distribution) at every step, i.e. after every weight sync.
     assert all(r["opd/sampler_gap"] < 1e-3 for r in rows), [r["opd/sampler_gap"] for r in rows]
+    # ... recomputed while the teacher scored the batch.
+    assert all(r["learner/old_logprobs_overlapped"] == 1.0 for r in rows)
     # TensorBoard events sit next to metrics.jsonl.
     assert list(out.glob("events.out.tfevents.*"))
     # Every series the shipped Grafana dashboard plots is a metric the run exports.
@@ -118,10 +120,11 @@ def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
         before = _greedy(pipeline, prompts)
         calls_before = pipeline.learner.num_calls + pipeline.rollout.num_calls
         pipeline.step(0)
-        # One step = 2 rollout + 2 train + (2 broadcast + 2 receive) sync calls + (2 + 2)
-        # probe calls checking the sync: fixed, whatever the number of parameter tensors.
+        # One step = 2 rollout + 2 pi_old (overlapping the teacher) + 2 train + (2 broadcast +
+        # 2 receive) sync calls + (2 + 2) probe calls checking the sync: fixed, whatever the
+        # number of parameter tensors.
         calls = pipeline.learner.num_calls + pipeline.rollout.num_calls - calls_before
-        assert calls == 2 + 2 + (2 + 2) + (2 + 2)
+        assert calls == 2 + 2 + 2 + (2 + 2) + (2 + 2)
         after = _greedy(pipeline, prompts)
         buckets = pipeline.learner.get(pipeline.learner.call_async("weight_buckets"), 120, "w")[0]
     finally:
