@@ -12,7 +12,12 @@ Three measurements, each on random-init models built in memory (nothing to downl
    LM head on response positions only, exact entropy and top-K: eopd_ray.forward's
    `score_response_tokens`, what the TeacherWorker runs);
 3. loss kernel: time and peak memory of the EOPD loss (forward + backward) at T = 4096,
-   V = 151,936 on bf16 logits, plain vs memory-lean log-softmax.
+   V = 151,936 on bf16 logits, plain vs memory-lean log-softmax;
+4. ragged learner: one optimizer update of the Qwen3-1.7B-shaped student over a ragged batch
+   (log-normal response lengths, median cap / 6, ~4% at the 4,096 cap), fixed-count
+   micro-batches padded to the step's width vs token-budget micro-batches (eopd_ray.batching:
+   sorted, cut to their own longest, only real positions through the LM head) with the same
+   worst-case size: seconds per update, peak memory, padded fraction.
 
 Prints a table and writes JSON (--out). The card's name is in the output: record it with the
 figures (docs/performance.md).
@@ -150,6 +155,82 @@ def learner_check(shape, device, b, prompt_len, t, steps, peak_tflops) -> dict:
     return result
 
 
+def ragged_learner_check(shape, device, num_seqs, cap, micro, repeats) -> dict:
+    """Fixed-count vs token-budget micro-batches on one ragged mini-batch (see the docstring)."""
+    import math
+
+    import torch
+
+    from eopd_ray.batching import budget_micro_batches, count_micro_batches
+    from eopd_ray.forward import response_logits
+    from eopd_ray.loss import LossInputs, eopd_loss
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = build(shape, device, torch.float32)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    v, prompt_len = shape["vocab_size"], 64
+    lengths = torch.distributions.LogNormal(math.log(cap / 6), 1.0).sample((num_seqs,))
+    responses = lengths.round().clamp(1, cap).long().tolist()
+    total = [prompt_len + r for r in responses]
+    width = max(responses)
+    tokens = sum(responses)
+    plans = {
+        "fixed": count_micro_batches(range(num_seqs), micro),
+        "budget": budget_micro_batches(range(num_seqs), total, micro * (prompt_len + cap)),
+    }
+    out = {"sequences": num_seqs, "response_tokens": tokens, "cap": cap}
+    for name, plan in plans.items():
+        budgeted = name == "budget"
+        times = []
+        reset_peak(device)
+        computed = 0
+        for step in range(repeats + 1):
+            synchronize(device)
+            started = time.perf_counter()
+            for rows in plan:
+                t = max(responses[r] for r in rows) if budgeted else width
+                seq = prompt_len + t
+                ids = torch.randint(0, v, (len(rows), seq), generator=gen).to(device)
+                attention = torch.zeros(len(rows), seq, dtype=torch.long)
+                mask = torch.zeros(len(rows), t, dtype=torch.bool)
+                for i, r in enumerate(rows):
+                    attention[i, : prompt_len + responses[r]] = 1
+                    mask[i, : responses[r]] = True
+                attention, mask = attention.to(device), mask.to(device)
+                positions = (prompt_len - 1 + torch.arange(t, device=device)).expand(len(rows), t)
+                valid = mask if budgeted else None
+                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+                    logits = response_logits(model, ids, attention, positions, valid=valid)
+                n = int(mask.sum()) if budgeted else len(rows) * t
+                shape_bt = (1, n) if budgeted else (len(rows), t)
+                scores = synthetic_scores(shape_bt[0], shape_bt[1], v, 16, device, gen)
+                if not budgeted:
+                    scores["response_mask"] = mask
+                inputs = LossInputs(
+                    student_logits=logits, old_logprobs=torch.full(shape_bt, -5.0, device=device),
+                    **scores,
+                )  # fmt: skip
+                eopd_loss(inputs, num_valid_tokens=tokens, chunk_positions=256).loss.backward()
+                if step == 0:
+                    computed += len(rows) * (prompt_len + t)
+            model.zero_grad(set_to_none=True)
+            synchronize(device)
+            if step > 0:
+                times.append(time.perf_counter() - started)
+        real = sum(total)
+        out[name] = {
+            "micro_batches": len(plan),
+            "update_s": sum(times) / len(times),
+            "peak_mib": peak_mib(device),
+            "padded_fraction": 1 - real / computed,
+        }
+    out["speedup"] = out["fixed"]["update_s"] / out["budget"]["update_s"]
+    del model
+    return out
+
+
 def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     import torch
 
@@ -256,10 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         learner = learner_check(TINY, args.device, 2, 8, 16, 2, peak)
         teacher = teacher_check(TINY, args.device, 2, 8, 16, 2)
         loss = loss_check(args.device, 64, 1024, 1)
+        ragged = ragged_learner_check(TINY, args.device, 8, 48, 2, 1)
     else:
         learner = learner_check(QWEN3_1_7B, args.device, 8, 256, 768, 5, peak)
         teacher = teacher_check(QWEN3_8B, args.device, 16, 256, 768, 3)
         loss = loss_check(args.device, 4096, 151936, 3)
+        ragged = ragged_learner_check(QWEN3_1_7B, args.device, 32, 4096, 2, 2)
     report = {
         "card": name,
         "peak_bf16_tflops": peak,
@@ -267,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "learner_qwen3_1.7b": learner,
         "teacher_qwen3_8b": teacher,
         "loss_kernel": loss,
+        "ragged_learner_qwen3_1.7b": ragged,
         "wall_s": time.perf_counter() - started,
     }
     print(f"card: {name} (dense bf16 peak {peak:.0f} TFLOP/s)")
@@ -286,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             f"peak {row['peak_mib_over_logits']:.0f} MiB beyond the {row['logits_mib']:.0f} MiB "
             "logits"
         )
+    for name in ("fixed", "budget"):
+        r = ragged[name]
+        print(
+            f"ragged   {name:6s} {r['micro_batches']} micro-batches: {r['update_s']:.2f} s/update, "
+            f"padded {100 * r['padded_fraction']:.0f}%, peak {r['peak_mib']:.0f} MiB"
+        )
+    print(f"ragged   token budget: {ragged['speedup']:.2f}x the fixed-count update")
     print(f"total {report['wall_s']:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
