@@ -123,6 +123,11 @@ def build_causal_lm(
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
+    return save_model(model, tokenizer, out_dir)
+
+
+def save_model(model, tokenizer, out_dir: Path) -> Path:
+    """`save_pretrained` of both into `out_dir`, without transformers' progress bars."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny save needs no progress bar

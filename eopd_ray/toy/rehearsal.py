@@ -316,7 +316,8 @@ def build_rehearsal_lm(
 ) -> Path:
     """Save a shaped random Qwen3 causal LM (bf16 safetensors) with `tokenizer` into out_dir."""
     from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.utils import logging as hf_logging
+
+    from eopd_ray.toy.models import save_model
 
     out_dir = Path(out_dir)
     config = _qwen3_config(spec)
@@ -343,16 +344,7 @@ def build_rehearsal_lm(
         top_p=1.0,
     )
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(spec.eos_token_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_model(model, tokenizer, out_dir)
 
 
 # ----------------------------------------------------------------------------- assets
