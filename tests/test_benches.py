@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
     "script, key",
     [
         ("loss_memory.py", "peak_ratio"),
+        ("ragged.py", "speedup_vs_fixed"),
         ("teacher_payload.py", "payload_bytes_per_token"),
         ("throughput.py", "ratio_to_compute_floor"),
         ("weight_sync.py", "ratio_to_floor"),
@@ -38,6 +39,8 @@ def test_bench_quick_mode_writes_its_json(script, key, tmp_path):
     for row in rows:
         values = [row[key]] if key in row else [t[key] for t in row["transports"].values()]
         assert values and all(v > 0 for v in values), row
+    if script == "ragged.py":  # the three figures, per configuration
+        assert {"padded_fraction", "speedup_vs_fixed", "rank_imbalance"} <= set(rows[0])
 
 
 def test_gpu_check_runs_its_code_on_cpu_with_tiny_shapes(tmp_path):
