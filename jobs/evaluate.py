@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config whose eval.*/rollout.* settings to use")
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = evaluation_config(args)
         benchmarks = {Path(p).stem: load_benchmark(p) for p in args.benchmarks}

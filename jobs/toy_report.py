@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Held-out evaluation and report of a toy run.")
     parser.add_argument("--config", required=True, help="the run's config, e.g. toy.yaml")
     parser.add_argument("overrides", nargs="*", help="the run's dotted overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = load_config(args.config, args.overrides)
     except EopdError as exc:

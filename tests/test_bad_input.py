@@ -165,3 +165,12 @@ def test_bad_input_fails_fast_and_clearly(
     assert words in err, err
     assert elapsed < 30, f"{name} took {elapsed:.1f}s to fail"
     assert not out.exists(), f"{name} left {out} behind"
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys):
+    """`--config X a=b --no-progress c=d`: both overrides are read (and here both refused)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {student_path: s, teacher_path: t}\ndata: {toy_prompts: 8}\n")
+    code = distill.main(["--config", str(config), "loss.nam=opd", "--no-progress", "run.stepz=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss.nam" in err and "run.stepz" in err
