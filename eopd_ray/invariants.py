@@ -203,15 +203,16 @@ def check_weights_in_sync(
             )
 
 
-def check_sampler_gap(gap: float, bound: float, step: int) -> None:
-    """The step's mean |log pi_sampler(y_t) - log pi_old(y_t)| (learner.old_logprobs:
-    recompute): the rollout sampled from the weights the learner trained on."""
+def check_sampler_gap(gap: float, bound: float, step: int, worker: str) -> None:
+    """The mean |log pi_sampler(y_t) - log pi_old(y_t)| of a learner's shard
+    (learner.old_logprobs: recompute), checked before any update: the rollout sampled from the
+    weights the learner is about to train."""
     if not gap <= bound:  # also catches NaN
         raise WeightsOutOfSync(
-            f"step {step}: opd/sampler_gap = {gap:.4g} exceeds {bound:g} (sync.max_logprob_gap): "
-            "the rollout workers' log-probs of their own samples differ from the learner's "
-            "recomputation. Likely cause: the rollout engines hold other weights than the "
-            "learner (a broken weight sync), or sample from another distribution than the "
-            "learner scores (rollout.temperature / top-p). The learner applied this step's "
-            "updates; the newest checkpoint precedes them"
+            f"step {step}, {worker}: opd/sampler_gap = {gap:.4g} exceeds {bound:g} "
+            "(sync.max_logprob_gap): the rollout workers' log-probs of their own samples differ "
+            "from the learner's recomputation. Likely cause: the rollout engines hold other "
+            "weights than the learner (a broken weight sync), or sample from another "
+            "distribution than the learner scores (rollout.temperature / top-p). No update of "
+            "this step was applied"
         )

@@ -52,6 +52,7 @@ from eopd_ray.batching import count_micro_batches
 from eopd_ray.config import Config, total_updates
 from eopd_ray.errors import EopdError
 from eopd_ray.forward import pack, response_logits, rows_of
+from eopd_ray.invariants import check_sampler_gap, logprob_gap_bound
 from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
 from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
@@ -394,6 +395,8 @@ class LearnerWorker:
                 old = self._recompute_old_logprobs(shard, plan)
             mask = shard.response_mask
             gap = float((old - shard.sampler_logprobs).abs()[mask].sum())
+            mean_gap = gap / max(1, int(mask.sum()))
+            check_sampler_gap(mean_gap, logprob_gap_bound(cfg), self.step, f"learner[{self.rank}]")
         fn = LOSSES[cfg.loss.name]
         gen = torch.Generator().manual_seed(cfg.learner.seed * 7919 + self.step * 31 + self.rank)
         hp = dict(

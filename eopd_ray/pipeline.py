@@ -30,7 +30,6 @@ from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
 from eopd_ray.invariants import (
     PROBE_TOKENS,
-    check_sampler_gap,
     check_teacher_scores,
     check_weights_in_sync,
     logprob_gap_bound,
@@ -457,8 +456,6 @@ class Pipeline:
         self._prefetch_next(step)
         with _timed(metrics, "time/train_s"):
             metrics.update(self._train(batch, scores, step, shares, recompute))
-        if self.cfg.learner.old_logprobs == "recompute":
-            check_sampler_gap(metrics["opd/sampler_gap"], logprob_gap_bound(self.cfg), step)
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
             self._finish_prefetch(step)
         with _timed(metrics, "time/sync_s"):

@@ -198,11 +198,11 @@ def test_weights_in_sync_passes_within_the_bound_and_names_the_stale_worker():
 def test_sampler_gap_check_catches_nan_and_large_gaps():
     from eopd_ray.invariants import WeightsOutOfSync, check_sampler_gap
 
-    check_sampler_gap(2e-4, 1e-3, step=3)
-    with pytest.raises(WeightsOutOfSync, match="step 3: opd/sampler_gap = nan"):
-        check_sampler_gap(float("nan"), 1e-3, step=3)
-    with pytest.raises(WeightsOutOfSync, match=r"0\.5 exceeds 0\.001"):
-        check_sampler_gap(0.5, 1e-3, step=3)
+    check_sampler_gap(2e-4, 1e-3, step=3, worker="learner[0]")
+    with pytest.raises(WeightsOutOfSync, match=r"step 3, learner\[1\]: opd/sampler_gap = nan"):
+        check_sampler_gap(float("nan"), 1e-3, step=3, worker="learner[1]")
+    with pytest.raises(WeightsOutOfSync, match=r"0\.5 exceeds 0\.001.*No update"):
+        check_sampler_gap(0.5, 1e-3, step=3, worker="learner[0]")
 
 
 def test_gap_bound_follows_the_dtype_unless_set():

@@ -7,7 +7,8 @@ with a long tail. This benchmark scores and trains on synthetic `RolloutBatch`es
 lengths are log-normal (median cap / 6, sigma 1.0: ~4% reach the cap), through the real
 `TeacherWorker` (one, in this process) and the real `LearnerWorker` (2 ranks, ZeRO-2, gloo, one
 process each), at the bench model sizes (26M student, 100M teacher, 32k vocabulary, cap 512).
-`--quick`: the tiny models and cap 96, for the test suite (same length distribution).
+`--quick`: the same models and length distribution with cap 128 and 32 sequences, one timed
+step (about a minute), for the test suite.
 
 Configurations (same batch, same seeds):
 - `fixed`: today's layout: `micro_batch_size` sequences per forward in arrival order, ranks get
@@ -108,6 +109,7 @@ def bench_config(models: tuple[Path, Path], kind: str, shape: dict, out_dir: Pat
                 "balance_tokens": kind == "budget",
             },
             "run": {"output_dir": str(out_dir), "steps": 100},
+            "sync": {"max_logprob_gap": 1e9},  # synthetic sampler log-probs: no sampler-gap stop
         }
     )
 
@@ -215,19 +217,19 @@ def fake_scores(batch: RolloutBatch, k: int, vocab: int) -> TeacherScores:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, cap 96 (test suite)")
+    parser.add_argument("--quick", action="store_true", help="cap 128, 32 sequences, 1 step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     parser.add_argument("--out", type=Path, help="JSON results")
     args = parser.parse_args(argv)
     from eopd_ray.teacher import TeacherWorker
-    from eopd_ray.toy.models import build_tiny_pair, ensure_bench_models
+    from eopd_ray.toy.models import ensure_bench_models
 
     work = Path(tempfile.mkdtemp(prefix="ragged-"))
-    if args.quick:
-        models = build_tiny_pair(work / "models")
-        shape = {"sequences": 32, "mini_batch": 16, "micro": 4, "cap": 96}
+    models = ensure_bench_models(REPO / "runs" / "bench" / "models")
+    if args.quick:  # the same models and length distribution, a shorter cap and batch
+        shape = {"sequences": 32, "mini_batch": 16, "micro": 4, "cap": 128}
+        args.steps = min(args.steps, 1)
     else:
-        models = ensure_bench_models(REPO / "runs" / "bench" / "models")
         shape = {"sequences": 64, "mini_batch": 32, "micro": 4, "cap": 512}
     from transformers import AutoConfig
 
