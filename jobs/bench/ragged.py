@@ -8,7 +8,7 @@ lengths are log-normal (median cap / 6, sigma 1.0: ~4% reach the cap), through t
 `TeacherWorker` (one, in this process) and the real `LearnerWorker` (2 ranks, ZeRO-2, gloo, one
 process each), at the bench model sizes (26M student, 100M teacher, 32k vocabulary, cap 512).
 `--quick`: the same models and length distribution with cap 128 and 32 sequences, one timed
-step (about a minute), for the test suite.
+step and no warm-up (about a minute), for the test suite.
 
 Configurations (same batch, same seeds):
 - `fixed`: today's layout: `micro_batch_size` sequences per forward in arrival order, ranks get
@@ -168,11 +168,11 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         worker.setup("127.0.0.1", port)
         shard, scores, tokens, plan = job["ranks"][rank]
         times, peaks = [], []
-        for i in range(job["steps"] + 1):
+        for i in range(job["steps"] + job["warmup"]):
             _peak_reset()
             started = time.perf_counter()
             worker.train_step(shard, scores, tokens, plan)
-            if i:  # the first step warms up (allocator growth, first-call work)
+            if i >= job["warmup"]:  # warm-up steps: allocator growth, first-call work
                 times.append(time.perf_counter() - started)
                 peaks.append(_peak_mib())
         results[kind] = {"seconds": times, "peak_mib": max(peaks)}
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = min(args.steps, 1)
     else:
         shape = {"sequences": 64, "mini_batch": 32, "micro": 4, "cap": 512}
+    warmup = 0 if args.quick else 1  # quick: a smoke test, first-call costs included
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(models[0]).vocab_size
@@ -251,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         # Teacher: one worker, the whole batch, timed here (nothing else running).
         teacher = TeacherWorker(cfg, 0)
         teacher_times = []
-        for i in range(args.steps + 1):
+        for i in range(args.steps + warmup):
             started = time.perf_counter()
             teacher.score(batch)
-            if i:
+            if i >= warmup:
                 teacher_times.append(time.perf_counter() - started)
         groups = teacher._micro_batches(
             teacher._teacher_prompts(batch), teacher._teacher_responses(batch)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for rank in range(WORLD):
             share, local = rank_share(plan, rank)
             ranks.append((batch.select(share), scores.select(share), tokens, local))
-        jobs[kind] = {"cfg": cfg, "steps": args.steps, "ranks": ranks}
+        jobs[kind] = {"cfg": cfg, "steps": args.steps, "warmup": warmup, "ranks": ranks}
         rows[kind] = {
             "config": kind,
             "teacher_s": statistics.median(teacher_times),

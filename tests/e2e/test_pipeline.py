@@ -51,9 +51,8 @@ def run(cfg) -> tuple[Pipeline, list[dict]]:
         pipeline.shutdown()
 
 
-@pytest.mark.parametrize(
-    ("zero_stage", "temperature"), [(2, 1.0), (3, 0.7)], ids=["zero2", "zero3-tempered"]
-)
+# ZeRO-2 at temperature 1 (tiny.yaml as shipped) runs in every other e2e test of this package.
+@pytest.mark.parametrize(("zero_stage", "temperature"), [(3, 0.7)], ids=["zero3-tempered"])
 def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage, temperature):
     out = tmp_path / "run"
     cfg = load_config(

@@ -74,6 +74,7 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
             f"model.teacher_path={root / 'teacher'}",
             f"data.train_path={root / 'math_train.parquet'}",
             f"run.output_dir={out}",
+            "run.steps=2",  # two syncs checked; jobs/configs/rehearsal.yaml itself runs 3 steps
         ],
     )
     ensure_rehearsal_for_config(cfg)
