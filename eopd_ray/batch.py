@@ -172,6 +172,11 @@ class RolloutBatch(_Wire):
     def _select_extra(self, rows: list[int]) -> dict[str, Any]:
         return {"finish_reason": tuple(self.finish_reason[i] for i in rows)}
 
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """Prompt + response tokens of each row: what a forward pass puts through the model."""
+        return (self.prompt_mask.sum(1) + self.response_mask.sum(1)).tolist()
+
     def trimmed(self) -> RolloutBatch:
         """The batch cut to its own longest prompt and response (at least one column each):
         after selecting a few rows of a step, the step's padding columns are dead weight."""

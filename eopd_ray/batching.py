@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # One rank's micro-batches for one update: lists of step rows ([] = a zero-weight placeholder).
 MicroBatches = list[list[int]]
@@ -186,3 +187,24 @@ def rank_imbalance(plan: list[list[MicroBatches]], lengths: Sequence[int]) -> fl
         for rank in range(num_ranks)
     ]
     return max(tokens) / max(1, min(tokens)) - 1.0
+
+
+@dataclass(frozen=True)
+class StepShares:
+    """How one step's sequences go to the learner ranks."""
+
+    plan: list[list[MicroBatches]]  # [update][rank] -> micro-batches of step rows
+    ranks: list[tuple[list[int], list[MicroBatches]]]  # per rank: rank_share(plan, rank)
+    imbalance: float  # rank_imbalance(plan, lengths)
+
+
+def share_step(
+    lengths: Sequence[int], num_updates: int, num_ranks: int, **plan_options
+) -> StepShares:
+    """`plan_step` plus what each rank receives and the ranks' token imbalance."""
+    plan = plan_step(lengths, num_updates, num_ranks, **plan_options)
+    return StepShares(
+        plan=plan,
+        ranks=[rank_share(plan, rank) for rank in range(num_ranks)],
+        imbalance=rank_imbalance(plan, lengths),
+    )

@@ -24,7 +24,7 @@ from typing import Any
 
 from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
-from eopd_ray.batching import MicroBatches, plan_step, rank_imbalance, rank_share
+from eopd_ray.batching import StepShares, share_step
 from eopd_ray.config import Config, save_config
 from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
@@ -89,15 +89,6 @@ def _student_shape(cfg: Config) -> tuple[int, int]:
         for path in (cfg.model.student_path, cfg.model.teacher_path)
     )
     return min(student.vocab_size, teacher.vocab_size), student.hidden_size
-
-
-@dataclass
-class _Shares:
-    """How a step's sequences go to the learner ranks (eopd_ray.batching)."""
-
-    plan: list[list[MicroBatches]]  # [update][rank] -> micro-batches of step rows
-    ranks: list[tuple[list[int], list[MicroBatches]]]  # per rank: (step rows, plan in shard rows)
-    imbalance: float  # max / min - 1 of the ranks' tokens
 
 
 @contextmanager
@@ -299,28 +290,21 @@ class Pipeline:
             check_teacher_scores(part, shard, self.vocab_rows, step, str(ident))
         return scores
 
-    def _learner_shares(self, batch: RolloutBatch) -> _Shares:
+    def _learner_shares(self, batch: RolloutBatch) -> StepShares:
         """Update u uses rows [u*M, (u+1)*M) of the step; eopd_ray.batching deals them to the
         ranks and cuts micro-batches; each rank gets its rows and its plan in shard rows."""
         lrn = self.cfg.learner
-        num_updates = batch.num_sequences // lrn.mini_batch_size
-        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
-        plan = plan_step(
-            lengths,
-            num_updates,
+        return share_step(
+            batch.sequence_lengths,
+            batch.num_sequences // lrn.mini_batch_size,
             len(self.learner),
-            lrn.micro_batch_size,
-            lrn.max_tokens_per_micro_batch,
+            micro_batch_size=lrn.micro_batch_size,
+            max_tokens_per_micro_batch=lrn.max_tokens_per_micro_batch,
             balance=lrn.balance_tokens,
             attention_weight=self.attention_weight,
         )
-        return _Shares(
-            plan=plan,
-            ranks=[rank_share(plan, rank) for rank in range(len(self.learner))],
-            imbalance=rank_imbalance(plan, lengths),
-        )
 
-    def _recompute_old_logprobs_async(self, batch: RolloutBatch, shares: _Shares) -> list | None:
+    def _recompute_old_logprobs_async(self, batch: RolloutBatch, shares: StepShares) -> list | None:
         if self.cfg.learner.old_logprobs != "recompute":
             return None
         args = [(batch.select(rows), plan) for rows, plan in shares.ranks]
@@ -331,7 +315,7 @@ class Pipeline:
         batch: RolloutBatch,
         scores: TeacherScores,
         step: int,
-        shares: _Shares,
+        shares: StepShares,
         recompute: list | None = None,
     ) -> dict[str, float]:
         lrn = self.cfg.learner

@@ -114,3 +114,14 @@ def test_rank_imbalance_of_a_ragged_step():
     balanced = plan_step(lengths, 4, 2, 4, 16384, balance=True)
     assert rank_imbalance(balanced, lengths) <= 0.10
     assert rank_imbalance(balanced, lengths) <= rank_imbalance(fixed, lengths)
+
+
+def test_share_step_gives_each_rank_its_rows_and_the_imbalance():
+    from eopd_ray.batching import share_step
+
+    lengths = ragged(32, 5)
+    shares = share_step(lengths, 2, 2, micro_batch_size=4, max_tokens_per_micro_batch=8192)
+    assert shares.plan == plan_step(lengths, 2, 2, 4, 8192)
+    assert shares.ranks == [rank_share(shares.plan, r) for r in range(2)]
+    assert sorted(r for rows, _ in shares.ranks for r in rows) == list(range(32))
+    assert shares.imbalance == rank_imbalance(shares.plan, lengths)

@@ -137,7 +137,7 @@ def _budget_plan(batch, kind: str):
     kind."""
     from eopd_ray.batching import equalize_counts, plan_step
 
-    lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+    lengths = batch.sequence_lengths
     if kind == "placeholder":
         per_rank = [[[0], [1], [2], [3], [4]], [[5], [6], [7]]]
         return [equalize_counts(per_rank, lengths)], 12

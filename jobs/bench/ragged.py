@@ -48,11 +48,7 @@ set_job_environment()
 import torch  # noqa: E402
 
 from eopd_ray.batch import RolloutBatch, TeacherScores  # noqa: E402
-from eopd_ray.batching import (  # noqa: E402
-    plan_step,
-    rank_imbalance,
-    rank_share,
-)
+from eopd_ray.batching import share_step  # noqa: E402
 
 WORLD = 2
 CONFIGS = ("fixed", "budget")
@@ -237,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = AutoConfig.from_pretrained(models[0]).vocab_size
     hidden = AutoConfig.from_pretrained(models[0]).hidden_size
     batch = ragged_batch(shape["sequences"], shape["cap"], vocab, seed=0)
-    lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()
+    lengths = batch.sequence_lengths
     num_updates = shape["sequences"] // shape["mini_batch"]
     tokens = [
         int(batch.response_mask[u * shape["mini_batch"] : (u + 1) * shape["mini_batch"]].sum())
@@ -261,26 +257,27 @@ def main(argv: list[str] | None = None) -> int:
             teacher._teacher_prompts(batch), teacher._teacher_responses(batch)
         )
         del teacher
-        plan = plan_step(
+        shares = share_step(
             lengths,
             num_updates,
             WORLD,
-            shape["micro"],
-            cfg.learner.max_tokens_per_micro_batch,
+            micro_batch_size=shape["micro"],
+            max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
             balance=cfg.learner.balance_tokens,
             attention_weight=1 / (6 * hidden),
         )
-        ranks = []
-        for rank in range(WORLD):
-            share, local = rank_share(plan, rank)
-            ranks.append((batch.select(share), scores.select(share), tokens, local))
+        plan = shares.plan
+        ranks = [
+            (batch.select(share), scores.select(share), tokens, local)
+            for share, local in shares.ranks
+        ]
         jobs[kind] = {"cfg": cfg, "steps": args.steps, "warmup": warmup, "ranks": ranks}
         rows[kind] = {
             "config": kind,
             "teacher_s": statistics.median(teacher_times),
             "teacher_padded_fraction": teacher_padding(batch, groups, budgeted),
             "learner_padded_fraction": learner_padding(batch, plan, budgeted),
-            "rank_imbalance": rank_imbalance(plan, lengths),
+            "rank_imbalance": shares.imbalance,
             "teacher_micro_batches": len(groups),
             "learner_micro_batches_per_rank": sum(len(u[0]) for u in plan),
         }
