@@ -4,7 +4,7 @@
 
 Three layers, each catching what the others cannot:
 1. yamllint (duplicate keys, syntax) — a duplicate key silently overrides the first one;
-2. the pinned KubeRay v1.7.0 CRD schemas (`../shared/kuberay-crds/v1.7.0/`, or $KUBERAY_CRDS),
+2. the pinned KubeRay v1.7.0 CRD schemas (vendored in `cluster/crds/v1.7.0/`, or $KUBERAY_CRDS),
    converted to JSON Schema with unknown fields rejected, so a misspelled key fails;
 3. the rules the operator enforces at run time rather than in the schema.
 Prints one line per problem and exits 1 when there is any.
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CRDS = HERE.parent.parent / "shared" / "kuberay-crds" / "v1.7.0"
+DEFAULT_CRDS = HERE / "crds" / "v1.7.0"
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 YAMLLINT_CONFIG = """
