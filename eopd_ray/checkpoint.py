@@ -1,15 +1,16 @@
 """Checkpoints: complete or absent, never half-written; resume from the newest complete one.
 
-Layout under `<run.output_dir>/checkpoints/`:
+Layout under `<run.output_dir>/checkpoints/` (any storage eopd_ray.storage reaches):
 
-    step-000012/           one complete checkpoint (after step 12)
+    step-000012/           one checkpoint (after step 12)
       learner/             DeepSpeed state of every rank: weights, optimizer, LR scheduler
-      state.json           step, weight version, data position, RNG states, format
       config.yaml          the resolved config of the run that wrote it
-    .tmp-step-000016-*/    a checkpoint being written (ignored; removed on the next save)
+      state.json           step, weight version, data position, RNG states, run id; written LAST
 
-A checkpoint is written into a temporary directory and renamed into place only when every part
-is on disk, so a crash mid-write leaves the previous checkpoint intact. The last
+A checkpoint is complete exactly when its `state.json` exists and parses: every other part is
+written (and, on local disks, synced) first, and `state.json` itself is written atomically (a
+renamed temporary file locally, one PUT on an object store, which has no rename). A crash
+mid-write leaves a step directory without it: ignored, and removed by the next save. The last
 `run.keep_checkpoints` are kept. Loading never unpickles arbitrary objects: JSON and YAML here,
 `torch.load(weights_only=True)` for DeepSpeed's files (learner.py).
 This module imports neither Ray, vLLM nor DeepSpeed.
@@ -20,18 +21,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from eopd_ray.config import Config, load_config, save_config
+from eopd_ray.config import Config, config_from_dict, config_to_yaml
+from eopd_ray.config_yaml import parse_yaml
 from eopd_ray.errors import EopdError
+from eopd_ray.storage import RunStorage
 
-FORMAT = 1
+FORMAT = 2
+ROOT = "checkpoints"
 PREFIX = "step-"
+STATE = "state.json"
 
 
 class CheckpointError(EopdError):
@@ -40,64 +43,97 @@ class CheckpointError(EopdError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path
+    rel: str  # its directory, relative to the run directory
+    uri: str  # where it is, for messages
     step: int  # the last completed step
     weight_version: int
     stream: dict[str, int]  # PromptStream.state_dict()
+    run_id: str | None = None
+    rng: dict = field(default_factory=dict, repr=False)
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / "checkpoints"
+def step_dir(step: int) -> str:
+    return f"{ROOT}/{PREFIX}{step:06d}"
 
 
-def begin(cfg: Config, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint after `step`."""
-    root = checkpoint_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
-    (tmp / "learner").mkdir()
-    return tmp
+def begin(store: RunStorage, step: int) -> str:
+    """The (empty) directory for the checkpoint after `step`, relative to the run directory.
+    Incomplete checkpoints left by a crash are removed first."""
+    for name in store.listdir(ROOT):
+        if name.startswith(PREFIX) and _read_state(store, f"{ROOT}/{name}") is None:
+            store.delete(f"{ROOT}/{name}")
+    rel = step_dir(step)
+    store.delete(rel)  # the same step saved again (e.g. SIGTERM right after a periodic save)
+    store.makedirs(f"{rel}/learner")
+    return rel
 
 
-def commit(cfg: Config, tmp: Path, step: int, weight_version: int, stream: dict[str, int]) -> Path:
-    """Write the driver's part into `tmp` (the learners have written theirs), rename it into
-    place, and drop checkpoints beyond `run.keep_checkpoints`."""
+def commit(
+    store: RunStorage,
+    rel: str,
+    cfg: Config,
+    step: int,
+    weight_version: int,
+    stream: dict[str, int],
+) -> Checkpoint:
+    """Write the driver's part into `rel` (the learners have written theirs), `state.json`
+    last, and drop checkpoints beyond `run.keep_checkpoints`."""
     state = {
         "format": FORMAT,
         "step": step,
         "weight_version": weight_version,
+        "run_id": cfg.run.id,
         "stream": stream,
         "rng": {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()},
     }
-    (tmp / "state.json").write_text(json.dumps(state))
-    save_config(cfg, tmp / "config.yaml")
-    _fsync_tree(tmp)
-    final = checkpoint_root(cfg) / f"{PREFIX}{step:06d}"
-    if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in complete_checkpoints(cfg)[: -cfg.run.keep_checkpoints]:
-        shutil.rmtree(old.path, ignore_errors=True)
-    return final
+    store.write_text(f"{rel}/config.yaml", config_to_yaml(cfg))
+    if store.is_local:
+        _fsync_tree(store.local_path(rel))
+    store.write_text(f"{rel}/{STATE}", json.dumps(state))
+    for old in complete_checkpoints(store)[: -cfg.run.keep_checkpoints]:
+        store.delete(old.rel)
+    return _checkpoint(store, rel, state)
 
 
-def complete_checkpoints(cfg: Config) -> list[Checkpoint]:
-    """Every complete checkpoint, oldest first (temporary directories are skipped)."""
+def _read_state(store: RunStorage, rel: str) -> dict | None:
+    try:
+        return json.loads(store.read_text(f"{rel}/{STATE}"))
+    except (OSError, ValueError):
+        return None  # not complete
+
+
+def _checkpoint(store: RunStorage, rel: str, state: dict) -> Checkpoint:
+    return Checkpoint(
+        rel,
+        store.path(rel) if store.is_local else f"{store.uri.rstrip('/')}/{rel}",
+        state["step"],
+        state["weight_version"],
+        state["stream"],
+        state.get("run_id"),
+        state["rng"],
+    )
+
+
+def complete_checkpoints(store: RunStorage) -> list[Checkpoint]:
+    """Every complete checkpoint, oldest first (incomplete ones are skipped)."""
     out = []
-    for path in sorted(checkpoint_root(cfg).glob(f"{PREFIX}*")):
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, ValueError):
-            continue  # not complete: never renamed into place by us
-        out.append(Checkpoint(path, state["step"], state["weight_version"], state["stream"]))
+    for name in store.listdir(ROOT):
+        if not name.startswith(PREFIX):
+            continue
+        state = _read_state(store, f"{ROOT}/{name}")
+        if state is not None:
+            out.append(_checkpoint(store, f"{ROOT}/{name}", state))
     return out
 
 
-def latest(cfg: Config) -> Checkpoint | None:
-    found = complete_checkpoints(cfg)
+def latest(store: RunStorage) -> Checkpoint | None:
+    found = complete_checkpoints(store)
     return found[-1] if found else None
+
+
+def saved_config(store: RunStorage, rel: str) -> Config:
+    """The config stored at `rel` (a YAML file in the run directory)."""
+    return config_from_dict(parse_yaml(store.read_text(rel), rel), source=rel)
 
 
 # Keys that, changed, make a checkpoint meaningless or unloadable.
@@ -113,9 +149,9 @@ _BREAKING = {
 }
 
 
-def check_compatible(cfg: Config, ckpt: Checkpoint) -> None:
+def check_compatible(cfg: Config, ckpt: Checkpoint, store: RunStorage) -> None:
     """Refuse to resume when the config changed in a way the checkpoint cannot follow."""
-    saved = load_config(ckpt.path / "config.yaml")
+    saved = saved_config(store, f"{ckpt.rel}/config.yaml")
     problems = []
     for key, why in _BREAKING.items():
         section, name = key.split(".")
@@ -124,13 +160,13 @@ def check_compatible(cfg: Config, ckpt: Checkpoint) -> None:
             problems.append(f"{key} changed from {old!r} to {new!r} ({why})")
     if problems:
         raise CheckpointError(
-            f"cannot resume from {ckpt.path}: " + "; ".join(problems) + ". Restore those keys, "
+            f"cannot resume from {ckpt.uri}: " + "; ".join(problems) + ". Restore those keys, "
             "or start a fresh run with run.resume=never or another run.output_dir"
         )
 
 
 def restore_rng(ckpt: Checkpoint) -> None:
-    state = json.loads((ckpt.path / "state.json").read_text())["rng"]
+    state = ckpt.rng
     random.setstate(_tupled(state["python"]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 

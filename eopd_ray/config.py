@@ -58,6 +58,9 @@ class ModelConfig:
     # Build the paper-shaped rehearsal assets (eopd_ray.toy.rehearsal) when missing: both
     # models and data.train_path, beside model.student_path (jobs/configs/rehearsal.yaml).
     build_rehearsal: Bool = False
+    # Prepare the toy task (eopd_ray.toy.prepare, default settings) when model.student_path is
+    # missing; the paths must be <root>/current/{student,teacher,train.jsonl} (toy.yaml).
+    build_toy: Bool = False
 
 
 @dataclass(config=_SECTION)
@@ -84,6 +87,9 @@ class RolloutConfig:
     num_workers: PosInt = 1
     gpus_per_worker: NonNegInt = 0  # = vLLM tensor-parallel size; 0 on CPU
     cpus_per_worker: PosFloat = 0.5
+    # Custom Ray resources per worker, e.g. {rollout_node: 1} to keep the role on the nodes
+    # started with `ray start --resources '{"rollout_node": 8}'`.
+    resources: dict[Str, PosFloat] = field(default_factory=dict)
     prompts_per_step: PosInt = 8
     samples_per_prompt: PosInt = 1
     temperature: PosFloat = 1.0  # the teacher's logits are divided by it too
@@ -104,6 +110,7 @@ class TeacherConfig:
     num_workers: PosInt = 1
     gpus_per_worker: NonNegInt = 0
     cpus_per_worker: PosFloat = 0.5
+    resources: dict[Str, PosFloat] = field(default_factory=dict)  # as rollout.resources
     top_k: PosInt = 16
     micro_batch_size: PosInt = 8  # sequences per teacher forward
     # Token budget per teacher forward (count x longest prompt+response, sorted by length);
@@ -120,6 +127,7 @@ class LearnerConfig:
     num_workers: PosInt = 1  # DeepSpeed data-parallel ranks
     gpus_per_worker: NonNegInt = 0
     cpus_per_worker: PosFloat = 0.5
+    resources: dict[Str, PosFloat] = field(default_factory=dict)  # as rollout.resources
     zero_stage: Annotated[int, Strict(), Field(ge=0, le=3)] = 2
     lr: PosFloat = 3e-6
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -166,6 +174,11 @@ class SyncConfig:
 @dataclass(config=_SECTION)
 class RunConfig:
     name: Str = "eopd"
+    # This run's id (actor names, metric tags, checkpoints). None: a new one for a fresh run,
+    # the stored one when resuming (eopd_ray/run_dir.py).
+    id: Str | None = None
+    # A local directory (absolute, or relative: see eopd_ray/locations.py) or a pyarrow.fs URI
+    # (s3://, gs://, hdfs://, file://) every process of the run can reach.
     output_dir: Str = "runs/eopd"
     steps: PosInt = 10
     seed: Int = 0
@@ -179,6 +192,8 @@ class RunConfig:
     # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the
     # Ray session's log directory. Worker errors reach the driver either way.
     worker_logs: Bool = False
+    # Progress without a terminal (`ray job logs`, Kubernetes): one line at most this often.
+    log_every_s: PosFloat = 30.0
 
 
 PAPER_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
@@ -241,10 +256,24 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         "required: set it to the teacher's HF model directory",
     )
     rule(
-        ("model.build_tiny", "model.build_rehearsal"),
-        not (m.build_tiny and m.build_rehearsal),
+        ("model.build_tiny", "model.build_rehearsal", "model.build_toy"),
+        m.build_tiny + m.build_rehearsal + m.build_toy <= 1,
         "model.build_rehearsal",
-        "set at most one of model.build_tiny and model.build_rehearsal",
+        "set at most one of model.build_tiny, model.build_rehearsal and model.build_toy",
+    )
+    toy_root = m.student_path.removesuffix("/current/student")
+    rule(
+        ("model.build_toy", "model.student_path", "model.teacher_path", "data.train_path"),
+        not m.build_toy
+        or (
+            m.student_path.endswith("/current/student")
+            and m.teacher_path == f"{toy_root}/current/teacher"
+            and cfg.data.train_path == f"{toy_root}/current/train.jsonl"
+        ),
+        "model.build_toy",
+        "needs model.student_path = <root>/current/student, model.teacher_path = "
+        "<root>/current/teacher and data.train_path = <root>/current/train.jsonl (the layout "
+        "jobs/prepare_toy.py writes)",
     )
     seqs = r.prompts_per_step * r.samples_per_prompt
     rule(

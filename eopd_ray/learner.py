@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -55,6 +56,7 @@ from eopd_ray.forward import pack, response_logits, rows_of
 from eopd_ray.invariants import check_sampler_gap, logprob_gap_bound
 from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
 from eopd_ray.ray_metrics import WorkerMetrics
+from eopd_ray.storage import RunStorage
 from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
 
 
@@ -179,7 +181,7 @@ class LearnerWorker:
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
         self.step = 0
-        self.metrics = WorkerMetrics("learner", rank)
+        self.metrics = WorkerMetrics("learner", rank, cfg.run.id)
         # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
         self._early_old: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -240,30 +242,59 @@ class LearnerWorker:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str) -> None:
-        """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) under
-        `directory`/learner (a directory all ranks can reach)."""
-        self.engine.save_checkpoint(directory, tag="learner", client_state={"step": self.step})
+    def save_checkpoint(self, store: RunStorage, rel: str) -> None:
+        """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) to `rel`/learner
+        on the run's storage: in place on a shared disk, else through node-local scratch space
+        that each rank uploads itself (no shared mount needed)."""
+        local = store.staging(rel)
+        self.engine.save_checkpoint(str(local), tag="learner", client_state={"step": self.step})
+        store.publish(local, rel)
 
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore every rank's state; returns the number of steps trained so far."""
-        path, client = self.engine.load_checkpoint(directory, tag="learner")
+    def load_checkpoint(self, store: RunStorage, rel: str) -> int:
+        """Restore every rank's state from the checkpoint at `rel`; returns the steps trained."""
+        local = store.fetch(rel)
+        try:
+            path, client = self.engine.load_checkpoint(str(local), tag="learner")
+        finally:
+            if not store.is_local:
+                shutil.rmtree(local, ignore_errors=True)
         if path is None:
-            raise EopdError(f"learner[{self.rank}]: no DeepSpeed checkpoint under {directory}")
+            raise EopdError(
+                f"learner[{self.rank}]: no DeepSpeed checkpoint under {store.uri}/{rel}"
+            )
         self.step = int(client["step"])
         return self.step
 
-    def export_hf(self, directory: str) -> None:
+    def check_storage(self, store: RunStorage, marker: str, token: str) -> None:
+        """The driver wrote `token` to `marker`: a rank that cannot read it back would write its
+        checkpoint shards where the driver never looks (a local path on another node)."""
+        try:
+            seen = store.read_text(marker)
+        except OSError:
+            seen = None
+        if seen != token:
+            raise EopdError(
+                f"learner[{self.rank}] on node {socket.gethostname()} cannot see the run "
+                f"directory {store.uri} the driver writes (a local path on another machine?): "
+                "set run.output_dir to a filesystem every node mounts (NFS, the KubeRay "
+                "checkpoint volume) or to a URI such as s3://bucket/run or gs://bucket/run"
+            )
+
+    def export_hf(self, store: RunStorage, rel: str = "hf") -> None:
         """The student as a Hugging Face model directory (sharded safetensors, one shard per sync
-        bucket, config and tokenizer), written atomically by rank 0. Every rank must call it
-        under ZeRO-3 (the gathers are collective)."""
+        bucket, config and tokenizer) at `rel`, written atomically by rank 0. Every rank must
+        call it under ZeRO-3 (the gathers are collective)."""
+        target = store.local_path(rel) if store.is_local else store.staging(rel) / "hf"
         export_hf_model(
             self._gathered_buckets(),
             self.buckets,
             self.rank,
             self.cfg.model.student_path,
-            directory,
+            str(target),
         )
+        if self.rank == 0 and not store.is_local:
+            store.delete(rel)
+            store.publish(target, rel)
 
     # --- training ------------------------------------------------------------------------------
 

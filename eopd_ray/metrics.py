@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from eopd_ray.storage import RunStorage
+
 
 def reduce_learner_metrics(
     per_rank: Sequence[Sequence[dict[str, float]]], num_updates: int
@@ -48,27 +50,41 @@ def reduce_learner_metrics(
 
 class JsonlSink:
     """Appends one JSON object per step to `<run.output_dir>/metrics.jsonl`, flushed and synced
-    so a crash loses at most the step being written."""
+    so a crash loses at most the step being written. On an object store (no appends) the file
+    is kept in node-local scratch space and uploaded whole after every step."""
 
-    def __init__(self, path: str | Path, resume_from_step: int | None = None) -> None:
-        """A new run keeps an earlier file under a timestamped name; a resumed run keeps the rows
-        of the steps before `resume_from_step` and appends, so no step is missing or repeated."""
-        self.path = Path(path)
+    NAME = "metrics.jsonl"
+
+    def __init__(self, store: RunStorage, resume_from_step: int | None = None) -> None:
+        """A resumed run keeps the rows of the steps before `resume_from_step` and appends, so no
+        step is missing or repeated; a new run starts an empty file (eopd_ray.run_dir has moved
+        an earlier run's file to previous/)."""
+        self.store = store
+        self.path = (
+            store.local_path(self.NAME) if store.is_local else store.staging("metrics") / self.NAME
+        )
+        kept: list[dict] = []
+        if resume_from_step is not None and store.exists(self.NAME):
+            rows = [json.loads(line) for line in store.read_text(self.NAME).splitlines() if line]
+            kept = [r for r in rows if r["step"] < resume_from_step]
+        elif store.exists(self.NAME) and store.is_local:  # not moved aside: never overwrite
+            self.path.rename(self.path.with_suffix(f".{int(time.time())}.jsonl"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            if resume_from_step is None:
-                self.path.rename(self.path.with_suffix(f".{int(time.time())}.jsonl"))
-            else:
-                kept = [r for r in read_jsonl(self.path) if r["step"] < resume_from_step]
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-                os.replace(tmp, self.path)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        os.replace(tmp, self.path)
         self._fh = self.path.open("a", encoding="utf-8")
+        self._publish()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        self._publish()
+
+    def _publish(self) -> None:
+        if not self.store.is_local:
+            self.store.upload_file(self.path, self.NAME)
 
     def close(self) -> None:
         self._fh.close()
@@ -76,12 +92,15 @@ class JsonlSink:
 
 class TensorBoardSink:
     """TensorBoard event files in the run directory, next to metrics.jsonl
-    (`tensorboard --logdir <run.output_dir>`)."""
+    (`tensorboard --logdir <run.output_dir>`); on an object store they are written locally and
+    uploaded when the sink closes."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, store: RunStorage) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self.store = store
+        self.dir = store.local_path() if store.is_local else store.staging("tensorboard")
+        self._writer = SummaryWriter(log_dir=str(self.dir))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -90,6 +109,8 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
+        if not self.store.is_local:
+            self.store.publish(self.dir, "")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

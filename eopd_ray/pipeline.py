@@ -19,15 +19,15 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from eopd_ray import checkpoint
 from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.batching import StepShares, share_step
-from eopd_ray.config import Config, save_config
+from eopd_ray.checkpoint import Checkpoint
+from eopd_ray.config import Config, config_to_yaml
 from eopd_ray.data import PromptStream, tokenize_prompts
-from eopd_ray.errors import EopdError
+from eopd_ray.errors import EopdError, StopRequested
 from eopd_ray.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
@@ -36,9 +36,13 @@ from eopd_ray.invariants import (
     probe_sequence,
 )
 from eopd_ray.learner import LearnerWorker
+from eopd_ray.locations import resolve_locations
 from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
+from eopd_ray.progress import StepProgress
 from eopd_ray.ray_metrics import RayMetricsSink
 from eopd_ray.rollout import RolloutWorker, prompt_seeds
+from eopd_ray.run_dir import begin_run
+from eopd_ray.storage import RunStorage
 from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import ActorGroup, WorkerError, connect, create_placement_group, spawn
 
@@ -61,6 +65,17 @@ class _StopOnSigterm:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _stop_start_up(signum, frame) -> None:
+    raise StopRequested("SIGTERM during start-up")
+
+
+def _raise_on_sigterm() -> None:
+    """Until the loop runs, SIGTERM ends start-up with a plain message and the workers cleaned
+    up (Ray's own driver handler exits mid-call, with a stack dump)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_start_up)
 
 
 class VersionMismatch(EopdError):
@@ -100,9 +115,11 @@ def _timed(metrics: dict[str, float], key: str):
 
 class Pipeline:
     def __init__(self, cfg: Config) -> None:
+        cfg = resolve_locations(cfg)
         self.cfg = cfg
         check_model_pair(cfg)
-        self.out_dir = Path(cfg.run.output_dir)
+        self.store = RunStorage(cfg.run.output_dir)
+        self._resume_from: Checkpoint | None = None
         self.version = 0
         self.start_step = 0
         self.stopped_early = False
@@ -126,9 +143,20 @@ class Pipeline:
 
     # --- set-up --------------------------------------------------------------------------------
 
+    @property
+    def run_id(self) -> str | None:
+        return self.cfg.run.id
+
     def start(self) -> None:
+        # The run directory first: it decides the run id (actor names, metric tags) and whether
+        # this resumes; an earlier run's files move to previous/ before anything is written.
+        _raise_on_sigterm()
+        self.cfg, self._resume_from = begin_run(self.cfg, self.store)
+        self.store.write_text("config.yaml", config_to_yaml(self.cfg))
+        log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
         cfg = self.cfg
         connect(cfg)
+        _raise_on_sigterm()  # again: ray.init installs its own handler
         self._pg = create_placement_group(cfg)
         r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
@@ -158,23 +186,29 @@ class Pipeline:
         self.learner.get(self.learner.call_async("setup", addr, port), timeout, "learner set-up")
         if cfg.sync.transport == "collective":
             self._join_sync_group()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out_dir / "config.yaml")
-        if cfg.run.resume == "auto":
-            self._resume()
+        self._check_learners_see_storage()
+        if self._resume_from is not None:
+            self._resume(self._resume_from)
 
-    def _resume(self) -> None:
-        """Continue from the newest complete checkpoint, if any: learner state on every rank,
-        weights pushed to the rollout workers, data position, RNG, step and version."""
-        ckpt = checkpoint.latest(self.cfg)
-        if ckpt is None:
-            return
-        checkpoint.check_compatible(self.cfg, ckpt)
+    def _check_learners_see_storage(self) -> None:
+        marker, token = ".storage-check", f"{self.cfg.run.id}/{time.time_ns()}"
+        self.store.write_text(marker, token)
+        self.learner.get(
+            self.learner.call_async("check_storage", self.store, marker, token),
+            self.cfg.run.step_timeout_s,
+            "checking the learners reach run.output_dir",
+        )
+        self.store.delete(marker)
+
+    def _resume(self, ckpt: Checkpoint) -> None:
+        """Continue from checkpoint `ckpt`: learner state on every rank, weights pushed to the
+        rollout workers, data position, RNG, step and version."""
+        checkpoint.check_compatible(self.cfg, ckpt, self.store)
         timeout = self.cfg.run.step_timeout_s
         self.learner.get(
-            self.learner.call_async("load_checkpoint", str(ckpt.path)),
+            self.learner.call_async("load_checkpoint", self.store, ckpt.rel),
             timeout,
-            f"loading {ckpt.path}",
+            f"loading {ckpt.uri}",
         )
         self._push_weights(ckpt.weight_version, "resume")
         self.stream.load_state_dict(ckpt.stream)
@@ -182,32 +216,31 @@ class Pipeline:
         self.start_step = ckpt.step + 1
         log.info(
             "resumed from %s: next step %d, weight version %d",
-            ckpt.path,
+            ckpt.uri,
             self.start_step,
             self.version,
         )
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> Checkpoint:
         """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state)."""
-        tmp = checkpoint.begin(self.cfg, step)
+        rel = checkpoint.begin(self.store, step)
         self.learner.get(
-            self.learner.call_async("save_checkpoint", str(tmp)),
+            self.learner.call_async("save_checkpoint", self.store, rel),
             self.cfg.run.step_timeout_s,
             f"checkpoint after step {step}",
         )
         # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
         stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
-        return checkpoint.commit(self.cfg, tmp, step, self.version, stream)
+        return checkpoint.commit(self.store, rel, self.cfg, step, self.version, stream)
 
-    def export_hf(self) -> Path:
-        """The current student as a Hugging Face model in <run.output_dir>/hf."""
-        target = self.out_dir / "hf"
+    def export_hf(self) -> str:
+        """The current student as a Hugging Face model in <run.output_dir>/hf; returns where."""
         self.learner.get(
-            self.learner.call_async("export_hf", str(target)),
+            self.learner.call_async("export_hf", self.store, "hf"),
             self.cfg.run.step_timeout_s,
             "HF export",
         )
-        return target
+        return f"{self.store.uri.rstrip('/')}/hf"
 
     def _join_sync_group(self) -> None:
         timeout = self.cfg.sync.timeout_s
@@ -335,8 +368,8 @@ class Pipeline:
             )
         except WorkerError as exc:
             # Learner ranks hold optimizer state: fail fast and say where to resume from.
-            ckpt = checkpoint.latest(self.cfg)
-            where = f"resume from {ckpt.path} (run.resume=auto)" if ckpt else "no checkpoint yet"
+            ckpt = checkpoint.latest(self.store)
+            where = f"resume from {ckpt.uri} (run.resume=auto)" if ckpt else "no checkpoint yet"
             raise WorkerError(f"{exc}; {where}") from exc
         metrics = reduce_learner_metrics(per_rank_metrics, num_updates)
         metrics["train/rank_imbalance"] = shares.imbalance
@@ -467,39 +500,27 @@ class Pipeline:
 
     # --- the run -------------------------------------------------------------------------------
 
-    def run(self, progress: bool = True) -> list[dict[str, float]]:
+    def run(self, progress: str = "auto") -> list[dict[str, float]]:
         """Steps from `start_step` (0, or after the resumed checkpoint) to `run.steps`, with
-        checkpoints every `run.checkpoint_every` steps, at the end and on SIGTERM."""
-        from tqdm import tqdm
-
+        checkpoints every `run.checkpoint_every` steps, at the end and on SIGTERM. `progress`:
+        "bar" (tqdm), "lines" (a log line every `run.log_every_s`), "auto" (bar on a TTY)."""
         run = self.cfg.run
         resumed = self.start_step if self.start_step > 0 else None
         sinks = [
-            JsonlSink(self.out_dir / "metrics.jsonl", resume_from_step=resumed),
-            TensorBoardSink(self.out_dir),
-            RayMetricsSink(run.name),
+            JsonlSink(self.store, resume_from_step=resumed),
+            TensorBoardSink(self.store),
+            RayMetricsSink(run.name, run.id),
         ]
         history = []
         stop = _StopOnSigterm()
+        shown = StepProgress(self.start_step, run.steps, mode=progress, every_s=run.log_every_s)
         try:
-            bar = tqdm(
-                range(self.start_step, run.steps),
-                desc="eopd",
-                unit="step",
-                disable=not progress,
-                initial=self.start_step,
-                total=run.steps,
-            )
-            for step in bar:
+            for step in range(self.start_step, run.steps):
                 metrics = self.step(step)
                 for sink in sinks:
                     sink.write(step, metrics)
                 history.append(metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss/total']:.4f}",
-                    rkl=f"{metrics['kl/reverse_sampled']:.3f}",
-                    tok_s=f"{metrics['train/tokens_per_s']:.0f}",
-                )
+                shown.update(step, metrics)
                 last = step == run.steps - 1
                 periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
                 if last or periodic or stop.requested:
@@ -511,6 +532,7 @@ class Pipeline:
             if run.export_hf and history and not self.stopped_early:
                 self.export_hf()
         finally:
+            shown.close()
             stop.restore()
             for sink in sinks:
                 sink.close()

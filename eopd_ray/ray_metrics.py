@@ -1,8 +1,9 @@
 """Application metrics on Ray's Prometheus endpoint (and so in the Ray dashboard's Grafana).
 
 Every per-step metric of the driver becomes a gauge `ray_eopd_<area>_<name>` (e.g.
-`loss/fkl` -> `ray_eopd_loss_fkl`) tagged with the run name; workers export their own gauges
-(`ray_eopd_worker_*`) tagged with role and rank. Each Ray node serves them at
+`loss/fkl` -> `ray_eopd_loss_fkl`) tagged with the run's name and id (`run`, `run_id`: runs of
+one name never mix); workers export their own gauges (`ray_eopd_worker_*`) tagged with run id,
+role and rank. Each Ray node serves them at
 `http://<node>:<metrics-export-port>/metrics` (docs/monitoring.md).
 """
 
@@ -36,8 +37,8 @@ def _counter(name: str, tag_keys: tuple[str, ...]) -> Counter:
 class RayMetricsSink:
     """The driver's sink: one gauge per metric key, plus a step counter."""
 
-    def __init__(self, run_name: str) -> None:
-        self.tags = {"run": run_name}
+    def __init__(self, run_name: str, run_id: str | None) -> None:
+        self.tags = {"run": run_name, "run_id": run_id or ""}
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         keys = tuple(self.tags)
@@ -53,13 +54,13 @@ class RayMetricsSink:
 class WorkerMetrics:
     """A worker's gauges, tagged with its role and rank."""
 
-    def __init__(self, role: str, rank: int) -> None:
-        self.tags = {"role": role, "rank": str(rank)}
+    def __init__(self, role: str, rank: int, run_id: str | None = None) -> None:
+        self.tags = {"run_id": run_id or "", "role": role, "rank": str(rank)}
 
     def set(self, key: str, value: float) -> None:
         if ray.is_initialized():  # workers also run in-process in unit tests, without Ray
             name = metric_name(key, "eopd_worker")
-            _gauge(name, ("role", "rank")).set(float(value), tags=self.tags)
+            _gauge(name, tuple(self.tags)).set(float(value), tags=self.tags)
 
     def throughput(self, stage: str, tokens: int, started: float) -> None:
         """`<stage>/tokens_per_s` and `<stage>/seconds` of a call that began at `started`."""

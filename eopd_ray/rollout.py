@@ -226,7 +226,7 @@ class RolloutWorker:
         self.engine = ENGINES[cfg.rollout.engine](cfg, seed=cfg.rollout.seed + rank)
         self.version = 0
         self.receiver: WeightReceiver | None = None
-        self.metrics = WorkerMetrics("rollout", rank)
+        self.metrics = WorkerMetrics("rollout", rank, cfg.run.id)
 
     def generate(
         self,

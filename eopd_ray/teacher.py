@@ -135,7 +135,7 @@ class TeacherWorker:
                     "model.teacher_path"
                 )
         self.device = torch.device("cuda" if t_cfg.gpus_per_worker > 0 else "cpu")
-        self.metrics = WorkerMetrics("teacher", rank)
+        self.metrics = WorkerMetrics("teacher", rank, cfg.run.id)
         self.model.to(self.device)
         # fp32 LM head, made once: the teacher never changes (a view for an fp32 model).
         self.lm_head = fp32_lm_head(self.model, self.vocab_rows)

@@ -16,6 +16,7 @@ from typing import Any
 
 from eopd_ray.config import Config
 from eopd_ray.errors import EopdError
+from eopd_ray.placement import wait_for_placement
 
 # Every Ray port listens on 127.0.0.1 for the embedded local instance (Ray 2.60 otherwise binds
 # to the machine's address even when told 127.0.0.1). Must be set before `import ray`.
@@ -59,6 +60,17 @@ class _Identified:
 
     def identity(self) -> WorkerIdentity:
         return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
+
+    def __repr__(self) -> str:
+        """What the dashboard's Actors page (Repr) and the worker log prefixes show."""
+        cfg = getattr(self, "cfg", None)
+        if hasattr(self, "version"):
+            state = f" weights v{self.version}"
+        elif hasattr(self, "step"):
+            state = f" trained {self.step} steps"
+        else:
+            state = ""
+        return f"{self.ROLE}-{getattr(self, 'rank', '?')}{state} [{cfg.run.id if cfg else '?'}]"
 
 
 WORKER_ENV = {
@@ -119,7 +131,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def _bundles(cfg: Config) -> list[tuple[str, dict[str, float]]]:
     out = []
     for role, c in (("rollout", cfg.rollout), ("teacher", cfg.teacher), ("learner", cfg.learner)):
-        bundle = {"CPU": c.cpus_per_worker}
+        bundle = {"CPU": c.cpus_per_worker, **c.resources}
         if c.gpus_per_worker:
             bundle["GPU"] = float(c.gpus_per_worker)
         out += [(role, bundle)] * c.num_workers
@@ -128,10 +140,11 @@ def _bundles(cfg: Config) -> list[tuple[str, dict[str, float]]]:
 
 def create_placement_group(cfg: Config):
     """One bundle per worker (rollout workers first, then teachers, then learners)."""
-    bundles = [b for _, b in _bundles(cfg)]
+    named = _bundles(cfg)
+    bundles = [b for _, b in named]
     pg = placement_group(bundles, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=cfg.run.step_timeout_s)
-    if not ready:
+    # Logs what is asked, what the cluster has and what is free every ~10 s while pending.
+    if not wait_for_placement(pg, named, cfg.run.step_timeout_s):
         remove_placement_group(pg)
         asked: dict[str, float] = {}
         for b in bundles:
@@ -223,6 +236,10 @@ def _failed(ref) -> bool:
         return True
 
 
+def actor_name(cfg: Config, role: str, rank: int) -> str:
+    return f"{cfg.run.id or cfg.run.name}/{role}-{rank}"
+
+
 def spawn(
     role: str,
     cls: type,
@@ -243,6 +260,7 @@ def spawn(
             remote_cls.options(
                 num_cpus=resources.cpus_per_worker,
                 num_gpus=resources.gpus_per_worker,
+                resources=dict(resources.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=first_bundle + i
                 ),
@@ -250,7 +268,8 @@ def spawn(
                 # Rollout and teacher workers hold no state between steps: Ray restarts them
                 # and the driver redoes their lost work. Learners hold optimizer state: no.
                 max_restarts=cfg.run.max_worker_restarts if role != "learner" else 0,
-                name=None,
+                # Named for the dashboard and `ray list actors`: <run id>/<role>-<rank>.
+                name=actor_name(cfg, role, i),
             ).remote(*args[i])
         )
     pending = [WorkerIdentity(role, i, "?", 0) for i in range(count)]

@@ -23,6 +23,8 @@ set_job_environment()
 
 from eopd_ray.config import load_config  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
+from eopd_ray.locations import resolve_locations  # noqa: E402
+from eopd_ray.storage import is_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="the run's dotted overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_locations(load_config(args.config, args.overrides))
     except EopdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     from eopd_ray.toy.report import comparison_table, write_report
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if is_uri(cfg.run.output_dir):
+        print(
+            "error: the toy report reads a local run directory; copy the run here first",
+            file=sys.stderr,
+        )
+        return 2
     run_dir = Path(cfg.run.output_dir)
     prepared = Path(cfg.data.train_path).parent
     exported = run_dir / "hf"

@@ -180,21 +180,27 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 def _checkpoint_round_trip(worker, cfg, after, root: Path, rank: int, port: int) -> dict:
-    """export_hf and a DeepSpeed save/load into a fresh engine both give back `after`."""
+    """export_hf and a DeepSpeed save/load into a fresh engine both give back `after`. The run
+    storage is a pyarrow sub-tree filesystem: not a LocalFileSystem, so every rank goes the way
+    it goes to an object store (node-local scratch, upload; download to load)."""
+    import pyarrow.fs as pafs
     from transformers import AutoModelForCausalLM
 
     from eopd_ray.learner import LearnerWorker
+    from eopd_ray.storage import RunStorage
 
     root.mkdir(parents=True, exist_ok=True)
-    worker.export_hf(str(root / "hf"))
-    worker.save_checkpoint(str(root / "ckpt"))
+    store = RunStorage("run", filesystem=pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()))
+    assert not store.is_local
+    worker.export_hf(store, "hf")
+    worker.save_checkpoint(store, "ckpt")
     fresh = LearnerWorker(cfg, rank, WORLD)
     fresh.setup("127.0.0.1", port)
-    steps = fresh.load_checkpoint(str(root / "ckpt"))
+    steps = fresh.load_checkpoint(store, "ckpt")
     out = {"steps": steps, "reload": _max_difference(_full_params(fresh, "float32"), after)}
     fresh.engine.destroy()
     if rank == 0:
-        exported = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
+        exported = AutoModelForCausalLM.from_pretrained(root / "run" / "hf", dtype=torch.float32)
         out["export"] = _max_difference(dict(exported.named_parameters()), after)
     return out
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from eopd_ray.metrics import JsonlSink, read_jsonl, reduce_learner_metrics
+from eopd_ray.storage import RunStorage
 
 
 def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():
@@ -47,12 +50,36 @@ def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():
 
 
 def test_sink_appends_rows_and_keeps_an_earlier_file(tmp_path):
+    store = RunStorage(str(tmp_path))
     path = tmp_path / "metrics.jsonl"
-    sink = JsonlSink(path)
+    sink = JsonlSink(store)
     sink.write(0, {"a": 1.0})
     sink.write(1, {"a": 2.0})
     sink.close()
     assert read_jsonl(path) == [{"step": 0, "a": 1.0}, {"step": 1, "a": 2.0}]
-    JsonlSink(path).close()
+    JsonlSink(store).close()
     kept = [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
     assert len(kept) == 1 and len(read_jsonl(kept[0])) == 2
+
+
+@pytest.mark.parametrize("kind", ["local", "object store"])
+def test_sink_resumes_without_gaps_or_repeats(tmp_path, kind):
+    """A resumed run keeps the steps before the checkpoint's next step and appends; on an
+    object store (here pyarrow's in-memory filesystem) the whole file is uploaded every step."""
+    import pyarrow.fs as pafs
+
+    store = (
+        RunStorage(str(tmp_path))
+        if kind == "local"
+        else RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
+    )
+    sink = JsonlSink(store)
+    for step in range(4):
+        sink.write(step, {"a": float(step)})
+    sink.close()
+    sink = JsonlSink(store, resume_from_step=2)  # the checkpoint was after step 1
+    assert [json.loads(r)["step"] for r in store.read_text("metrics.jsonl").splitlines()] == [0, 1]
+    sink.write(2, {"a": 20.0})
+    sink.close()
+    rows = [json.loads(r) for r in store.read_text("metrics.jsonl").splitlines()]
+    assert [(r["step"], r["a"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 20.0)]

@@ -154,3 +154,24 @@ def load_settings(prepared: str | Path) -> ToySettings:
     raw["teacher"] = TinyModelSpec(**raw["teacher"])
     raw["student"] = TinyModelSpec(**raw["student"])
     return ToySettings(**raw)
+
+
+def ensure_toy_for_config(cfg, settings: ToySettings | None = None, log=print) -> Path:
+    """`model.build_toy`: prepare the toy task under `<root>` (model.student_path is
+    `<root>/current/student`) unless a preparation is already there, e.g. one `make run` or an
+    earlier job made. Returns the prepared directory."""
+    student = Path(cfg.model.student_path)
+    root = student.parent.parent
+    if (student / "config.json").exists():
+        return student.parent.resolve()
+    settings = settings or ToySettings()
+    log(f"toy models: none at {student}; preparing them in {root / settings.key()} (~2 min)")
+    torch_threads = os.cpu_count() or 1
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)  # one process: use every core, as jobs/prepare_toy.py
+    try:
+        return prepare_toy(root, settings, log=log)
+    finally:
+        torch.set_num_threads(previous)

@@ -46,7 +46,7 @@ def run(cfg) -> tuple[Pipeline, list[dict]]:
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
-        return pipeline, pipeline.run(progress=False)
+        return pipeline, pipeline.run(progress="lines")
     finally:
         pipeline.shutdown()
 

@@ -88,7 +88,7 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
-        history = pipeline.run(progress=False)
+        history = pipeline.run(progress="lines")
         # One more rollout with the final weights, scored by the teacher, to inspect.
         step = cfg.run.steps
         batch = pipeline._collect_rollout(pipeline._launch_rollout(step))

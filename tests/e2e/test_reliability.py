@@ -33,7 +33,7 @@ def run(cfg) -> Pipeline:
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
-        pipeline.run(progress=False)
+        pipeline.run(progress="lines")
         return pipeline
     finally:
         pipeline.shutdown()
@@ -121,7 +121,7 @@ def test_nan_teacher_stops_the_run_before_training_with_the_teacher_named(
     try:
         pipeline.start()
         with pytest.raises(InvariantError, match=r"step 0, teacher\[0\] .*non-finite") as err:
-            pipeline.run(progress=False)
+            pipeline.run(progress="lines")
         assert err.value.worker.startswith("teacher[0]")
         # Stopped inside step 0, before training on the scores: no step was recorded.
         metrics = tmp_path / "run" / "metrics.jsonl"

@@ -49,7 +49,7 @@ def test_short_eopd_run_improves_the_student(local_ray, prepared, tmp_path):
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
-        history = pipeline.run(progress=False)
+        history = pipeline.run(progress="lines")
     finally:
         pipeline.shutdown()
     assert len(history) == 50

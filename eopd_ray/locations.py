@@ -1,0 +1,79 @@
+"""Where relative paths in a config point, so that a submitted job's outputs outlive it.
+
+`ray job submit --working-dir .` runs the driver in a copy of the repository under Ray's
+temporary directory (`.../runtime_resources/working_dir_files/...`), deleted when the head
+restarts, and without the git-ignored `runs/` folder. There, a relative `run.output_dir` would
+vanish with the copy, and models the job builds itself (`model.build_*`) would be rebuilt by
+every job. So relative paths of what a run *writes* resolve against a durable workspace:
+
+    $EOPD_RAY_HOME                   when set (any job, any machine)
+    ~/eopd-ray                       inside a Ray job's working-dir copy
+    the current directory            otherwise (a clone: `make run`, `python jobs/distill.py`)
+
+Paths the run only reads (a prompt file in the repository, a model directory) stay relative to
+the current directory, which is the uploaded copy inside a job. URIs (`s3://...`) and absolute
+paths are left alone. Imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from eopd_ray.config import Config
+from eopd_ray.storage import is_uri
+
+log = logging.getLogger(__name__)
+
+HOME_ENV = "EOPD_RAY_HOME"
+
+
+def in_job_working_dir(cwd: Path | None = None) -> bool:
+    """True inside the copy Ray makes of a job's `--working-dir`."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    return "runtime_resources" in parts and "working_dir_files" in parts
+
+
+def workspace_root() -> Path:
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+    if in_job_working_dir():
+        return Path("~/eopd-ray").expanduser().resolve()
+    return Path.cwd().resolve()
+
+
+def _durable(path: str, root: Path) -> str:
+    if not path or is_uri(path) or os.path.isabs(path):
+        return path
+    return str(root / path)
+
+
+def resolve_locations(cfg: Config) -> Config:
+    """`cfg` with `run.output_dir` (and the model/prompt paths the job builds itself) made
+    absolute under the workspace root; says so when that moved them out of a job's copy."""
+    root = workspace_root()
+    m, d, run = cfg.model, cfg.data, cfg.run
+    built = m.build_tiny or m.build_rehearsal or m.build_toy
+    model = dataclasses.replace(
+        m,
+        student_path=_durable(m.student_path, root) if built else m.student_path,
+        teacher_path=_durable(m.teacher_path, root) if built else m.teacher_path,
+    )
+    data = d
+    if (m.build_rehearsal or m.build_toy) and d.train_path:
+        data = dataclasses.replace(d, train_path=_durable(d.train_path, root))
+    output_dir = _durable(run.output_dir, root)
+    if output_dir != run.output_dir and in_job_working_dir():
+        log.warning(
+            "run.output_dir %r is relative and this job runs in Ray's temporary copy of its "
+            "working dir: writing to %s instead (set %s, or an absolute run.output_dir or a URI "
+            "such as s3://bucket/run, to choose)",
+            run.output_dir,
+            output_dir,
+            HOME_ENV,
+        )
+    return dataclasses.replace(
+        cfg, model=model, data=data, run=dataclasses.replace(run, output_dir=output_dir)
+    )

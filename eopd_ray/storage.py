@@ -1,0 +1,232 @@
+"""Where a run's outputs live: a local directory or any `pyarrow.fs` URI.
+
+    store = RunStorage("s3://bucket/runs/my-run")      # or "/mnt/runs/my-run", "gs://...", ...
+    store.write_text("config.yaml", text)              # atomic: complete or absent
+    local = store.staging("checkpoints/step-000012/learner/rank-0")  # a writer's local directory
+    ...  # write files there (DeepSpeed, safetensors, TensorBoard)
+    store.publish(local, "checkpoints/step-000012/learner")
+
+As Ray Train's `storage_path`, `run.output_dir` is a path on one filesystem every process of
+the run can reach: a local directory shared by every node (NFS, a Kubernetes volume) or an
+object store (S3, GCS, HDFS, Azure through pyarrow). Writers that need a POSIX directory
+(DeepSpeed, safetensors, TensorBoard) write into `staging(...)`: the real directory when the
+storage is local, else a node-local scratch directory whose files `publish` uploads. Every
+process opens the filesystem itself (a `RunStorage` pickles as its location), so checkpoints
+from every learner rank reach the storage without a shared mount.
+
+Imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from eopd_ray.errors import EopdError
+
+
+class StorageError(EopdError):
+    """The run's storage location cannot be opened or written; names it and how to fix it."""
+
+
+def is_uri(location: str) -> bool:
+    """`s3://...`, `gs://...`, `file:///...`, `mock://...`: a scheme before `://`."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.replace("+", "").replace("-", "").isalnum()
+
+
+class RunStorage:
+    """One run directory on a `pyarrow.fs` filesystem; paths below it are relative, `/`-joined."""
+
+    def __init__(self, location: str, filesystem: pafs.FileSystem | None = None) -> None:
+        """`location`: an absolute local path or a URI. `filesystem` (tests): use this instance
+        (e.g. an in-memory one) with `location` as the path on it."""
+        self.location = location
+        self._given = filesystem
+        self._fs: pafs.FileSystem | None = filesystem
+        self._root: str | None = location.rstrip("/") if filesystem is not None else None
+
+    # A RunStorage crosses Ray actor boundaries: each process opens the filesystem itself.
+    def __getstate__(self) -> dict:
+        return {"location": self.location, "filesystem": self._given}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["location"], state["filesystem"])
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.uri!r})"
+
+    def _open(self) -> None:
+        if self._fs is not None:
+            return
+        if not is_uri(self.location) and not os.path.isabs(self.location):
+            raise StorageError(
+                f"run storage {self.location!r} is a relative path; resolve it first "
+                "(eopd_ray.locations.resolve_locations)"
+            )
+        try:
+            self._fs, root = pafs.FileSystem.from_uri(self.location)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise StorageError(
+                f"run.output_dir = {self.location!r}: cannot open it as a filesystem ({exc}); "
+                "use an absolute path or a URI pyarrow understands (s3://, gs://, hdfs://, "
+                "file://) and check the credentials"
+            ) from None
+        self._root = root.rstrip("/") or "/"
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        self._open()
+        return self._fs  # type: ignore[return-value]
+
+    @property
+    def root(self) -> str:
+        self._open()
+        return self._root  # type: ignore[return-value]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def uri(self) -> str:
+        """What to show a user: the absolute path for local storage, else the URI."""
+        return self.root if (self._given is None and self.is_local) else self.location
+
+    def path(self, rel: str = "") -> str:
+        """The full path of `rel` on the filesystem."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def local_path(self, rel: str = "") -> Path:
+        """`rel` as a local path; only for local storage."""
+        if not self.is_local:
+            raise StorageError(f"{self.uri} is not a local directory")
+        return Path(self.path(rel))
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_dir(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under `rel` (files and directories), sorted; [] when it is missing."""
+        if not self.is_dir(rel):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(info.base_name for info in infos)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return fh.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Complete or absent: locally a synced temporary file renamed over `rel`; on an object
+        store one PUT (which is atomic)."""
+        parent = posixpath.dirname(rel)
+        self.makedirs(parent)
+        if not self.is_local:
+            with self.fs.open_output_stream(self.path(rel)) as fh:
+                fh.write(data)
+            return
+        target = self.local_path(rel)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def delete(self, rel: str) -> None:
+        """A file or a whole directory; nothing when missing."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type != pafs.FileType.NotFound:
+            self.fs.delete_file(self.path(rel))
+
+    def move(self, src: str, dst: str) -> None:
+        """A rename locally; copy then delete on object stores."""
+        self.makedirs(posixpath.dirname(dst))
+        if self.is_local:
+            os.rename(self.path(src), self.path(dst))
+            return
+        if self.is_dir(src):
+            self.makedirs(dst)
+            pafs.copy_files(self.path(src), self.path(dst), self.fs, self.fs)
+        else:
+            self.fs.copy_file(self.path(src), self.path(dst))
+        self.delete(src)
+
+    # --- local writers --------------------------------------------------------------------------
+
+    def staging(self, rel: str) -> Path:
+        """A local directory in which to write what belongs at `rel`: `rel` itself for local
+        storage, else an empty node-local scratch directory (then `publish` it)."""
+        if self.is_local:
+            path = self.local_path(rel)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        key = hashlib.sha256(self.location.encode()).hexdigest()[:12]
+        base = Path(tempfile.gettempdir()) / "eopd-staging" / key
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base, prefix=rel.replace("/", "_")[-60:] + "."))
+
+    def publish(self, local: Path, rel: str) -> None:
+        """Upload the files written into `staging(rel)` (recursively) to `rel` and drop the
+        scratch copy. Nothing to do for local storage."""
+        local = Path(local)
+        if self.is_local and local.resolve() == self.local_path(rel).resolve():
+            return
+        self.makedirs(rel)
+        pafs.copy_files(
+            str(local),
+            self.path(rel),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
+        shutil.rmtree(local, ignore_errors=True)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        """One local file to `rel` (e.g. metrics.jsonl kept locally and appended to)."""
+        self.write_bytes(rel, Path(local).read_bytes())
+
+    def fetch(self, rel: str) -> Path:
+        """`rel` (a directory) as a local directory to read from: itself for local storage, else a
+        downloaded copy in node-local scratch space."""
+        if self.is_local:
+            return self.local_path(rel)
+        key = hashlib.sha256(self.location.encode()).hexdigest()[:12]
+        local = Path(tempfile.gettempdir()) / "eopd-staging" / key / f"fetch-{uuid.uuid4().hex[:8]}"
+        local.mkdir(parents=True)
+        pafs.copy_files(
+            self.path(rel),
+            str(local),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        return local

@@ -1,0 +1,85 @@
+"""A run directory belongs to one run: a fresh start moves an earlier run aside; resume only
+continues the run that wrote the checkpoints; ids are kept."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+
+from eopd_ray import checkpoint
+from eopd_ray.checkpoint import CheckpointError
+from eopd_ray.config import config_from_dict, config_to_yaml
+from eopd_ray.run_dir import begin_run
+from eopd_ray.storage import RunStorage
+
+BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
+
+
+def cfg(resume: str, **run):
+    return config_from_dict({**BASE, "run": {"output_dir": "/unused", "resume": resume, **run}})
+
+
+@pytest.fixture(params=["local", "object store"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return RunStorage(str(tmp_path / "run"))
+    return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
+
+
+def started(store, c):
+    """What Pipeline.start does with the directory: decide, then write the config."""
+    c, ckpt = begin_run(c, store)
+    store.write_text("config.yaml", config_to_yaml(c))
+    store.write_text("metrics.jsonl", f'{{"run": "{c.run.id}"}}\n')
+    return c, ckpt
+
+
+def checkpointed(store, c, step):
+    rel = checkpoint.begin(store, step)
+    checkpoint.commit(store, rel, c, step, step + 1, {"epoch": 0, "offset": step})
+
+
+def test_resume_never_moves_the_earlier_run_aside_so_auto_cannot_mix_runs(store):
+    """The sequence that once mixed two runs: A (never) checkpoints step 36; B (never) starts
+    afresh and checkpoints step 21; C (auto) must continue B, from 21, not A's 36."""
+    a, _ = started(store, cfg("never", name="toy"))
+    checkpointed(store, a, 36)
+    b, ckpt = started(store, cfg("never", name="toy"))
+    assert ckpt is None and b.run.id != a.run.id and b.run.id.startswith("toy-")
+    assert store.listdir() == ["config.yaml", "metrics.jsonl", "previous"]
+    assert store.listdir(f"previous/{a.run.id}") == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    checkpointed(store, b, 21)
+    c, ckpt = started(store, cfg("auto", name="toy"))
+    assert ckpt.step == 21 and ckpt.run_id == b.run.id and c.run.id == b.run.id
+
+
+def test_auto_without_a_checkpoint_starts_afresh_and_moves_leftovers(store):
+    a, _ = started(store, cfg("auto"))  # crashed before its first checkpoint
+    b, ckpt = started(store, cfg("auto"))
+    assert ckpt is None and b.run.id != a.run.id
+    assert store.listdir("previous") == [a.run.id]
+
+
+def test_an_explicit_run_id_that_is_not_the_directorys_is_refused(store):
+    a, _ = started(store, cfg("auto", id="mine"))
+    assert a.run.id == "mine"
+    checkpointed(store, a, 3)
+    with pytest.raises(CheckpointError, match=r"holds run 'mine'.*run\.resume=never"):
+        begin_run(cfg("auto", id="other"), store)
+    again, ckpt = begin_run(cfg("auto", id="mine"), store)
+    assert ckpt.step == 3 and again.run.id == "mine"
+
+
+def test_the_same_id_moved_aside_twice_keeps_both(store):
+    for _ in range(3):
+        started(store, cfg("never", id="demo"))
+    assert store.listdir("previous") == ["demo", "demo.2"]
+
+
+def test_only_the_runs_own_outputs_move(store):
+    """tiny.yaml builds its models inside its output directory: they are not the run's."""
+    store.write_text("models/student/config.json", "{}")
+    started(store, cfg("never"))
+    started(store, cfg("never"))
+    assert store.exists("models/student/config.json")
+    assert "models" not in store.listdir(f"previous/{store.listdir('previous')[0]}")

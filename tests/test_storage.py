@@ -1,0 +1,80 @@
+"""Run storage over pyarrow filesystems: local disk, an in-memory object store (no rename), and
+a sub-tree filesystem (the object-store code path on the local disk, shared by processes)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow.fs as pafs
+import pytest
+
+from eopd_ray.storage import RunStorage, StorageError, is_uri
+
+
+@pytest.fixture(params=["local", "memory", "subtree"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return RunStorage(str(tmp_path / "run"))
+    if request.param == "memory":
+        return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
+    return RunStorage(
+        "run", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    )
+
+
+def test_text_files_lists_moves_and_deletes(store):
+    store.write_text("a/b.json", '{"x": 1}')
+    store.write_text("a/b.json", '{"x": 2}')  # replaced whole
+    assert store.read_text("a/b.json") == '{"x": 2}'
+    assert store.listdir("a") == ["b.json"] and store.listdir("missing") == []
+    store.move("a", "c/a")
+    assert store.listdir() == ["c"] and store.read_text("c/a/b.json") == '{"x": 2}'
+    store.delete("c")
+    store.delete("c")  # missing: nothing to do
+    assert not store.exists("c")
+
+
+def test_staged_directories_are_published_and_fetched_back(store, tmp_path):
+    scratch = store.staging("ckpt/learner")
+    (scratch / "learner").mkdir()
+    (scratch / "learner" / "rank0.pt").write_bytes(b"zero")
+    (scratch / "latest").write_text("learner")
+    store.publish(scratch, "ckpt/learner")
+    other = store.staging("ckpt/learner")  # a second rank, on its own scratch space
+    (other / "learner").mkdir(exist_ok=True)
+    (other / "learner" / "rank1.pt").write_bytes(b"one")
+    store.publish(other, "ckpt/learner")
+    assert store.listdir("ckpt/learner/learner") == ["rank0.pt", "rank1.pt"]
+    fetched = store.fetch("ckpt/learner")
+    assert (fetched / "learner" / "rank1.pt").read_bytes() == b"one"
+    assert (fetched / "latest").read_text() == "learner"
+    if not store.is_local:
+        assert not scratch.exists()  # uploaded, then dropped
+
+
+def test_local_storage_writes_in_place_and_shows_its_absolute_path(tmp_path):
+    store = RunStorage(str(tmp_path / "run"))
+    assert store.is_local and store.uri == str(tmp_path / "run")
+    assert store.staging("x") == tmp_path / "run" / "x"
+    uri = RunStorage(f"file://{tmp_path}/run")
+    assert uri.is_local and uri.uri == str(tmp_path / "run")
+
+
+def test_a_storage_pickles_as_its_location(tmp_path):
+    store = RunStorage(str(tmp_path))
+    store.write_text("f", "hi")
+    again = pickle.loads(pickle.dumps(store))
+    assert again.read_text("f") == "hi"
+    shared = RunStorage(
+        "run", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    )
+    shared.write_text("g", "there")
+    assert pickle.loads(pickle.dumps(shared)).read_text("g") == "there"
+
+
+def test_bad_locations_say_what_to_do():
+    assert is_uri("s3://b/k") and is_uri("file:///x") and not is_uri("/abs") and not is_uri("rel")
+    with pytest.raises(StorageError, match="relative path"):
+        RunStorage("runs/x").fs
+    with pytest.raises(StorageError, match=r"nope://bucket.*s3://"):
+        RunStorage("nope://bucket/run").fs
