@@ -42,6 +42,3 @@ class ConfigError(EopdError):
 class BatchError(EopdError):
     """A wire-type batch (RolloutBatch, TeacherScores) has inconsistent shapes or dtypes."""
 
-
-class StopRequested(EopdError):
-    """SIGTERM (`ray job stop`, Kubernetes) arrived before the first step: nothing to save."""

@@ -14,7 +14,9 @@ Per-stage wall times are logged as `time/rollout_s`, `time/teacher_s`, `time/tra
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from eopd_ray.batching import StepShares, share_step
 from eopd_ray.checkpoint import Checkpoint
 from eopd_ray.config import Config, config_to_yaml
 from eopd_ray.data import PromptStream, tokenize_prompts
-from eopd_ray.errors import EopdError, StopRequested
+from eopd_ray.errors import EopdError
 from eopd_ray.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
@@ -68,12 +70,31 @@ class _StopOnSigterm:
 
 
 def _stop_start_up(signum, frame) -> None:
-    raise StopRequested("SIGTERM during start-up")
+    # Exit at once: nothing is trained yet, and a Python exception cannot interrupt a blocking
+    # ray.get (Ray's job stop kills the driver 3 s after SIGTERM). The workers and the placement
+    # group belong to this driver: Ray removes them when it exits.
+    sys.stderr.write(
+        "stopped during start-up (SIGTERM): no step ran, nothing to resume; submit the command "
+        "again to start\n"
+    )
+    sys.stderr.flush()
+    _stop_embedded_ray()
+    os._exit(143)
 
 
-def _raise_on_sigterm() -> None:
-    """Until the loop runs, SIGTERM ends start-up with a plain message and the workers cleaned
-    up (Ray's own driver handler exits mid-call, with a stack dump)."""
+def _stop_embedded_ray() -> None:
+    """The processes of a Ray this driver started itself (none when it joined a cluster):
+    os._exit would leave its agents running."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+
+
+def _exit_on_sigterm() -> None:
+    """Until the loop runs, SIGTERM ends start-up at once with a plain message (Ray's own driver
+    handler raises SystemExit inside whatever call is running: a stack dump)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_start_up)
 
@@ -148,15 +169,15 @@ class Pipeline:
         return self.cfg.run.id
 
     def start(self) -> None:
-        # The run directory first: it decides the run id (actor names, metric tags) and whether
-        # this resumes; an earlier run's files move to previous/ before anything is written.
-        _raise_on_sigterm()
+        # The run directory before any worker: it decides the run id (actor names, metric tags)
+        # and whether this resumes; an earlier run's files move to previous/ first.
+        _exit_on_sigterm()
+        connect(self.cfg)
+        _exit_on_sigterm()  # again: ray.init installs its own handler
         self.cfg, self._resume_from = begin_run(self.cfg, self.store)
         self.store.write_text("config.yaml", config_to_yaml(self.cfg))
         log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
         cfg = self.cfg
-        connect(cfg)
-        _raise_on_sigterm()  # again: ray.init installs its own handler
         self._pg = create_placement_group(cfg)
         r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the

@@ -20,7 +20,7 @@ from eopd_ray.env import set_job_environment
 set_job_environment()  # before anything imports Ray
 
 from eopd_ray.config import load_config  # noqa: E402
-from eopd_ray.errors import EopdError, StopRequested  # noqa: E402
+from eopd_ray.errors import EopdError  # noqa: E402
 from eopd_ray.locations import resolve_locations  # noqa: E402
 
 
@@ -51,13 +51,6 @@ def main(argv: list[str] | None = None) -> int:
             history = pipeline.run(progress="lines" if args.no_progress else "auto")
         finally:
             pipeline.shutdown()
-    except StopRequested:
-        print(
-            "stopped during start-up: no step ran, nothing to resume; submit the command "
-            "again to start",
-            file=sys.stderr,
-        )
-        return 143
     except EopdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
