@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run run-tiny test test-fast lint format env clean
+.PHONY: run run-tiny test test-fast lint format env clean cluster-up cluster-down
 
 env: $(STAMP)
 
@@ -47,6 +47,14 @@ run: $(STAMP)
 # The smallest end-to-end run (random tiny models, 2 workers per role): a smoke test.
 run-tiny: $(STAMP)
 	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
+
+# A Ray head on this machine to `ray job submit` to (docs/running.md); then
+# eval "$$(cluster/local-head.sh env)" in your shell.
+cluster-up: $(STAMP)
+	cluster/local-head.sh up
+
+cluster-down:
+	cluster/local-head.sh down
 
 test: $(STAMP)
 	$(PY) -m pytest -q

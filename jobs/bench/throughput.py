@@ -116,6 +116,7 @@ def config_for(name: str, out_dir: Path, steps: int, overrides: list[str]):
 
         prepared = prepare_toy(REPO / "runs/toy/prepared", ToySettings(), log=print)
         paths = [
+            "model.build_toy=false",
             f"model.student_path={prepared / 'student'}",
             f"model.teacher_path={prepared / 'teacher'}",
             f"data.train_path={prepared / 'train.jsonl'}",

@@ -3,14 +3,13 @@ the local Ray, and a held-out evaluation that shows the student improved."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from eopd_ray.config import load_config
 from eopd_ray.toy.evaluate import evaluate_toy
-from eopd_ray.toy.prepare import ToySettings, load_baseline, prepare_toy, read_prompts
+from eopd_ray.toy.prepare import ToySettings, load_baseline, read_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "jobs" / "configs" / "toy.yaml"
@@ -19,10 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    # A shorter teacher training than the default (~30 s): still far better than the student.
-    settings = dataclasses.replace(ToySettings(), teacher_steps=600)
-    return prepare_toy(tmp_path_factory.mktemp("toy"), settings, log=lambda m: None)
+def prepared(toy_prepared) -> Path:
+    return toy_prepared
 
 
 def test_prepared_teacher_is_far_better_than_the_student(prepared):
@@ -39,6 +36,7 @@ def test_short_eopd_run_improves_the_student(local_ray, prepared, tmp_path):
     cfg = load_config(
         TOY,
         [
+            "model.build_toy=false",
             f"model.student_path={prepared / 'student'}",
             f"model.teacher_path={prepared / 'teacher'}",
             f"data.train_path={prepared / 'train.jsonl'}",
