@@ -41,4 +41,3 @@ class ConfigError(EopdError):
 
 class BatchError(EopdError):
     """A wire-type batch (RolloutBatch, TeacherScores) has inconsistent shapes or dtypes."""
-

@@ -18,6 +18,7 @@ spec = importlib.util.spec_from_file_location("cluster_validate", CLUSTER / "val
 validate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(validate)
 
+
 @pytest.fixture(scope="module")
 def schemas():
     return validate.load_schemas(CRDS)

@@ -75,6 +75,6 @@ def test_a_storage_pickles_as_its_location(tmp_path):
 def test_bad_locations_say_what_to_do():
     assert is_uri("s3://b/k") and is_uri("file:///x") and not is_uri("/abs") and not is_uri("rel")
     with pytest.raises(StorageError, match="relative path"):
-        RunStorage("runs/x").fs
+        _ = RunStorage("runs/x").fs
     with pytest.raises(StorageError, match=r"nope://bucket.*s3://"):
-        RunStorage("nope://bucket/run").fs
+        _ = RunStorage("nope://bucket/run").fs
