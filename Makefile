@@ -56,11 +56,15 @@ cluster-up: $(STAMP)
 cluster-down:
 	cluster/local-head.sh down
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; one file stays in one process, so a
+# module's Ray cluster is started once). Most e2e tests wait on Ray actors as much as they compute.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow and not gpu'
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow and not gpu'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check eopd_ray jobs tests cluster

@@ -75,5 +75,12 @@ def toy_prepared(tmp_path_factory) -> Path:
 
     from eopd_ray.toy.prepare import ToySettings, prepare_toy
 
+    from filelock import FileLock
+
     settings = dataclasses.replace(ToySettings(), teacher_steps=600)
-    return prepare_toy(tmp_path_factory.mktemp("toy"), settings, log=lambda m: None)
+    # One preparation per test session: pytest-xdist workers share their base temp dir's parent.
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy-prepared"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / ".lock")):
+        return prepare_toy(shared, settings, log=lambda m: None)
