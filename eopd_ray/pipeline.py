@@ -397,8 +397,17 @@ class Pipeline:
         return metrics
 
     def _sync(self, step: int) -> None:
-        """Send the new weights to every rollout worker; all must report version v + 1."""
-        self._push_weights(self.version + 1, f"step {step}")
+        """Send the new weights to every rollout worker; all must report version v + 1.
+        Rollout workers lost while the teacher or the learners worked (their node went down)
+        are first seen here: once Ray has restarted them, the sync is redone, to the same
+        version (the probe may have failed after the workers took v + 1)."""
+        new_version = self.version + 1
+        self._recovering(
+            self.rollout,
+            lambda: self._push_weights(new_version, f"step {step}"),
+            f"step {step} weight sync",
+            catch_up=False,  # the redone sync is the catch-up
+        )
 
     def _push_weights(self, new_version: int, what: str) -> None:
         timeout = self.cfg.sync.timeout_s
@@ -436,10 +445,10 @@ class Pipeline:
             what,
         )
 
-    def _recovering(self, group: ActorGroup, work, what: str):
+    def _recovering(self, group: ActorGroup, work, what: str, catch_up: bool = True):
         """Run `work()`; if a worker of `group` died, wait for Ray to restart it, bring it back
-        in sync (rollout: rejoin the weight group and reload the current weights), and redo the
-        work, up to `run.max_worker_restarts` times."""
+        in sync (rollout: rejoin the weight group and, if `catch_up`, reload the current
+        weights), and redo the work, up to `run.max_worker_restarts` times."""
         for attempt in range(self.cfg.run.max_worker_restarts + 1):
             try:
                 return work()
@@ -451,7 +460,8 @@ class Pipeline:
                 if group is self.rollout:
                     if self.cfg.sync.transport == "collective":
                         self._join_sync_group()
-                    self._push_weights(self.version, f"{what} recovery")
+                    if catch_up:
+                        self._push_weights(self.version, f"{what} recovery")
                 self.num_recoveries += 1
 
     def _prefetch_next(self, step: int) -> None:
