@@ -73,9 +73,9 @@ def toy_prepared(tmp_path_factory) -> Path:
     (~30 s): still far better than the student."""
     import dataclasses
 
-    from eopd_ray.toy.prepare import ToySettings, prepare_toy
-
     from filelock import FileLock
+
+    from eopd_ray.toy.prepare import ToySettings, prepare_toy
 
     settings = dataclasses.replace(ToySettings(), teacher_steps=600)
     # One preparation per test session: pytest-xdist workers share their base temp dir's parent.
