@@ -46,7 +46,14 @@ from eopd_ray.rollout import RolloutWorker, prompt_seeds
 from eopd_ray.run_dir import begin_run
 from eopd_ray.storage import RunStorage
 from eopd_ray.teacher import TeacherWorker, check_model_pair
-from eopd_ray.workers import ActorGroup, WorkerError, connect, create_placement_group, spawn
+from eopd_ray.workers import (
+    ActorGroup,
+    WorkerError,
+    connect,
+    create_placement_group,
+    spawn,
+    wait_started,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +208,14 @@ class Pipeline:
             learner_env,
         )
         timeout = cfg.run.step_timeout_s
+        # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.
+        wait_started([self.learner], timeout)
         addr, port = self.learner.get(
             self.learner.call_async("free_address", ranks=[0]), timeout, "learner address"
         )[0]
-        self.learner.get(self.learner.call_async("setup", addr, port), timeout, "learner set-up")
+        setup = self.learner.call_async("setup", addr, port)
+        wait_started([self.rollout, self.teacher], timeout)
+        self.learner.get(setup, timeout, "learner set-up")
         if cfg.sync.transport == "collective":
             self._join_sync_group()
         self._check_learners_see_storage()

@@ -165,6 +165,7 @@ class ActorGroup:
     def __init__(self, role: str, handles: list[Any], identities: list[WorkerIdentity]) -> None:
         self.role, self.handles, self.identities = role, handles, identities
         self.num_calls = 0  # remote calls made, for tests that bound the calls per step
+        self.starting: list = []  # the identity calls spawn() made, for wait_started()
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -274,7 +275,12 @@ def spawn(
         )
     pending = [WorkerIdentity(role, i, "?", 0) for i in range(count)]
     group = ActorGroup(role, handles, pending)
-    group.identities = group.get(
-        group.call_async("identity"), cfg.run.step_timeout_s, f"starting {role} workers"
-    )
+    group.starting = group.call_async("identity")  # answered once the worker is built
     return group
+
+
+def wait_started(groups: list[ActorGroup], timeout_s: float) -> None:
+    """Wait until every worker of `groups` is built (they build concurrently: vLLM, the teacher
+    and DeepSpeed start at the same time) and record who and where each one is."""
+    for group in groups:
+        group.identities = group.get(group.starting, timeout_s, f"starting {group.role} workers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -76,7 +77,9 @@ def test_tiny_config_runs_end_to_end(local_ray, tiny_pair, tmp_path, zero_stage,
         assert row["rollout/version_lag"] == 0
     assert [r["rollout/weight_version"] for r in rows] == [0, 1]
     assert pipeline.version == 2
-    assert load_config(out / "config.yaml") == cfg
+    # The run directory holds the resolved config, with the run's id, and it reloads equal.
+    assert pipeline.cfg.run.id and load_config(out / "config.yaml") == pipeline.cfg
+    assert dataclasses.replace(pipeline.cfg, run=cfg.run) == cfg
     # pi_old recomputed by the learner agrees with vLLM's sampler (same weights, fp32, the same
     # tempered distribution) at every step, i.e. after every weight sync.
     assert all(r["opd/sampler_gap"] < 1e-3 for r in rows), [r["opd/sampler_gap"] for r in rows]
@@ -209,6 +212,6 @@ def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefet
     # The checkpoint after step 1 was taken with step 2's rollout in flight: its data position
     # is that of 2 steps, so a resumed run takes step 2's prompts again.
     per_step = cfg.rollout.prompts_per_step
-    positions = {c.step: c.stream for c in checkpoint.complete_checkpoints(cfg)}
+    positions = {c.step: c.stream for c in checkpoint.complete_checkpoints(pipeline.store)}
     assert positions[1] == {"epoch": 0, "offset": 2 * per_step}
     assert positions[3] == {"epoch": 0, "offset": 4 * per_step}
