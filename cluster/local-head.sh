@@ -7,6 +7,7 @@
 #   cluster/local-head.sh down      # stop this head only (also: make cluster-down)
 #
 # Settings (environment): DASHBOARD_PORT (8265), GCS_PORT (6379), METRICS_PORT (8080),
+# DASHBOARD_AGENT_PORT (52365: the agent that runs submitted jobs),
 # NUM_CPUS (logical CPUs Ray schedules; default max(cores, 4): tiny.yaml asks for 2.5 and its
 # workers mostly wait on one another), RAY_TEMP_DIR (/tmp/ray), VENV_BIN (<repo>/.venv/bin: the
 # `ray` and the `python` the jobs run with), STATE_DIR (~/.eopd-ray/local-head: pid and log),
@@ -18,6 +19,7 @@ VENV_BIN=${VENV_BIN:-$REPO/.venv/bin}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 GCS_PORT=${GCS_PORT:-6379}
 METRICS_PORT=${METRICS_PORT:-8080}
+DASHBOARD_AGENT_PORT=${DASHBOARD_AGENT_PORT:-52365}
 CORES=$(nproc)
 NUM_CPUS=${NUM_CPUS:-$((CORES > 4 ? CORES : 4))}
 RAY_TEMP_DIR=${RAY_TEMP_DIR:-/tmp/ray}
@@ -36,14 +38,17 @@ print_env() {
     echo "export RAY_AUTH_TOKEN=$(RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token)"
 }
 
-dashboard_answers() {
-    # Any HTTP answer will do: with token auth on, /api/version says 401 until given the token.
-    "$VENV_BIN/python" - "$ADDRESS/api/version" 2>/dev/null <<'PY'
-import sys, urllib.error, urllib.request
+ready() {
+    # The dashboard answers (any HTTP answer: with token auth on, /api/version says 401 without
+    # the token) and the head's agent, which runs submitted jobs, listens: until it does,
+    # `ray job submit` fails with "No available agent to submit job".
+    "$VENV_BIN/python" - "$ADDRESS/api/version" "$DASHBOARD_AGENT_PORT" 2>/dev/null <<'PY'
+import socket, sys, urllib.error, urllib.request
 try:
     urllib.request.urlopen(sys.argv[1], timeout=2)
 except urllib.error.HTTPError:
     pass
+socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=2).close()
 PY
 }
 
@@ -63,13 +68,14 @@ up() {
         --port="$GCS_PORT" \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         --metrics-export-port="$METRICS_PORT" \
+        --dashboard-agent-listen-port="$DASHBOARD_AGENT_PORT" \
         --num-cpus="$NUM_CPUS" \
         --temp-dir="$RAY_TEMP_DIR" \
         ${RAY_START_ARGS:-} \
         >"$STATE_DIR/head.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/head.pid"
     for _ in $(seq 120); do
-        if dashboard_answers; then
+        if ready; then
             echo "local-head: up at $ADDRESS (dashboard), metrics on 127.0.0.1:$METRICS_PORT," \
                 "$NUM_CPUS CPUs, token auth on; log: $STATE_DIR/head.log"
             echo "local-head: now run: eval \"\$(cluster/local-head.sh env)\""

@@ -7,17 +7,27 @@ documented commands: fewer `run.steps`, free ports, and a temporary HOME (so the
 state and the durable outputs under ~/eopd-ray are this test's own). The toy models are found
 where a first job would have prepared them (~/eopd-ray/runs/toy/prepared/current): preparing
 them takes minutes, and tests/e2e/test_toy.py and tests/toy/ test the preparation itself.
+
+The same head serves the monitoring checks: while a tiny job runs, its metrics are read raw from
+the head's metrics port and through a real Prometheus server scraping it (PromQL by run), and
+the actors are listed with ray.util.state; a stop during start-up goes through the Python
+JobSubmissionClient (docs/running.md's "From Python").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,11 +35,22 @@ import pytest
 from eopd_ray.metrics import read_jsonl
 
 from .conftest import REPO, short_tmpdir
-from .test_job_submit import free_ports
+from .prometheus import INSTALL_HINT, Prometheus, find_prometheus
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def clean_clone(dest: Path) -> Path:
@@ -66,9 +87,10 @@ def cluster(tmp_path_factory, toy_prepared):
         GCS_PORT=str(gcs),
         METRICS_PORT=str(metrics),
         RAY_TEMP_DIR=short_tmpdir("lh"),
+        DASHBOARD_AGENT_PORT=str(agent),
         RAY_START_ARGS=(
-            f"--ray-client-server-port={client} --dashboard-agent-listen-port={agent} "
-            f"--dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port={runtime_env}"
+            f"--ray-client-server-port={client} --dashboard-agent-grpc-port={agent_grpc} "
+            f"--runtime-env-agent-port={runtime_env}"
         ),
     )
     up = subprocess.run(
@@ -91,6 +113,7 @@ def cluster(tmp_path_factory, toy_prepared):
         env = dict(line.decode().split("=", 1) for line in exported if b"=" in line)
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"]
         assert env["PATH"].startswith(str(BIN))
+        env["METRICS_PORT"] = str(metrics)
         yield env, clone, home
     finally:
         subprocess.run(["bash", "cluster/local-head.sh", "down"], cwd=clone, env=base, timeout=90)
@@ -154,33 +177,117 @@ def test_toy_job_from_a_clean_clone_writes_where_it_says(cluster):
     assert "\r" not in log
 
 
-def test_stop_resume_never_mixes_runs_and_actors_are_named(cluster):
+# What a user asks Prometheus: one run's loss, and the loss per run whatever other tags (worker,
+# session, node) a series carries.
+QUERIES = ('ray_eopd_loss_total{run="tiny"}', "sum by (run) (ray_eopd_loss_total)")
+
+
+@dataclass
+class RunningJob:
+    """Job A of the stop/resume sequence, observed while it runs."""
+
+    out: Path
+    run_id: str
+    actors: list[tuple[str, str]]  # (name, repr) of the live actors
+    scraped: str  # the head's /metrics text once every wanted metric was there ("" if never)
+    last_scrape: str
+    answers: dict[str, list[dict]] | None  # PromQL -> first non-empty result; None: no binary
+
+
+@pytest.fixture(scope="module")
+def job_a(cluster) -> RunningJob:
+    """tiny.yaml submitted and left running (run.resume=never, the config's own) while its
+    metrics are read raw and, when the binary is here, through a real Prometheus asked during the
+    run (a finished run's series goes stale). test_stop_resume_... stops it."""
+    env, clone, home = cluster
+    out = home / "eopd-ray" / "runs" / "tiny"
+    port = int(env["METRICS_PORT"])
+    binary = find_prometheus()
+    server = Prometheus(binary, target=f"127.0.0.1:{port}") if binary else nullcontext()
+    with server as prom:
+        submit(
+            env,
+            clone,
+            "--config",
+            "jobs/configs/tiny.yaml",
+            "run.steps=200",
+            "data.toy_prompts=2048",
+            wait=False,
+            job_id="tiny-a",
+        )
+        wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 3, 300, "3 steps of job A")
+        run_id = run_id_of(out)
+        actors = actor_table(env, clone)
+        wanted = [*WANTED, f'run_id="{run_id}"']
+        scraped, last, answers = "", "", {}
+        deadline = time.time() + 90  # gauges reach the endpoint ~15 s after they are set
+        while time.time() < deadline:
+            last = scrape(port)
+            if all(w in last for w in wanted):
+                scraped = last
+            for q in QUERIES:
+                if prom and q not in answers and (result := prom.query(q)):
+                    answers[q] = result
+            if scraped and (prom is None or len(answers) == len(QUERIES)):
+                break
+            time.sleep(2)
+    return RunningJob(out, run_id, actors, scraped, last, answers if prom else None)
+
+
+WANTED = [
+    "ray_eopd_loss_total{",
+    'run="tiny"',
+    "ray_eopd_gate_frac",
+    "ray_eopd_time_sync_s",
+    "ray_eopd_worker_rollout_tokens_per_s{",
+    'role="learner"',
+    'rank="1"',
+]
+
+
+def scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def test_driver_and_worker_metrics_reach_the_heads_metrics_port(job_a):
+    """Every step metric and the workers' own gauges, tagged with the run's name and id."""
+    missing = [w for w in [*WANTED, f'run_id="{job_a.run_id}"'] if w not in job_a.scraped]
+    eopd = [line for line in job_a.last_scrape.splitlines() if "eopd" in line][:20]
+    assert not missing, (missing, eopd)
+
+
+def test_a_real_prometheus_answers_promql_by_run(job_a):
+    if job_a.answers is None:
+        pytest.skip(INSTALL_HINT)
+    missing = [q for q in QUERIES if q not in job_a.answers]
+    assert not missing, (missing, job_a.answers)
+    for q, result in job_a.answers.items():
+        assert {series["metric"].get("run") for series in result} == {"tiny"}, (q, result)
+        for series in result:
+            assert math.isfinite(float(series["value"][1])), (q, series)
+
+
+def test_actors_are_named_by_run_role_and_rank(job_a):
+    run = job_a.run_id
+    names = sorted(name for name, _ in job_a.actors if name.startswith(f"{run}/"))
+    expected = [("learner", 0), ("learner", 1), ("rollout", 0), ("rollout", 1), ("teacher", 0)]
+    assert names == [f"{run}/{role}-{rank}" for role, rank in expected], job_a.actors
+    reprs = dict(job_a.actors)
+    assert reprs[f"{run}/rollout-1"] == f"rollout-1 weights v0 [{run}]"
+    assert reprs[f"{run}/learner-0"] == f"learner-0 trained 0 steps [{run}]"
+
+
+def test_stop_resume_never_mixes_runs(cluster, job_a):
     """The sequence that once mixed two runs' histories: A (run.resume=never, the tiny.yaml
     default) is stopped after a few steps; B, the same command, starts afresh and finishes 2
     steps; C with run.resume=auto continues B, not A, and every step is there exactly once."""
-    env, clone, home = cluster
-    out = home / "eopd-ray" / "runs" / "tiny"
+    env, clone, _ = cluster
+    out, run_a = job_a.out, job_a.run_id
     tiny = ("--config", "jobs/configs/tiny.yaml")
-    submit(env, clone, *tiny, "run.steps=30", wait=False, job_id="tiny-a")
-    wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 3, 300, "3 steps of job A")
-    actors = actor_table(env, clone)
-    run_a = run_id_of(out)
-    names = sorted(name for name, _ in actors if name.startswith(f"{run_a}/"))
-    assert names == [
-        f"{run_a}/{role}-{rank}"
-        for role, rank in [
-            ("learner", 0),
-            ("learner", 1),
-            ("rollout", 0),
-            ("rollout", 1),
-            ("teacher", 0),
-        ]
-    ], actors
-    reprs = dict(actors)
-    assert (
-        reprs[f"{run_a}/rollout-1"].startswith("rollout-1 weights v")
-        and run_a in reprs[f"{run_a}/rollout-1"]
-    )
     assert ray(env, clone, "job", "stop", "tiny-a").returncode == 0
     wait_for(lambda: "stopped after step" in job_logs(env, clone, "tiny-a"), 60, "A's stop")
     log_a = job_logs(env, clone, "tiny-a")
@@ -206,16 +313,38 @@ def test_stop_resume_never_mixes_runs_and_actors_are_named(cluster):
 
 
 def test_a_stop_during_start_up_ends_cleanly(cluster):
+    """Through the Python JobSubmissionClient (docs/running.md), in a child process that has
+    the recipe's environment (token included)."""
     env, clone, _ = cluster
-    submit(env, clone, "--config", "jobs/configs/tiny.yaml", wait=False, job_id="tiny-early")
-    wait_for(
-        lambda: "eopd_ray.pipeline: run " in job_logs(env, clone, "tiny-early"), 120, "start-up"
+    code = (
+        "import sys, time\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "client = JobSubmissionClient()  # RAY_ADDRESS and the token from the environment\n"
+        "job = client.submit_job(\n"
+        "    entrypoint='python jobs/distill.py --config jobs/configs/tiny.yaml',\n"
+        "    runtime_env={'working_dir': '.'},\n"
+        ")\n"
+        "deadline = time.time() + 120\n"
+        "while 'eopd_ray.pipeline: run ' not in client.get_job_logs(job):\n"
+        "    assert time.time() < deadline, client.get_job_logs(job)[-3000:]\n"
+        "    time.sleep(0.5)\n"
+        "client.stop_job(job)\n"
+        "while 'stopped during start-up' not in client.get_job_logs(job):\n"
+        "    assert time.time() < deadline + 30, client.get_job_logs(job)[-3000:]\n"
+        "    time.sleep(0.5)\n"
+        "print(client.get_job_logs(job))\n"
     )
-    assert ray(env, clone, "job", "stop", "tiny-early").returncode == 0
-    wait_for(
-        lambda: "stopped during start-up" in job_logs(env, clone, "tiny-early"), 30, "the stop"
+    proc = subprocess.run(
+        [str(BIN / "python"), "-c", code],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert "Traceback" not in job_logs(env, clone, "tiny-early")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "stopped during start-up (SIGTERM)" in proc.stdout
+    assert "Traceback" not in proc.stdout
 
 
 def run_id_of(out: Path) -> str:
