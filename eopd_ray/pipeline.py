@@ -483,22 +483,25 @@ class Pipeline:
 
     def _finish_prefetch(self, step: int) -> None:
         """Wait for the prefetched rollout before the weight sync (a worker takes one call at a
-        time). If a worker died, it is restarted and the rollout redone with the same prompts."""
+        time). If a rollout worker died, the prefetch is dropped rather than redone: the learner
+        has already moved past the weights it was launched on, so a redo would sample with newer
+        weights under the old version's label. Ray restarts the worker, the sync that follows
+        gives it the new weights, and the next step samples the same prompts on them."""
         pending = self._prefetched
         if pending is None:
             return
-        attempts = 0
-
-        def wait() -> None:
-            nonlocal attempts
-            if attempts:  # restarted: the weights are still those the prefetch was launched on
-                self.stream.load_state_dict(pending.stream_state)
-                redo = self._launch_rollout(pending.step)
-                pending.refs, pending.parts = redo.refs, None
-            attempts += 1
+        try:
             self._wait_rollout(pending)
-
-        self._recovering(self.rollout, wait, f"step {pending.step} rollout (prefetched)")
+        except WorkerError as exc:
+            if not exc.died:
+                raise
+            log.warning("step %d rollout (prefetched): %s; dropping it", pending.step, exc)
+            self._prefetched = None
+            self.stream.load_state_dict(pending.stream_state)  # the next step takes its prompts
+            self.rollout.refresh_identities(self.cfg.run.step_timeout_s)
+            if self.cfg.sync.transport == "collective":
+                self._join_sync_group()
+            self.num_recoveries += 1
 
     def step(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}

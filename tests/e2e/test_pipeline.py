@@ -188,6 +188,12 @@ def test_placement_failure_names_what_was_asked_and_what_the_cluster_has(
 def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefetch(
     local_ray, tiny_pair, tmp_path
 ):
+    """Plus a rollout worker killed while step 4's rollout is prefetched (during step 3): the
+    prefetch is dropped, not redone under the old version's label, and step 4 samples on the
+    synced weights (version 4, lag 0)."""
+    import os
+    import signal
+
     from eopd_ray import checkpoint
 
     out = tmp_path / "run"
@@ -196,22 +202,38 @@ def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefet
         tiny_overrides(
             tiny_pair,
             out,
-            "run.steps=4",
+            "run.steps=5",
             "run.checkpoint_every=2",
+            "run.keep_checkpoints=3",
             "rollout.async_lag=1",
             "learner.old_logprobs=sampler",
         ),
     )
-    pipeline, rows = run(cfg)
-    # Step 0 is generated synchronously; every later batch was sampled while the previous step
-    # trained, with the weights from before that step's update.
-    assert [r["rollout/weight_version"] for r in rows] == [0, 0, 1, 2]
-    assert [r["rollout/version_lag"] for r in rows] == [0, 1, 1, 1]
-    assert pipeline.version == 4
+    pipeline = Pipeline(cfg)
+    launch = pipeline._prefetch_next
+
+    def launch_then_kill(step: int) -> None:
+        launch(step)
+        if step == 3:  # the generate call for step 4 is in flight: its worker dies
+            os.kill(pipeline.rollout.identities[0].pid, signal.SIGKILL)
+
+    pipeline._prefetch_next = launch_then_kill
+    try:
+        pipeline.start()
+        rows = pipeline.run(progress="lines")
+    finally:
+        pipeline.shutdown()
+    # Step 0 is generated synchronously; later batches were sampled while the previous step
+    # trained, with the weights from before that step's update; step 4's prefetch was lost.
+    assert [r["rollout/weight_version"] for r in rows] == [0, 0, 1, 2, 4]
+    assert [r["rollout/version_lag"] for r in rows] == [0, 1, 1, 1, 0]
+    assert pipeline.version == 5 and pipeline.num_recoveries == 1
     assert all("time/rollout_wait_s" in r for r in rows)
     # The checkpoint after step 1 was taken with step 2's rollout in flight: its data position
-    # is that of 2 steps, so a resumed run takes step 2's prompts again.
+    # is that of 2 steps, so a resumed run takes step 2's prompts again. After step 3 the
+    # dropped prefetch had given its prompts back.
     per_step = cfg.rollout.prompts_per_step
     positions = {c.step: c.stream for c in checkpoint.complete_checkpoints(pipeline.store)}
     assert positions[1] == {"epoch": 0, "offset": 2 * per_step}
     assert positions[3] == {"epoch": 0, "offset": 4 * per_step}
+    assert positions[4] == {"epoch": 0, "offset": 5 * per_step}

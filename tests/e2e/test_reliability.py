@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +40,21 @@ def run(cfg) -> Pipeline:
 
 
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair, tmp_path):
+    """A 6-step run checkpoints after step 2 and goes on; a copy of its directory as it would be
+    had the run been killed after that checkpoint (the later checkpoint gone, metrics.jsonl
+    holding more rows than the checkpoint covers) is resumed: steps 3-5 must be identical."""
     whole = tmp_path / "whole"
-    run(load_config(TINY, tiny_overrides(tiny_pair, whole, "run.steps=6", "run.export_hf=false")))
+    run(
+        load_config(
+            TINY,
+            tiny_overrides(
+                tiny_pair, whole, "run.steps=6", "run.checkpoint_every=3", "run.export_hf=false"
+            ),
+        )
+    )
     split = tmp_path / "split"
-    first = load_config(TINY, tiny_overrides(tiny_pair, split, "run.steps=3"))
-    run(first)  # "killed" after step 2: its last checkpoint is step 2
+    shutil.copytree(whole, split)
+    shutil.rmtree(split / "checkpoints" / "step-000005")  # "killed" during step 3 or later
     resumed = run(
         load_config(
             TINY,
@@ -59,6 +70,8 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair,
         for key, value in ra.items():
             if not any(v in key for v in VOLATILE):
                 assert rb[key] == value, (ra["step"], key, rb[key], value)
+    resumed_id = load_config(split / "config.yaml").run.id
+    assert resumed_id == load_config(whole / "config.yaml").run.id  # the same run, continued
 
 
 def test_nan_teacher_stops_the_run_before_training_with_the_teacher_named(
@@ -133,10 +146,12 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
         "import ray\n"
         "connect(config_from_dict({'model': {'student_path': 's', 'teacher_path': 't'},"
         " 'data': {'toy_prompts': 8}}))\n"
-        "listen = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
-        "ours = ('ray', 'gcs_server', 'raylet', 'python')\n"
-        "mine = [l.split()[3] for l in listen.splitlines() if any(f'((\"{p}' in l for p in ours)]\n"
-        "print(sorted({a.rsplit(':', 1)[0] for a in mine}))\n"
+        "import psutil\n"
+        "me = psutil.Process()\n"  # this driver and the Ray it started (other tests' Rays run too)
+        "tree = [me, *me.children(recursive=True)]\n"
+        "mine = [c.laddr.ip for p in tree for c in p.net_connections('tcp')"
+        " if c.status == psutil.CONN_LISTEN]\n"
+        "print(sorted(set(mine)))\n"
         "print({n['NodeManagerAddress'] for n in ray.nodes()})\n"
         "ray.shutdown()\n"
     )
@@ -151,6 +166,6 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     *_, listening, node = proc.stdout.strip().splitlines()
     assert node == "{'127.0.0.1'}"
-    # No Ray or Python process on this machine listens beyond loopback.
+    # No process of the embedded Ray listens beyond loopback.
     addresses = ast.literal_eval(listening)
-    assert addresses and all("127.0.0.1" in a for a in addresses), addresses
+    assert addresses and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addresses), addresses
