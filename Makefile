@@ -13,6 +13,10 @@ ENV_KEY := $(shell sha256sum $(LOCK) | cut -c1-16)
 LOCK_STAMP := $(VENV)/.lock-$(ENV_KEY)
 STAMP := $(VENV)/.project-installed
 
+# pip --no-compile: byte-compiling all 2.7 GB at install took a minute; Python compiles the modules
+# actually imported on first use and caches them in .venv, which needs bytecode writing on (an
+# inherited PYTHONDONTWRITEBYTECODE=1 would make every process recompile vLLM & co. on import).
+export PYTHONDONTWRITEBYTECODE :=
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
@@ -26,9 +30,9 @@ $(LOCK_STAMP): $(LOCK)
 	@echo "==> building $(VENV) from $(LOCK) (key $(ENV_KEY))"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --no-deps --retries 1 --extra-index-url $(TORCH_INDEX) \
-		"$$(grep -E '^torch==' $(LOCK))"
-	$(VENV)/bin/pip install --quiet --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps --no-compile --retries 1 \
+		--extra-index-url $(TORCH_INDEX) "$$(grep -E '^torch==' $(LOCK))"
+	$(VENV)/bin/pip install --quiet --no-deps --no-compile -r $(LOCK)
 	@# Guard: the CUDA-only packages that break `import vllm` on CPU must not be present.
 	@! $(VENV)/bin/pip list 2>/dev/null | grep -qiE '^(torchvision|torchaudio|torchcodec|triton|nvidia-)' \
 		|| { echo "CUDA-only packages found in $(VENV); remove them from $(LOCK)"; exit 1; }
