@@ -14,10 +14,6 @@ Per-stage wall times are logged as `time/rollout_s`, `time/teacher_s`, `time/tra
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +40,7 @@ from eopd_ray.progress import StepProgress
 from eopd_ray.ray_metrics import RayMetricsSink
 from eopd_ray.rollout import RolloutWorker, prompt_seeds
 from eopd_ray.run_dir import begin_run
+from eopd_ray.stopping import StopOnSigterm, exit_on_sigterm
 from eopd_ray.storage import RunStorage
 from eopd_ray.teacher import TeacherWorker, check_model_pair
 from eopd_ray.workers import (
@@ -56,54 +53,6 @@ from eopd_ray.workers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class _StopOnSigterm:
-    """SIGTERM (what `ray job stop` and Kubernetes send) asks the loop to checkpoint after the
-    current step and stop, instead of dying mid-step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _stop_start_up(signum, frame) -> None:
-    # Exit at once: nothing is trained yet, and a Python exception cannot interrupt a blocking
-    # ray.get (Ray's job stop kills the driver 3 s after SIGTERM). The workers and the placement
-    # group belong to this driver: Ray removes them when it exits.
-    sys.stderr.write(
-        "stopped during start-up (SIGTERM): no step ran, nothing to resume; submit the command "
-        "again to start\n"
-    )
-    sys.stderr.flush()
-    _stop_embedded_ray()
-    os._exit(143)
-
-
-def _stop_embedded_ray() -> None:
-    """The processes of a Ray this driver started itself (none when it joined a cluster):
-    os._exit would leave its agents running."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None:
-        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
-
-
-def _exit_on_sigterm() -> None:
-    """Until the loop runs, SIGTERM ends start-up at once with a plain message (Ray's own driver
-    handler raises SystemExit inside whatever call is running: a stack dump)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_start_up)
 
 
 class VersionMismatch(EopdError):
@@ -178,9 +127,9 @@ class Pipeline:
     def start(self) -> None:
         # The run directory before any worker: it decides the run id (actor names, metric tags)
         # and whether this resumes; an earlier run's files move to previous/ first.
-        _exit_on_sigterm()
+        exit_on_sigterm()
         connect(self.cfg)
-        _exit_on_sigterm()  # again: ray.init installs its own handler
+        exit_on_sigterm()  # again: ray.init installs its own handler
         self.cfg, self._resume_from = begin_run(self.cfg, self.store)
         self.store.write_text("config.yaml", config_to_yaml(self.cfg))
         log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
@@ -557,7 +506,7 @@ class Pipeline:
             RayMetricsSink(run.name, run.id),
         ]
         history = []
-        stop = _StopOnSigterm()
+        stop = StopOnSigterm()
         shown = StepProgress(self.start_step, run.steps, mode=progress, every_s=run.log_every_s)
         try:
             for step in range(self.start_step, run.steps):

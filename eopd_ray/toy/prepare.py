@@ -164,13 +164,12 @@ def ensure_toy_for_config(cfg, settings: ToySettings | None = None, log=print) -
     root = student.parent.parent
     if (student / "config.json").exists():
         return student.parent.resolve()
-    settings = settings or ToySettings()
-    log(f"toy models: none at {student}; preparing them in {root / settings.key()} (~2 min)")
-    torch_threads = os.cpu_count() or 1
     import torch
 
+    settings = settings or ToySettings()
+    log(f"toy models: none at {student}; preparing them in {root / settings.key()} (~2 min)")
     previous = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)  # one process: use every core, as jobs/prepare_toy.py
+    torch.set_num_threads(os.cpu_count() or 1)  # nothing else runs yet: use every core
     try:
         return prepare_toy(root, settings, log=log)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from eopd_ray.toy.models import TinyModelSpec
 from eopd_ray.toy.prepare import (
@@ -60,3 +61,29 @@ def test_settings_key_is_stable_and_complete():
     }
     assert len(keys) == 4
     assert json.loads(json.dumps(ToySettings().as_dict()))["task"]["dimensions"] == 5
+
+
+def test_a_toy_config_prepares_its_models_when_missing_then_finds_them(tmp_path):
+    """model.build_toy: what a job submitted from a clean clone does (jobs/distill.py)."""
+    from eopd_ray.config import load_config
+    from eopd_ray.toy.prepare import ensure_toy_for_config
+
+    root = tmp_path / "prepared"
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "jobs" / "configs" / "toy.yaml",
+        [
+            f"model.student_path={root}/current/student",
+            f"model.teacher_path={root}/current/teacher",
+            f"data.train_path={root}/current/train.jsonl",
+        ],
+    )
+    assert cfg.model.build_toy
+    logs: list[str] = []
+    prepared = ensure_toy_for_config(cfg, QUICK, log=logs.append)
+    assert (
+        prepared == root / QUICK.key() and (root / "current" / "student" / "config.json").exists()
+    )
+    assert any("preparing" in m for m in logs)
+    logs.clear()
+    assert ensure_toy_for_config(cfg, QUICK, log=logs.append) == prepared.resolve()
+    assert logs == []
