@@ -24,7 +24,6 @@ import os
 import posixpath
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -184,6 +183,13 @@ class RunStorage:
 
     # --- local writers --------------------------------------------------------------------------
 
+    def _scratch(self) -> Path:
+        """This node's scratch directory for this storage location."""
+        key = hashlib.sha256(self.location.encode()).hexdigest()[:12]
+        base = Path(tempfile.gettempdir()) / "eopd-staging" / key
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+
     def staging(self, rel: str) -> Path:
         """A local directory in which to write what belongs at `rel`: `rel` itself for local
         storage, else an empty node-local scratch directory (then `publish` it)."""
@@ -191,10 +197,7 @@ class RunStorage:
             path = self.local_path(rel)
             path.mkdir(parents=True, exist_ok=True)
             return path
-        key = hashlib.sha256(self.location.encode()).hexdigest()[:12]
-        base = Path(tempfile.gettempdir()) / "eopd-staging" / key
-        base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=base, prefix=rel.replace("/", "_")[-60:] + "."))
+        return Path(tempfile.mkdtemp(dir=self._scratch(), prefix=rel.replace("/", "_")[-60:] + "."))
 
     def publish(self, local: Path, rel: str) -> None:
         """Upload the files written into `staging(rel)` (recursively) to `rel` and drop the
@@ -220,9 +223,7 @@ class RunStorage:
         downloaded copy in node-local scratch space."""
         if self.is_local:
             return self.local_path(rel)
-        key = hashlib.sha256(self.location.encode()).hexdigest()[:12]
-        local = Path(tempfile.gettempdir()) / "eopd-staging" / key / f"fetch-{uuid.uuid4().hex[:8]}"
-        local.mkdir(parents=True)
+        local = Path(tempfile.mkdtemp(dir=self._scratch(), prefix="fetch-"))
         pafs.copy_files(
             self.path(rel),
             str(local),
