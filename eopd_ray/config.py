@@ -60,6 +60,9 @@ class ModelConfig:
     # Prepare the toy task (eopd_ray.toy.prepare, default settings) when model.student_path is
     # missing; the paths must be <root>/current/{student,teacher,train.jsonl} (toy.yaml).
     build_toy: Bool = False
+    # Which toy task model.build_toy prepares: "graph" (shortest paths, 3-6 token answers) or
+    # "chain" (20-36 token answers, mostly forced tokens; jobs/configs/toy_chain.yaml).
+    toy_task: Literal["graph", "chain"] = "graph"
 
 
 @dataclass(config=_SECTION)
@@ -200,9 +203,18 @@ PAPER_SUFFIX = "Let's think step by step and output the final answer within \\bo
 
 @dataclass(config=_SECTION)
 class EvalConfig:
-    """jobs/evaluate.py: n samples per problem, judged by mathematical equivalence."""
+    """jobs/evaluate.py (after training) and evaluation during training (eval.every_steps):
+    n samples per problem, each judged by the held-out set's checker."""
 
     benchmarks: list[Str] = field(default_factory=list)  # JSONL files (docs/evaluation.md)
+    # During training: evaluate the current student every this many steps and after the last
+    # one, on the rollout workers (0: never). See eopd_ray/heldout.py.
+    every_steps: NonNegInt = 0
+    # The held-out prompts used during training. auto: eval.benchmarks when set, else the toy
+    # task's eval.jsonl beside model.student_path, else a held-out slice of data.toy_prompts.
+    source: Literal["auto", "benchmarks", "toy", "arithmetic"] = "auto"
+    max_problems: NonNegInt = 0  # per benchmark during training (0: all)
+    arithmetic_prompts: PosInt = 64  # size of the held-out slice of data.toy_prompts
     samples_per_problem: PosInt = 8
     k: PosInt = 8  # Avg@k / Pass@k (unbiased when samples_per_problem > k)
     temperature: NonNegFloat = 1.0  # 0 = greedy
@@ -353,6 +365,32 @@ def _cross_field_issues(cfg: Config) -> list[tuple[tuple[str, ...], ConfigIssue]
         "eval.k",
         f"must not exceed eval.samples_per_problem ({cfg.eval.samples_per_problem}); "
         f"got {cfg.eval.k}",
+    )
+    rule(
+        (
+            "eval.every_steps",
+            "eval.max_new_tokens",
+            "data.max_prompt_tokens",
+            "rollout.max_model_len",
+        ),
+        cfg.eval.every_steps == 0
+        or cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens <= r.max_model_len,
+        "eval.max_new_tokens",
+        f"evaluation during training runs on the rollout engines: data.max_prompt_tokens + "
+        f"eval.max_new_tokens ({cfg.data.max_prompt_tokens} + {cfg.eval.max_new_tokens}) must "
+        f"fit rollout.max_model_len ({r.max_model_len}); lower it or raise rollout.max_model_len",
+    )
+    rule(
+        ("eval.every_steps", "eval.source", "eval.benchmarks"),
+        cfg.eval.every_steps == 0 or cfg.eval.source != "benchmarks" or bool(cfg.eval.benchmarks),
+        "eval.benchmarks",
+        "eval.source: benchmarks needs at least one benchmark JSONL file in eval.benchmarks",
+    )
+    rule(
+        ("eval.every_steps", "eval.source", "data.toy_prompts"),
+        cfg.eval.every_steps == 0 or cfg.eval.source != "arithmetic" or d.toy_prompts > 0,
+        "eval.source",
+        "arithmetic held-out prompts are a slice of the synthetic ones: needs data.toy_prompts > 0",
     )
     rule(
         ("learner.warmup_steps", "run.steps"),

@@ -42,13 +42,19 @@ def run(cfg) -> Pipeline:
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair, tmp_path):
     """A 6-step run checkpoints after step 2 and goes on; a copy of its directory as it would be
     had the run been killed after that checkpoint (the later checkpoint gone, metrics.jsonl
-    holding more rows than the checkpoint covers) is resumed: steps 3-5 must be identical."""
+    holding more rows than the checkpoint covers) is resumed: steps 3-5 must be identical,
+    held-out evaluations included (eval.every_steps=2: after steps 1, 3 and 5)."""
     whole = tmp_path / "whole"
     run(
         load_config(
             TINY,
             tiny_overrides(
-                tiny_pair, whole, "run.steps=6", "run.checkpoint_every=3", "run.export_hf=false"
+                tiny_pair,
+                whole,
+                "run.steps=6",
+                "run.checkpoint_every=3",
+                "run.export_hf=false",
+                "eval.every_steps=2",
             ),
         )
     )
@@ -59,13 +65,19 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair,
         load_config(
             TINY,
             tiny_overrides(
-                tiny_pair, split, "run.steps=6", "run.resume=auto", "run.export_hf=false"
+                tiny_pair,
+                split,
+                "run.steps=6",
+                "run.resume=auto",
+                "run.export_hf=false",
+                "eval.every_steps=2",
             ),
         )
     )
     assert resumed.start_step == 3 and resumed.version == 6
     a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(6))  # nothing missing, nothing repeated
+    assert [r["step"] for r in b if "eval/avg@4" in r] == [1, 3, 5]
     for ra, rb in zip(a, b, strict=True):
         for key, value in ra.items():
             if not any(v in key for v in VOLATILE):

@@ -42,6 +42,7 @@ def test_short_eopd_run_improves_the_student(local_ray, prepared, tmp_path):
             f"data.train_path={prepared / 'train.jsonl'}",
             f"run.output_dir={tmp_path / 'run'}",
             "run.steps=50",
+            "eval.every_steps=25",
         ],
     )
     pipeline = Pipeline(cfg)
@@ -63,6 +64,12 @@ def test_short_eopd_run_improves_the_student(local_ray, prepared, tmp_path):
     # and moved towards the teacher where the teacher is uncertain.
     assert after["avg@8"] >= before["avg@8"] + 0.04, (before["avg@8"], after["avg@8"])
     assert after["fkl/high_entropy"] < before["fkl/high_entropy"]
+    # Evaluation during training (vLLM, on the rollout worker) measured the same student on the
+    # same prompts: it agrees with the HF evaluation above within sampling noise.
+    evaluated = [step for step, r in enumerate(history) if "eval/avg@8" in r]
+    assert evaluated == [24, 49]
+    assert abs(history[-1]["eval/avg@8"] - after["avg@8"]) < 0.05
+    assert abs(history[-1]["eval/coverage"] - after["distinct_correct_frac"]) < 0.05
     first = sum(r["kl/reverse_sampled"] for r in history[:8]) / 8
     last = sum(r["kl/reverse_sampled"] for r in history[-8:]) / 8
     assert last < first

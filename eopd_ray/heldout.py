@@ -1,0 +1,226 @@
+"""Held-out prompts for evaluation during training, and how their answers are judged.
+
+    held_out = load_held_out(cfg)                 # or None when eval.every_steps is 0
+    held_out.prompts                              # token ids, rendered for the student
+    metrics = held_out.judge(completions)         # completions[i]: the texts sampled for prompt i
+    metrics["eval/avg@8"], metrics["eval/pass@8"]
+
+Three sources (`eval.source`, `auto` picks the first that applies):
+
+- `benchmarks`: the math JSONL files of `eval.benchmarks` (at most `eval.max_problems` each),
+  rendered with `eval.template` and `eval.prompt_suffix`, judged like jobs/evaluate.py (last
+  `\\boxed{}` against the reference, by mathematical equivalence). The headline is the
+  unweighted mean over benchmarks, as in the paper's table; each benchmark is logged too.
+- `toy`: a prepared toy task (eopd_ray/toy/prepare.py) beside `model.student_path`: its
+  `eval.jsonl` (prompts neither model nor the distillation saw), judged by the task's checker;
+  adds `eval/distinct_correct` (distinct correct answers per prompt) and `eval/coverage` (the
+  same over min(samples, the prompt's number of correct answers)).
+- `arithmetic`: `tiny.yaml`'s synthetic `question: what is a + b? answer:` prompts, a slice
+  generated after the training ones (same generator, none equal to a training prompt), judged
+  by the first integer of the answer.
+
+Every metric is a fraction in [0, 1]: `eval/avg@k` is the mean over prompts of the fraction of
+correct samples (all `eval.samples_per_problem` of them), `eval/pass@k` the unbiased estimate of
+"at least one of k correct" (eopd_ray.evaluation.pass_at_k). Imports neither Ray, vLLM nor
+DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eopd_ray.config import Config
+from eopd_ray.data import render_prompt, toy_prompts
+from eopd_ray.errors import EopdError
+from eopd_ray.evaluation import load_benchmark, pass_at_k, score_benchmark
+
+Completions = Sequence[Sequence[str]]  # per prompt, the texts of its samples
+
+
+class HeldOutError(EopdError):
+    """No usable held-out prompts for evaluation during training; says which key to set."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The prompts to evaluate on and the function that turns completions into metrics."""
+
+    source: str  # "benchmarks" | "toy" | "arithmetic"
+    prompts: list[list[int]]  # token ids, as the rollout workers take them
+    judge: Callable[[Completions], dict[str, float]]
+    tokenizer: Any  # the student's: response ids -> text
+
+    def decode(self, response_ids: list[int]) -> str:
+        return self.tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def accuracy_metrics(correct: Sequence[Sequence[bool]], k: int) -> dict[str, float]:
+    """`eval/avg@k`, `eval/pass@1` and `eval/pass@k` from per-prompt, per-sample verdicts."""
+    n_prompts = len(correct)
+    out = {f"eval/avg@{k}": sum(sum(c) / len(c) for c in correct) / n_prompts}
+    for kk in sorted({1, k}):
+        out[f"eval/pass@{kk}"] = sum(pass_at_k(len(c), sum(c), kk) for c in correct) / n_prompts
+    return out
+
+
+def load_held_out(cfg: Config) -> HeldOut | None:
+    """The held-out set for `cfg` (None when eval.every_steps is 0); HeldOutError when the
+    configured source has no prompts, naming the key to set."""
+    if cfg.eval.every_steps == 0:
+        return None
+    from transformers import AutoTokenizer
+
+    source = cfg.eval.source
+    if source == "auto":
+        source = _auto_source(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model.student_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    build = {"benchmarks": _benchmarks, "toy": _toy_task, "arithmetic": _arithmetic}[source]
+    texts, judge = build(cfg)
+    template, suffix = _rendering(cfg, source)
+    prompts = []
+    for row, text in enumerate(texts):
+        ids = render_prompt(f"{text} {suffix}".strip() if suffix else text, template, tokenizer)
+        if len(ids) > cfg.data.max_prompt_tokens:
+            raise HeldOutError(
+                f"held-out prompt {row} ({source}) has {len(ids)} tokens > "
+                f"data.max_prompt_tokens = {cfg.data.max_prompt_tokens}: raise the limit (and "
+                "rollout.max_model_len), or lower eval.max_problems"
+            )
+        prompts.append(ids)
+    return HeldOut(source, prompts, judge, tokenizer)
+
+
+def _auto_source(cfg: Config) -> str:
+    if cfg.eval.benchmarks:
+        return "benchmarks"
+    if _toy_prepared_dir(cfg) is not None:
+        return "toy"
+    if cfg.data.toy_prompts > 0:
+        return "arithmetic"
+    raise HeldOutError(
+        "eval.every_steps > 0 needs held-out prompts: set eval.benchmarks to benchmark JSONL "
+        "files (docs/evaluation.md), or set eval.every_steps: 0"
+    )
+
+
+def _rendering(cfg: Config, source: str) -> tuple[str, str]:
+    """(template, suffix): benchmarks as jobs/evaluate.py renders them; the toy and arithmetic
+    prompts exactly as the training prompts are."""
+    if source == "benchmarks":
+        return cfg.eval.template, cfg.eval.prompt_suffix
+    return cfg.data.student_template, cfg.data.prompt_suffix
+
+
+# --------------------------------------------------------------------------------- benchmarks
+
+
+def _benchmarks(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str, float]]]:
+    e = cfg.eval
+    benchmarks = []
+    for path in e.benchmarks:
+        problems = load_benchmark(path)
+        benchmarks.append((Path(path).stem, problems[: e.max_problems or None]))
+    texts = [p.problem for _, problems in benchmarks for p in problems]
+
+    def judge(completions: Completions) -> dict[str, float]:
+        out, start, avgs, passes = {}, 0, [], []
+        for name, problems in benchmarks:
+            chunk = completions[start : start + len(problems)]
+            start += len(problems)
+            score, _ = score_benchmark(name, problems, chunk, e.k)
+            avgs.append(score.avg_at_k / 100)
+            passes.append(score.pass_at_k / 100)
+            out[f"eval/{name}/avg@{e.k}"] = avgs[-1]
+            out[f"eval/{name}/pass@{e.k}"] = passes[-1]
+        out[f"eval/avg@{e.k}"] = sum(avgs) / len(avgs)
+        out[f"eval/pass@{e.k}"] = sum(passes) / len(passes)
+        return out
+
+    return texts, judge
+
+
+# --------------------------------------------------------------------------------- toy task
+
+
+def _toy_prepared_dir(cfg: Config) -> Path | None:
+    """The prepared toy directory model.student_path lives in (<prepared>/student), if any."""
+    from eopd_ray.toy.prepare import SETTINGS_FILE
+
+    prepared = Path(cfg.model.student_path).parent
+    return prepared if (prepared / SETTINGS_FILE).exists() else None
+
+
+def _toy_task(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str, float]]]:
+    from eopd_ray.toy.prepare import load_settings, read_prompts
+
+    prepared = _toy_prepared_dir(cfg)
+    if prepared is None:
+        raise HeldOutError(
+            f"eval.source: toy needs a prepared toy task: no settings.json beside "
+            f"model.student_path ({cfg.model.student_path}); run jobs/prepare_toy.py"
+        )
+    task = load_settings(prepared).task
+    texts = read_prompts(prepared / "eval.jsonl")
+    k = cfg.eval.k
+
+    def judge(completions: Completions) -> dict[str, float]:
+        verdicts, distinct, coverage = [], [], []
+        for prompt, answers in zip(texts, completions, strict=True):
+            verdicts.append([task.is_correct(prompt, a) for a in answers])
+            correct = {a.strip() for a, ok in zip(answers, verdicts[-1], strict=True) if ok}
+            distinct.append(len(correct))
+            coverage.append(len(correct) / min(len(answers), task.count_answers(prompt)))
+        n = len(texts)
+        return accuracy_metrics(verdicts, k) | {
+            "eval/distinct_correct": sum(distinct) / n,
+            "eval/coverage": sum(coverage) / n,
+        }
+
+    return texts, judge
+
+
+# --------------------------------------------------------------------------------- arithmetic
+
+_QUESTION = re.compile(r"what is (\d+) \+ (\d+)\?")
+_FIRST_INTEGER = re.compile(r"-?\d+")
+
+
+def arithmetic_held_out(num_train: int, count: int, seed: int) -> list[str]:
+    """`count` synthetic prompts generated after the `num_train` training ones (the generator is
+    sequential, so the training prompts are unchanged), none equal to a training prompt."""
+    train = set(toy_prompts(num_train, seed))
+    out: list[str] = []
+    extra = count
+    while len(out) < count:
+        extra *= 2
+        candidates = toy_prompts(num_train + extra, seed)[num_train:]
+        out = list(dict.fromkeys(p for p in candidates if p not in train))[:count]
+    return out
+
+
+def arithmetic_is_correct(prompt: str, answer: str) -> bool:
+    """Whether the first integer of `answer` is a + b for the prompt's question."""
+    question = _QUESTION.search(prompt)
+    given = _FIRST_INTEGER.search(answer)
+    return bool(question and given) and int(given.group()) == sum(map(int, question.groups()))
+
+
+def _arithmetic(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str, float]]]:
+    d = cfg.data
+    texts = arithmetic_held_out(d.toy_prompts, cfg.eval.arithmetic_prompts, d.seed)
+    k = cfg.eval.k
+
+    def judge(completions: Completions) -> dict[str, float]:
+        verdicts = [
+            [arithmetic_is_correct(prompt, a) for a in answers]
+            for prompt, answers in zip(texts, completions, strict=True)
+        ]
+        return accuracy_metrics(verdicts, k)
+
+    return texts, judge

@@ -1,0 +1,153 @@
+"""Held-out sets for evaluation during training: sources, judging, metrics, config rules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from eopd_ray.config import load_config
+from eopd_ray.data import toy_prompts
+from eopd_ray.errors import ConfigError
+from eopd_ray.heldout import (
+    HeldOutError,
+    accuracy_metrics,
+    arithmetic_held_out,
+    arithmetic_is_correct,
+    load_held_out,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+def tiny_cfg(tiny_pair, *extra: str):
+    student, teacher = tiny_pair
+    return load_config(
+        TINY,
+        [f"model.student_path={student}", f"model.teacher_path={teacher}", *extra],
+    )
+
+
+def brute_pass_at_k(verdicts: list[bool], k: int) -> float:
+    """Fraction of all k-subsets of the samples holding at least one correct one (float64)."""
+    subsets = list(itertools.combinations(verdicts, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+def test_accuracy_metrics_match_brute_force_on_random_verdicts():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 8)
+        k = rng.randint(1, n)
+        verdicts = [
+            [rng.random() < rng.random() for _ in range(n)] for _ in range(rng.randint(1, 6))
+        ]
+        out = accuracy_metrics(verdicts, k)
+        assert out[f"eval/avg@{k}"] == pytest.approx(
+            sum(sum(v) / n for v in verdicts) / len(verdicts), abs=1e-12
+        )
+        for kk in (1, k):
+            expected = sum(brute_pass_at_k(v, kk) for v in verdicts) / len(verdicts)
+            assert out[f"eval/pass@{kk}"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_arithmetic_slice_is_held_out_and_fixed():
+    train = toy_prompts(256, 0)
+    held = arithmetic_held_out(256, 32, 0)
+    assert len(held) == 32 == len(set(held))
+    assert not set(held) & set(train)
+    assert held == arithmetic_held_out(256, 32, 0)
+    assert toy_prompts(256 + 64, 0)[:256] == train  # the training prompts stay the same
+
+
+def test_arithmetic_checker_reads_the_first_integer():
+    prompt = "question: what is 12 + 30? answer:"
+    assert arithmetic_is_correct(prompt, " 42.")
+    assert arithmetic_is_correct(prompt, "42 because 12 + 30 = 42")
+    assert not arithmetic_is_correct(prompt, " 41")
+    assert not arithmetic_is_correct(prompt, " forty-two")
+    assert not arithmetic_is_correct(prompt, " 12 + 30 = 42")  # the first integer is the answer
+    assert not arithmetic_is_correct("not a question", "42")
+
+
+def test_tiny_arithmetic_held_out_is_rendered_and_judged(tiny_pair):
+    cfg = tiny_cfg(tiny_pair, "eval.every_steps=2")
+    held = load_held_out(cfg)
+    assert held.source == "arithmetic" and len(held.prompts) == cfg.eval.arithmetic_prompts
+    assert all(len(ids) <= cfg.data.max_prompt_tokens for ids in held.prompts)
+    assert held.decode(held.prompts[0]).startswith("question: what is")
+    texts = arithmetic_held_out(cfg.data.toy_prompts, cfg.eval.arithmetic_prompts, cfg.data.seed)
+    right = [str(sum(map(int, t.split("what is ")[1].split("?")[0].split(" + ")))) for t in texts]
+    # Sample 0 right, the other three wrong: avg 1/4, pass@4 1, pass@1 1/4.
+    out = held.judge([[f" {r}", " x", " -1", ""] for r in right])
+    assert out == {"eval/avg@4": 0.25, "eval/pass@1": 0.25, "eval/pass@4": 1.0}
+    assert load_held_out(tiny_cfg(tiny_pair)) is None  # eval.every_steps 0: nothing loaded
+
+
+def test_benchmarks_are_capped_judged_per_benchmark_and_averaged(tiny_pair, tmp_path):
+    files = []
+    for name, answers in (("alpha", ["1/2", "3", "7"]), ("beta", ["10"])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps({"id": i, "problem": f"what is {a}?", "answer": a}) + "\n"
+                for i, a in enumerate(answers)
+            )
+        )
+        files.append(str(path))
+    cfg = tiny_cfg(
+        tiny_pair,
+        "eval.every_steps=1",
+        f"eval.benchmarks={json.dumps(files)}",
+        "eval.max_problems=2",
+        "eval.prompt_suffix=",
+    )
+    held = load_held_out(cfg)
+    assert held.source == "benchmarks" and len(held.prompts) == 3  # 2 of alpha, 1 of beta
+    completions = [
+        [r"\boxed{0.5}", "no", "no", "no"],  # alpha 0: 1 of 4 (0.5 = 1/2)
+        [r"\boxed{3}"] * 4,  # alpha 1: 4 of 4
+        [r"\boxed{11}"] * 4,  # beta 0: 0 of 4
+    ]
+    out = held.judge(completions)
+    assert out["eval/alpha/avg@4"] == pytest.approx(0.625)
+    assert out["eval/alpha/pass@4"] == pytest.approx(1.0)
+    assert out["eval/beta/avg@4"] == 0.0
+    assert out["eval/avg@4"] == pytest.approx(0.3125)  # the unweighted mean of the benchmarks
+    assert out["eval/pass@4"] == pytest.approx(0.5)
+
+
+def test_no_held_out_source_is_a_clear_error(tiny_pair, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(64)))
+    cfg = tiny_cfg(
+        tiny_pair, "eval.every_steps=2", "data.toy_prompts=0", f"data.train_path={prompts}"
+    )
+    with pytest.raises(HeldOutError, match="eval.benchmarks"):
+        load_held_out(cfg)
+    with pytest.raises(HeldOutError, match="prepare_toy"):
+        load_held_out(tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.source=toy"))
+
+
+def test_eval_keys_are_validated_with_the_config(tiny_pair):
+    with pytest.raises(ConfigError, match="eval.max_new_tokens") as err:
+        tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.max_new_tokens=8192")
+    assert "rollout.max_model_len" in str(err.value)
+    with pytest.raises(ConfigError, match="eval.every_steps"):
+        tiny_cfg(tiny_pair, "eval.every_steps=-1")
+    with pytest.raises(ConfigError, match="eval.benchmarks"):
+        tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.source=benchmarks")
+    with pytest.raises(ConfigError, match="data.toy_prompts"):
+        tiny_cfg(
+            tiny_pair,
+            "eval.every_steps=2",
+            "eval.source=arithmetic",
+            "data.toy_prompts=0",
+            "data.train_path=x.jsonl",
+        )
+    # Off, the generation limit of jobs/evaluate.py may exceed the rollout engines'.
+    assert tiny_cfg(tiny_pair, "eval.max_new_tokens=8192").eval.every_steps == 0
