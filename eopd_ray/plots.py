@@ -1,7 +1,11 @@
 """PNG training curves from metrics rows (matplotlib, headless).
 
     plot_run(rows, Path("runs/toy/eopd/plots"))               # one PNG per metric area + overview
-    plot_methods({"opd": [rows, ...], "eopd": [...]}, keys, path)  # mean +- std over seeds
+    plot_methods({"opd": [rows, ...], "eopd": [...]}, keys, path)  # mean +- band over seeds
+
+Metrics logged only at some steps (the held-out `eval/*`, every eval.every_steps) are drawn at
+the steps that have them. The x axis counts steps done (a row's step + 1), so a value measured
+before training (`start`) sits at 0.
 
 Pure: imports neither Ray, vLLM nor DeepSpeed.
 """
@@ -25,7 +29,6 @@ OVERVIEW = [
 def plot_run(rows: list[dict], out: Path) -> list[Path]:
     """One PNG per metric area (loss, kl, gate, ...) and `overview.png`, into `out`."""
     plt = _pyplot()
-    steps = [r["step"] for r in rows]
     areas: dict[str, list[str]] = defaultdict(list)
     for key in sorted({k for r in rows for k in r if k != "step"}):
         areas[key.split("/")[0]].append(key)
@@ -38,7 +41,8 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
         nrows = (len(keys) + cols - 1) // cols
         fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
         for ax, key in zip(axes.flat, keys, strict=False):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".")
+            points = [(r["step"] + 1, r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -52,9 +56,19 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def plot_methods(runs: dict[str, Sequence[list[dict]]], keys: Sequence[str], path: Path) -> Path:
-    """One panel per metric: each method's curve, mean over its runs (seeds) with a +-1 std band."""
+def plot_methods(
+    runs: dict[str, Sequence[list[dict]]],
+    keys: Sequence[str],
+    path: Path,
+    start: dict[str, float] | None = None,
+    band: str = "std",
+) -> Path:
+    """One panel per metric: each method's curve, the mean over its runs (seeds) at the steps
+    every run logged, with a band of +-1 std (`band="std"`) or the 95% confidence interval of
+    the mean (`band="ci"`, Student t). `start[key]`: the value before training, drawn at 0."""
     import numpy as np
+
+    from eopd_ray.seed_stats import t_quantile
 
     plt = _pyplot()
     cols = min(3, len(keys))
@@ -62,14 +76,22 @@ def plot_methods(runs: dict[str, Sequence[list[dict]]], keys: Sequence[str], pat
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         for method, seed_rows in runs.items():
-            length = min(len(rows) for rows in seed_rows)
-            values = np.array([[r.get(key, np.nan) for r in rows[:length]] for rows in seed_rows])
-            mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-            steps = np.arange(length)
-            ax.plot(steps, mean, label=method)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            per_seed = [{r["step"] + 1: r[key] for r in rows if key in r} for rows in seed_rows]
+            steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+            values = np.array([[d[x] for x in steps] for d in per_seed], dtype=np.float64)
+            if start and key in start:
+                steps = [0, *steps]
+                values = np.concatenate([np.full((len(per_seed), 1), start[key]), values], 1)
+            if not steps:
+                continue
+            n = len(per_seed)
+            mean = values.mean(axis=0)
+            std = values.std(axis=0, ddof=1) if n > 1 else np.zeros_like(mean)
+            half = std * (t_quantile(0.975, n - 1) / np.sqrt(n) if band == "ci" and n > 1 else 1)
+            ax.plot(steps, mean, label=method, marker="." if len(steps) < 50 else None)
+            ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
         ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set_xlabel("steps done")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")

@@ -67,13 +67,30 @@ def test_gpu_check_runs_its_code_on_cpu_with_tiny_shapes(tmp_path):
     assert [r["path"] for r in data["loss_kernel"]] == ["plain", "lean"]
 
 
-def test_reproduction_table_reports_mean_and_sample_std():
+def test_reproduction_summary_has_intervals_and_paired_differences():
     sys.path.insert(0, str(BENCH))
-    from toy_reproduction import TABLE_KEYS, markdown_table, mean_std
+    from toy_reproduction import TABLE_KEYS, markdown_table, paired_table, summarise
 
-    mean, std = mean_std([1.0, 2.0, 3.0])
-    assert (mean, std) == (2.0, 1.0)  # sample std (n - 1)
-    assert mean_std([5.0]) == (5.0, 0.0)
-    stats = {k: (0.5, 0.25) for k, _ in TABLE_KEYS}
-    table = markdown_table({"eopd": stats}, seeds=3)
-    assert "n=3 seeds" in table and "| eopd | 0.500 ± 0.250 |" in table
+    seeds = [0, 1, 2, 3, 4]
+    base = {"opd": 0.70, "eopd": 0.72, "eopd_all": 0.75}
+    records = [
+        {"method": m, "seed": s, **{k: base[m] + 0.01 * s for k, _ in TABLE_KEYS}}
+        for m in base
+        for s in seeds
+    ]
+    summary, diffs = summarise(records, list(base), seeds)
+    avg = summary["eopd"]["avg@8"]
+    assert (
+        avg.n == 5
+        and avg.mean == pytest.approx(0.74)
+        and avg.std == pytest.approx(0.0158, abs=1e-4)
+    )
+    # t(0.975, 4) = 2.776: the interval is wider than a normal one would be.
+    assert avg.ci_high - avg.mean == pytest.approx(2.776 * avg.std / 5**0.5, abs=1e-4)
+    # Same seed, same offset: the paired difference is exact, with a zero-width interval.
+    d = diffs["eopd - opd"]["avg@8"]
+    assert d.mean == pytest.approx(0.02) and d.ci_high - d.ci_low == pytest.approx(0, abs=1e-12)
+    assert set(diffs) == {"eopd - opd", "eopd - eopd_all"}  # no eopd_random records
+    table = markdown_table(summary, seeds=5)
+    assert "n=5 seeds" in table and "| eopd | 0.740 ± 0.016 [0.720, 0.760]" in table
+    assert "| eopd - opd | +0.020 [+0.020, +0.020]" in paired_table(diffs, 5)

@@ -127,21 +127,21 @@ def test_no_held_out_source_is_a_clear_error(tiny_pair, tmp_path):
     cfg = tiny_cfg(
         tiny_pair, "eval.every_steps=2", "data.toy_prompts=0", f"data.train_path={prompts}"
     )
-    with pytest.raises(HeldOutError, match="eval.benchmarks"):
+    with pytest.raises(HeldOutError, match=r"eval\.benchmarks"):
         load_held_out(cfg)
     with pytest.raises(HeldOutError, match="prepare_toy"):
         load_held_out(tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.source=toy"))
 
 
 def test_eval_keys_are_validated_with_the_config(tiny_pair):
-    with pytest.raises(ConfigError, match="eval.max_new_tokens") as err:
+    with pytest.raises(ConfigError, match=r"eval\.max_new_tokens") as err:
         tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.max_new_tokens=8192")
     assert "rollout.max_model_len" in str(err.value)
-    with pytest.raises(ConfigError, match="eval.every_steps"):
+    with pytest.raises(ConfigError, match=r"eval\.every_steps"):
         tiny_cfg(tiny_pair, "eval.every_steps=-1")
-    with pytest.raises(ConfigError, match="eval.benchmarks"):
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks"):
         tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.source=benchmarks")
-    with pytest.raises(ConfigError, match="data.toy_prompts"):
+    with pytest.raises(ConfigError, match=r"data\.toy_prompts"):
         tiny_cfg(
             tiny_pair,
             "eval.every_steps=2",
