@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     plots = plot_run(rows, run_dir / "plots")
     command = " ".join(["python jobs/distill.py --config", args.config, *args.overrides])
-    report = write_report(run_dir, columns, rows, command, plots[:1])
+    shown = [p for p in plots if p.stem in ("overview", "eval")]  # all in <run>/plots/
+    report = write_report(run_dir, columns, rows, command, shown)
     print(f"\nheld-out prompts ({int(after['prompts'])}), 8 samples each:\n")
     print(comparison_table(columns))
     print(f"\nreport: {report}  (curves in {run_dir / 'plots'})")

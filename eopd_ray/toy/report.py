@@ -44,6 +44,30 @@ def _mean(rows: Sequence[dict], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _evaluation_section(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines: the held-out metrics logged during training (eval.every_steps), a row per
+    evaluation; nothing when the run had none."""
+    evaluated = [r for r in rows if any(k.startswith("eval/avg@") for k in r)]
+    if not evaluated:
+        return []
+    keys = [
+        k
+        for k in sorted(evaluated[-1])
+        if k.startswith(("eval/avg@", "eval/pass@", "eval/coverage", "eval/distinct"))
+        and k.count("/") == 1
+    ]
+    lines = [
+        "## Held-out evaluation during training (eval.every_steps)",
+        "",
+        "| steps done | " + " | ".join(k.removeprefix("eval/") for k in keys) + " |",
+        "|---:|" + "---:|" * len(keys),
+    ]
+    for r in evaluated:
+        cells = [f"{r[k]:.3f}" if k in r else "-" for k in keys]
+        lines.append(f"| {r['step'] + 1} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(
     run_dir: Path,
     columns: dict[str, dict[str, float]],
@@ -73,6 +97,7 @@ def write_report(
         f"- fraction of tokens gated to forward KL (teacher entropy >= tau): "
         f"{_mean(rows, 'gate/frac'):.3f}",
         "",
+        *_evaluation_section(rows),
         "## Curves",
         "",
         *[f"![{p.stem}]({os.path.relpath(p, run_dir)})" for p in plots],

@@ -38,3 +38,20 @@ def test_write_report_is_atomic_and_links_the_plots(tmp_path: Path):
     text = path.read_text()
     assert "![overview](plots/overview.png)" in text and "1.000 -> 0.500" in text
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_report_tabulates_the_evaluations_logged_during_training(tmp_path: Path):
+    rows = [
+        {"step": s, "kl/reverse_sampled": 1.0, "student/entropy_mean": 1.0, "gate/frac": 0.2}
+        for s in range(4)
+    ]
+    rows[1] |= {"eval/avg@8": 0.25, "eval/pass@8": 0.5, "eval/coverage": 0.125}
+    rows[3] |= {"eval/avg@8": 0.75, "eval/pass@8": 1.0, "eval/coverage": 0.5}
+    rows[3] |= {"eval/math/avg@8": 0.1}  # per-benchmark keys stay out of the summary table
+    text = write_report(tmp_path, {"m": {"avg@8": 0.9}}, rows, "python x", []).read_text()
+    assert "| steps done | avg@8 | coverage | pass@8 |" in text
+    assert "| 2 | 0.250 | 0.125 | 0.500 |" in text and "| 4 | 0.750 | 0.500 | 1.000 |" in text
+    assert "math" not in text
+    # No evaluation during training: no section.
+    plain = [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]
+    assert "during training" not in write_report(tmp_path, {}, plain, "x", []).read_text()
