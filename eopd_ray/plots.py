@@ -56,6 +56,29 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def mean_band(
+    seed_rows: Sequence[list[dict]], key: str, start: float | None = None, band: str = "std"
+):
+    """(steps done, mean over seeds, band half-width) of `key` at the steps every seed logged it;
+    `start` (the value before training, the same for every seed) is put at step 0. band: "std"
+    (sample std) or "ci" (half-width of the 95% t interval of the mean)."""
+    import numpy as np
+
+    from eopd_ray.seed_stats import t_quantile
+
+    per_seed = [{r["step"] + 1: r[key] for r in rows if key in r} for rows in seed_rows]
+    steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+    values = np.array([[d[x] for x in steps] for d in per_seed], dtype=np.float64)
+    if start is not None:
+        steps = [0, *steps]
+        values = np.concatenate([np.full((len(per_seed), 1), start), values], 1)
+    n = len(per_seed)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0, ddof=1) if n > 1 else np.zeros_like(mean)
+    scale = t_quantile(0.975, n - 1) / np.sqrt(n) if band == "ci" and n > 1 else 1.0
+    return steps, mean, std * scale
+
+
 def plot_methods(
     runs: dict[str, Sequence[list[dict]]],
     keys: Sequence[str],
@@ -66,28 +89,15 @@ def plot_methods(
     """One panel per metric: each method's curve, the mean over its runs (seeds) at the steps
     every run logged, with a band of +-1 std (`band="std"`) or the 95% confidence interval of
     the mean (`band="ci"`, Student t). `start[key]`: the value before training, drawn at 0."""
-    import numpy as np
-
-    from eopd_ray.seed_stats import t_quantile
-
     plt = _pyplot()
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         for method, seed_rows in runs.items():
-            per_seed = [{r["step"] + 1: r[key] for r in rows if key in r} for rows in seed_rows]
-            steps = sorted(set.intersection(*(set(d) for d in per_seed)))
-            values = np.array([[d[x] for x in steps] for d in per_seed], dtype=np.float64)
-            if start and key in start:
-                steps = [0, *steps]
-                values = np.concatenate([np.full((len(per_seed), 1), start[key]), values], 1)
+            steps, mean, half = mean_band(seed_rows, key, (start or {}).get(key), band)
             if not steps:
                 continue
-            n = len(per_seed)
-            mean = values.mean(axis=0)
-            std = values.std(axis=0, ddof=1) if n > 1 else np.zeros_like(mean)
-            half = std * (t_quantile(0.975, n - 1) / np.sqrt(n) if band == "ci" and n > 1 else 1)
             ax.plot(steps, mean, label=method, marker="." if len(steps) < 50 else None)
             ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
         ax.set_title(key)
