@@ -64,6 +64,19 @@ print(json.dumps({"gap": sum(abs(x - y) for x, y in zip(a, b)) / len(a)}))
 """
 
 
+def _held_out_benchmarks(tmp_path) -> list[str]:
+    """Two benchmark files of problems the rehearsal never trains on (another seed)."""
+    from eopd_ray.toy.rehearsal import rehearsal_problems
+
+    problems = rehearsal_problems(16, seed=1)
+    paths = []
+    for name, chunk in (("sums", problems[:8]), ("words", problems[8:])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": i, **p}) + "\n" for i, p in enumerate(chunk)))
+        paths.append(str(path))
+    return paths
+
+
 def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
     root = tmp_path / "assets"
     out = tmp_path / "run"
@@ -75,6 +88,12 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
             f"data.train_path={root / 'math_train.parquet'}",
             f"run.output_dir={out}",
             "run.steps=2",  # two syncs checked; jobs/configs/rehearsal.yaml itself runs 3 steps
+            # Held-out math during training: two benchmark files, judged by equivalence.
+            "eval.every_steps=2",
+            f"eval.benchmarks={json.dumps(_held_out_benchmarks(tmp_path))}",
+            "eval.max_problems=4",
+            "eval.samples_per_problem=2",
+            "eval.k=2",
         ],
     )
     ensure_rehearsal_for_config(cfg)
@@ -100,6 +119,12 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
         pipeline.shutdown()
 
     assert len(history) == cfg.run.steps
+    # Evaluated once, after the last step, on 4 problems of each benchmark, 2 samples each.
+    assert [i for i, h in enumerate(history) if "eval/avg@2" in h] == [1]
+    evaluation = {k: v for k, v in history[-1].items() if k.startswith("eval/")}
+    assert {"eval/sums/avg@2", "eval/words/pass@2", "eval/pass@2"} <= set(evaluation)
+    assert all(0 <= v <= 1 for k, v in evaluation.items() if "@" in k)
+    assert 0 < evaluation["eval/response_len_mean"] <= cfg.eval.max_new_tokens
     bound = logprob_gap_bound(cfg)
     gaps = [h["opd/sampler_gap"] for h in history]
     assert all(math.isfinite(g) and g <= bound for g in gaps), gaps
