@@ -77,7 +77,6 @@ def train(config: Path, method: str, seed: int, out: Path, overrides: list[str])
         f"loss.name={method}",
         f"run.output_dir={out}",
         "run.resume=never",
-        "model.build_toy=false",
         *seeds,
         *overrides,
     ]
@@ -215,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepared": prepared,
             "held_out": read_prompts(prepared / "eval.jsonl"),
             "overrides": [
+                "model.build_toy=false",  # the models are prepared above, by hash
                 f"model.student_path={prepared / 'student'}",
                 f"model.teacher_path={prepared / 'teacher'}",
                 f"data.train_path={prepared / 'train.jsonl'}",
