@@ -1,11 +1,16 @@
-"""Prepare the toy task's models and prompt files (cached; a second call returns at once).
+"""Prepare a toy task's models and prompt files (cached; a second call returns at once).
 
-    python jobs/prepare_toy.py [--root runs/toy/prepared] [--teacher-steps 2000] [--seed 0]
+    python jobs/prepare_toy.py [--task graph|chain] [--root DIR] [--teacher-steps N] [--seed 0]
 
 Trains a toy teacher (~1.1M parameters) on the task's generator to >= 90% held-out accuracy and
 warms up a smaller student (~0.16M), then evaluates both on the held-out prompts. Everything
-lands in <root>/<settings hash>/, and <root>/current points at it (jobs/configs/toy.yaml reads
-the models and prompts from there). About 2 minutes on 2 cores.
+lands in <root>/<settings hash>/, and <root>/current points at it (the task's config reads the
+models and prompts from there). Two tasks:
+
+- graph (default): shortest paths, 3-6 token answers; root runs/toy/prepared, read by
+  jobs/configs/toy.yaml. About 2 minutes on 2 cores.
+- chain: codeword chains, 21-37 token answers whose tokens are mostly forced; root
+  runs/toy_chain/prepared, read by jobs/configs/toy_chain.yaml. About 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,42 +29,58 @@ set_job_environment()
 
 import torch  # noqa: E402
 
-from eopd_ray.toy.prepare import ToySettings, load_baseline, prepare_toy  # noqa: E402
+from eopd_ray.toy.prepare import TASKS, default_settings, load_baseline, prepare_toy  # noqa: E402
+
+DEFAULT_ROOTS = {"graph": "runs/toy/prepared", "chain": "runs/toy_chain/prepared"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = ToySettings()
     parser = argparse.ArgumentParser(description="Prepare the toy teacher, student and prompts.")
-    parser.add_argument("--root", default="runs/toy/prepared", help="cache directory")
-    parser.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps)
-    parser.add_argument("--student-steps", type=int, default=defaults.student_steps)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="model init and data")
-    parser.add_argument("--task-seed", type=int, default=defaults.task.seed, help="the graph")
+    parser.add_argument("--task", choices=sorted(TASKS), default="graph", help="which toy task")
+    parser.add_argument(
+        "--root",
+        help="cache directory (default: runs/toy/prepared for graph, "
+        "runs/toy_chain/prepared for chain)",
+    )
+    parser.add_argument("--teacher-steps", type=int, help="default: the task's tuned value")
+    parser.add_argument("--student-steps", type=int, help="default: the task's tuned value")
+    parser.add_argument("--seed", type=int, help="model init and data (default 0)")
+    parser.add_argument(
+        "--task-seed", type=int, help="the graph, or the chain's codewords and prompts (default 0)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = parser.parse_args(argv)
-    if min(args.teacher_steps, args.student_steps) < 1:
-        parser.error("--teacher-steps and --student-steps must be at least 1")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # one process: use every core
+    defaults = default_settings(args.task)
+    chosen = {
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+        "seed": args.seed,
+    }
     settings = dataclasses.replace(
-        defaults,
-        task=dataclasses.replace(defaults.task, seed=args.task_seed),
-        teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps,
-        seed=args.seed,
+        defaults, **{name: value for name, value in chosen.items() if value is not None}
     )
+    if args.task_seed is not None:
+        settings = dataclasses.replace(
+            settings, task=dataclasses.replace(settings.task, seed=args.task_seed)
+        )
+    if min(settings.teacher_steps, settings.student_steps) < 1:
+        parser.error("--teacher-steps and --student-steps must be at least 1")
+    root = args.root or DEFAULT_ROOTS[args.task]
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # one process: use every core
     started = time.monotonic()
-    target = Path(args.root) / settings.key()
+    target = Path(root) / settings.key()
     if (target / "settings.json").exists():
         print(f"toy models: cached in {target}")
     else:
         print(f"toy models: preparing {target} (task: {settings.task})")
-    prepared = prepare_toy(args.root, settings)
+    prepared = prepare_toy(root, settings)
     baseline = load_baseline(prepared)
     for role in ("teacher", "student"):
         m = baseline[role]
         print(
             f"  {role:8s} held-out avg@8 {m['avg@8']:.3f}  pass@8 {m['pass@8']:.3f}  "
             f"distinct correct {m['distinct_correct']:.2f}  entropy {m['student/entropy_mean']:.3f}"
+            f"  above tau {m['student/frac_high_entropy']:.3f}"
         )
     print(f"toy models ready in {time.monotonic() - started:.0f} s: {prepared}")
     return 0

@@ -151,3 +151,42 @@ def test_eval_keys_are_validated_with_the_config(tiny_pair):
         )
     # Off, the generation limit of jobs/evaluate.py may exceed the rollout engines'.
     assert tiny_cfg(tiny_pair, "eval.max_new_tokens=8192").eval.every_steps == 0
+
+
+@pytest.mark.parametrize("kind", ["graph", "chain"])
+def test_toy_held_out_is_the_prepared_eval_file_judged_by_the_task(tmp_path, kind):
+    import dataclasses
+
+    from eopd_ray.toy.chain import ChainTask
+    from eopd_ray.toy.models import TinyModelSpec
+    from eopd_ray.toy.prepare import default_settings, prepare_toy, read_prompts
+
+    small = TinyModelSpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1)
+    settings = dataclasses.replace(
+        default_settings(kind), teacher=small, student=small, teacher_steps=2, student_steps=2
+    )
+    if kind == "chain":
+        settings = dataclasses.replace(settings, task=ChainTask(num_prompts=40))
+    prepared = prepare_toy(tmp_path, settings, log=lambda _: None)
+    cfg = load_config(
+        REPO / "jobs" / "configs" / ("toy.yaml" if kind == "graph" else "toy_chain.yaml"),
+        [
+            "model.build_toy=false",
+            f"model.student_path={prepared / 'student'}",
+            f"model.teacher_path={prepared / 'teacher'}",
+            f"data.train_path={prepared / 'train.jsonl'}",
+            "eval.samples_per_problem=2",
+            "eval.k=2",
+        ],
+    )
+    held = load_held_out(cfg)
+    texts = read_prompts(prepared / "eval.jsonl")
+    assert held.source == "toy" and [held.decode(ids) for ids in held.prompts] == texts
+    task, rng = settings.task, random.Random(0)
+    # Per prompt: one correct answer and one wrong one.
+    completions = [[task.sample_answer_for(t, rng), "?"] for t in texts]
+    out = held.judge(completions)
+    assert out["eval/avg@2"] == 0.5 and out["eval/pass@1"] == 0.5 and out["eval/pass@2"] == 1.0
+    assert out["eval/distinct_correct"] == 1.0
+    expected = sum(1 / min(2, task.count_answers(t)) for t in texts) / len(texts)
+    assert out["eval/coverage"] == pytest.approx(expected)

@@ -1,4 +1,5 @@
-"""Evaluation on the toy task: accuracy, diversity and the paper's entropy diagnostics.
+"""Evaluation on a toy task (graph or chain): accuracy, diversity and the paper's entropy
+diagnostics.
 
     report = evaluate_toy(student_dir, task, prompts, teacher_dir=teacher_dir, samples=8)
     report["avg@8"], report["pass@8"], report["distinct_correct"], report["student/entropy_mean"]
@@ -9,7 +10,8 @@ the distribution the paper's Avg@8 / Pass@8 are measured on), each judged by the
 - `avg@k`: mean over prompts of the fraction of correct samples (k = samples).
 - `pass@k`: unbiased estimate of "at least one of k correct", for k = 1, 2, 4, ..., samples.
 - `distinct_correct`: distinct correct answers per prompt, and `distinct_correct_frac`: the same
-  over the number of shortest paths the prompt has (capped at `samples`) — 1.0 is full coverage.
+  over the number of correct answers the prompt has (`task.count_answers`, capped at `samples`)
+  — 1.0 is full coverage.
 - `student/entropy_mean`, `student/frac_high_entropy`: the model's full-vocabulary entropy (nats)
   on the response tokens of its own samples, and the fraction at or above tau.
 - with a teacher: `teacher/entropy_mean`, `teacher/frac_high_entropy` on the same tokens, and
@@ -17,7 +19,9 @@ the distribution the paper's Avg@8 / Pass@8 are measured on), each judged by the
   at or above tau — how well the model covers the teacher where the teacher is uncertain.
 
 All entropies and KLs are computed in float64 from the full logits. Uses torch + transformers
-only (HF `generate`): the toy models are small, so no engine is needed.
+only (HF `generate`): the toy models are small, so no engine is needed. Only the common task
+interface (task.ToyTask) is used; prompts are sampled in batches of equal length (the chain
+task's prompts differ in length), so no padding is involved.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eopd_ray.evaluation import pass_at_k
-from eopd_ray.toy.task import GraphTask
+from eopd_ray.toy.task import ToyTask
+
+# Tokens sampled beyond the longest correct answer and its EOS, so that a model that overshoots
+# is seen to (and judged wrong) rather than cut at exactly the right length.
+ANSWER_SLACK = 5
 
 
 def pass_ks(samples: int) -> list[int]:
@@ -75,7 +83,7 @@ def token_diagnostics(
 
 @torch.no_grad()
 def _sample(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int, seed: int):
-    """(prompt ids (P, Lp), sequences (P * samples, Lp + T)); all toy prompts share one length."""
+    """(prompt ids (P, Lp), sequences (P * samples, Lp + T)); `prompts` share one length."""
     encoded = tokenizer(list(prompts), add_special_tokens=False, return_tensors="pt")
     torch.manual_seed(seed)
     sequences = model.generate(
@@ -99,19 +107,42 @@ def _response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     return before_first_eos
 
 
+def default_max_new_tokens(task: ToyTask) -> int:
+    """The longest correct answer + EOS + ANSWER_SLACK (12 for the default graph task, 42 for
+    the default chain task)."""
+    return task.max_answer_tokens + 1 + ANSWER_SLACK
+
+
+def _equal_length_chunks(tokenizer, prompts: Sequence[str], size: int):
+    """(start, chunk): the prompts grouped by token length (first-seen order), in chunks of at
+    most `size`; `start` counts the prompts of the chunks before (it seeds the sampling)."""
+    groups: dict[int, list[str]] = {}
+    for prompt in prompts:
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        groups.setdefault(length, []).append(prompt)
+    start = 0
+    for group in groups.values():
+        for i in range(0, len(group), size):
+            yield start, group[i : i + size]
+            start += len(group[i : i + size])
+
+
 @torch.no_grad()
 def evaluate_toy(
     model_dir: str | Path,
-    task: GraphTask,
+    task: ToyTask,
     prompts: Sequence[str],
     teacher_dir: str | Path | None = None,
     samples: int = 8,
     tau: float = 0.8,
-    max_new_tokens: int = 12,
+    max_new_tokens: int | None = None,
     seed: int = 0,
     batch_prompts: int = 64,
 ) -> dict[str, float]:
-    """Accuracy, diversity and entropy diagnostics of the model in `model_dir` (see module doc)."""
+    """Accuracy, diversity and entropy diagnostics of the model in `model_dir` (see module doc).
+
+    max_new_tokens: None for default_max_new_tokens(task)."""
+    max_new_tokens = max_new_tokens or default_max_new_tokens(task)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     teacher = None
@@ -122,8 +153,7 @@ def evaluate_toy(
     ks = pass_ks(samples)
     totals: dict[str, float] = {}
     avg, passes, distinct, coverage = [], {k: [] for k in ks}, [], []
-    for start in range(0, len(prompts), batch_prompts):
-        chunk = list(prompts[start : start + batch_prompts])
+    for start, chunk in _equal_length_chunks(tokenizer, prompts, batch_prompts):
         prompt_ids, sequences = _sample(
             model, tokenizer, chunk, samples, max_new_tokens, seed + start
         )
@@ -138,10 +168,7 @@ def evaluate_toy(
             for k in ks:
                 passes[k].append(pass_at_k(samples, len(correct), k))
             distinct.append(len(set(correct)))
-            source, target = task.parse_prompt(prompt)
-            coverage.append(
-                len(set(correct)) / min(samples, task.count_shortest_paths(source, target))
-            )
+            coverage.append(len(set(correct)) / min(samples, task.count_answers(prompt)))
         # Logits predicting each response token: positions prompt_len-1 .. end-1.
         attention = torch.cat([torch.ones_like(sequences[:, :prompt_len]), mask.long()], dim=1)
         model_logits = model(sequences, attention_mask=attention).logits[:, prompt_len - 1 : -1]

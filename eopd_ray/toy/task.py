@@ -10,7 +10,11 @@ the target, written as its node labels (source first, target last, no separators
 have several shortest paths, so a good model is uncertain exactly at the branch points (where
 two, three or four neighbours lead on equally fast) and confident everywhere else: the structure
 that entropy-aware distillation is about. The graph is fixed by `seed`, so a model must learn it
-(the edges and the distances) from samples; every answer is checked exactly.
+(the edges and the distances) from samples; every answer is checked exactly. Answers are short
+(3-6 tokens): for long answers whose tokens are mostly forced, see the chain task (chain.py).
+
+Both tasks offer the interface `ToyTask` below, which is all that training (train.py),
+evaluation (evaluate.py), preparation (prepare.py) and the held-out evaluation during a run use.
 
 Pure Python; no torch.
 """
@@ -24,8 +28,42 @@ import string
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar, Protocol
 
 NODE_LABELS = string.ascii_uppercase + string.ascii_lowercase
+
+
+class ToyTask(Protocol):
+    """What every toy task offers (GraphTask here, ChainTask in chain.py). Prompts and answers
+    are plain strings; the toy tokenizer writes one token per character."""
+
+    kind: ClassVar[str]  # "graph" | "chain": how settings.json names the task
+
+    @property
+    def alphabet(self) -> str:
+        """Every character of the task's prompts and answers (the tokenizer's corpus)."""
+        ...
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """The longest correct answer, in toy tokens (one per character), without the EOS."""
+        ...
+
+    def split(self, eval_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+        """(train prompts, held-out prompts): fixed, disjoint."""
+        ...
+
+    def is_correct(self, prompt: str, answer: str) -> bool:
+        """Surrounding whitespace of the answer ignored; False for a prompt of another task."""
+        ...
+
+    def count_answers(self, prompt: str) -> int:
+        """The number of distinct correct answers to `prompt`."""
+        ...
+
+    def sample_answer_for(self, prompt: str, rng: random.Random) -> str:
+        """One correct answer drawn from the task's generator (ValueError for a foreign prompt)."""
+        ...
 
 
 class Verdict(enum.Enum):
@@ -53,6 +91,8 @@ class GraphTask:
     seed: int = 0
     min_distance: int = 2  # prompts whose nodes are closer are too easy to be interesting
 
+    kind: ClassVar[str] = "graph"  # a class constant, not a field: settings keys stay as they were
+
     def __post_init__(self) -> None:
         if not self.dimensions >= 1 or 2**self.dimensions > len(NODE_LABELS):
             raise ValueError(
@@ -65,6 +105,11 @@ class GraphTask:
     @cached_property
     def labels(self) -> str:
         return NODE_LABELS[: 2**self.dimensions]
+
+    @cached_property
+    def alphabet(self) -> str:
+        """Every character a prompt or an answer of this task contains (the tokenizer's corpus)."""
+        return self.labels + ">:"
 
     @cached_property
     def neighbours(self) -> dict[str, tuple[str, ...]]:
@@ -119,6 +164,12 @@ class GraphTask:
             return 1
         return sum(self.count_shortest_paths(n, target) for n in self.next_hops(source, target))
 
+    @cached_property
+    def max_answer_tokens(self) -> int:
+        """The longest correct answer, in toy tokens (one per node label), without the EOS:
+        the graph's diameter + 1."""
+        return 1 + max(max(d.values()) for d in self.distances.values())
+
     # ------------------------------------------------------------------------- prompts
 
     def prompt(self, source: str, target: str) -> str:
@@ -153,6 +204,19 @@ class GraphTask:
         return prompts[num_eval:], prompts[:num_eval]
 
     # ------------------------------------------------------------------------- answers
+
+    def count_answers(self, prompt: str) -> int:
+        """The number of distinct correct answers: the prompt's shortest paths."""
+        return self.count_shortest_paths(*self._pair_of(prompt))
+
+    def sample_answer_for(self, prompt: str, rng: random.Random) -> str:
+        return self.sample_answer(*self._pair_of(prompt), rng)
+
+    def _pair_of(self, prompt: str) -> tuple[str, str]:
+        parsed = self.parse_prompt(prompt)
+        if parsed is None:
+            raise ValueError(f"not a prompt of this task: {prompt!r}")
+        return parsed
 
     def sample_answer(self, source: str, target: str, rng: random.Random) -> str:
         """A shortest path, each step uniform over the correct next hops (the task's generator)."""

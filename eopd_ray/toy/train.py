@@ -3,10 +3,11 @@
     losses = train_supervised(model_dir, task, prompts, steps=1500, batch_size=64, lr=3e-3)
 
 Every batch is fresh: `batch_size` prompts drawn at random from `prompts`, each with one answer
-sampled by the task's generator (a uniformly random shortest path), so the model learns the full
-distribution over correct answers, not one answer per prompt. Cross-entropy on the answer tokens
-and the closing EOS only. AdamW with linear warm-up and cosine decay. The model is saved back
-into `model_dir` atomically (written beside it, then renamed over it).
+sampled by the task's generator (`task.sample_answer_for`: a uniformly random shortest path, or
+the codewords in a uniformly random order), so the model learns the full distribution over
+correct answers, not one answer per prompt. Cross-entropy on the answer tokens and the closing
+EOS only. AdamW with linear warm-up and cosine decay. The model is saved back into `model_dir`
+atomically (written beside it, then renamed over it). Works for any toy task (task.ToyTask).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eopd_ray.toy.task import GraphTask
+from eopd_ray.toy.task import ToyTask
 
 IGNORE = -100  # label of positions that do not count (prompt, padding)
 
@@ -56,7 +57,7 @@ def lr_at(update: int, steps: int, lr: float, warmup: int) -> float:
 
 def train_supervised(
     model_dir: str | Path,
-    task: GraphTask,
+    task: ToyTask,
     prompts: Sequence[str],
     steps: int,
     batch_size: int = 64,
@@ -73,17 +74,14 @@ def train_supervised(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    pairs = [task.parse_prompt(p) for p in prompts]
+    prompts = list(prompts)
     losses = []
     for update in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(update, steps, lr, warmup)
-        chosen = [rng.choice(pairs) for _ in range(batch_size)]
+        chosen = [rng.choice(prompts) for _ in range(batch_size)]
         batch = collate(
-            [
-                encode_example(tokenizer, task.prompt(s, t), task.sample_answer(s, t, rng))
-                for s, t in chosen
-            ],
+            [encode_example(tokenizer, p, task.sample_answer_for(p, rng)) for p in chosen],
             tokenizer.eos_token_id,
         )
         loss = model(**batch).loss

@@ -55,9 +55,18 @@ TABLE_KEYS = (
     ("student/frac_high_entropy", "frac H>=tau"),
     ("fkl/high_entropy", "FKL on teacher H>=tau"),
     ("train/reverse_kl_last", "train RKL (last 10%)"),
+    ("mid/avg@8", "Avg@8 mid-run"),
+    ("mid/pass@8", "Pass@8 mid-run"),
 )
 PAIRS = (("eopd", "opd"), ("eopd", "eopd_all"), ("eopd", "eopd_random"))
-PAIRED_KEYS = ("avg@8", "pass@8", "distinct_correct_frac", "fkl/high_entropy")
+PAIRED_KEYS = (
+    "avg@8",
+    "pass@8",
+    "distinct_correct_frac",
+    "fkl/high_entropy",
+    "mid/avg@8",
+    "mid/pass@8",
+)
 CURVES = ("eval/avg@8", "eval/pass@8", "eval/coverage", "kl/reverse_sampled", "fkl/on_gated")
 
 
@@ -95,7 +104,8 @@ def one_run(task: str, method: str, seed: int, ctx: dict, fresh: bool) -> dict:
     out = run_dir(ctx["root"], task, method, seed)
     done = out / FINAL_EVAL
     if done.exists() and not fresh:
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        return record | mid_run(read_jsonl(out / "metrics.jsonl"))
     wall_s = train(ctx["config"], method, seed, out, ctx["overrides"])
     rows = read_jsonl(out / "metrics.jsonl")
     tail = rows[-max(1, len(rows) // 10) :]
@@ -103,6 +113,7 @@ def one_run(task: str, method: str, seed: int, ctx: dict, fresh: bool) -> dict:
         out / "hf", ctx["task"], ctx["held_out"], teacher_dir=ctx["prepared"] / "teacher"
     )
     metrics["train/reverse_kl_last"] = sum(r["kl/reverse_sampled"] for r in tail) / len(tail)
+    metrics |= mid_run(rows)
     record = {"task": task, "method": method, "seed": seed, "wall_s": wall_s, **metrics}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -113,6 +124,22 @@ def one_run(task: str, method: str, seed: int, ctx: dict, fresh: bool) -> dict:
         flush=True,
     )
     return record
+
+
+def mid_run(rows: list[dict]) -> dict[str, float]:
+    """The held-out evaluation logged during training nearest to half the run (`mid/*`): where
+    accuracy is still climbing, so that differences in learning speed show before Pass@8
+    saturates."""
+    evaluated = [r for r in rows if "eval/avg@8" in r]
+    if not evaluated:
+        return {}
+    half = len(rows) / 2
+    row = min(evaluated, key=lambda r: abs(r["step"] + 1 - half))
+    return {
+        "mid/avg@8": row["eval/avg@8"],
+        "mid/pass@8": row["eval/pass@8"],
+        "mid/step": row["step"] + 1,
+    }
 
 
 def fmt(s: Summary) -> str:

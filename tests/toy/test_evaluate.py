@@ -7,8 +7,17 @@ import math
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from eopd_ray.toy.evaluate import _response_mask, evaluate_toy, pass_ks, token_diagnostics
+from eopd_ray.toy.chain import ChainTask
+from eopd_ray.toy.evaluate import (
+    _equal_length_chunks,
+    _response_mask,
+    default_max_new_tokens,
+    evaluate_toy,
+    pass_ks,
+    token_diagnostics,
+)
 from eopd_ray.toy.models import TinyModelSpec, build_causal_lm, build_tokenizer
 from eopd_ray.toy.task import GraphTask
 
@@ -91,3 +100,24 @@ def test_evaluate_toy_on_random_models(tmp_path):
     assert 1 <= out["response_tokens_mean"] <= 12
     again = evaluate_toy(student, task, prompts, teacher_dir=teacher, samples=4, batch_prompts=4)
     assert again == out  # seeded sampling
+
+
+def test_evaluate_toy_on_the_chain_task_batches_prompts_of_each_length(tmp_path):
+    """Chain prompts differ in length (5 to 9 items): they are sampled in equal-length batches,
+    and every prompt is judged once, with up to the longest answer + EOS + slack new tokens."""
+    task = ChainTask()
+    tok = build_tokenizer(tmp_path / "tok", corpus=[task.alphabet], vocab_size=259)
+    spec = TinyModelSpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1)
+    model = build_causal_lm(tmp_path / "model", tok, spec, seed=0)
+    prompts = task.split()[1][:12]
+    assert len({len(p) for p in prompts}) > 1
+    chunks = list(_equal_length_chunks(AutoTokenizer.from_pretrained(model), prompts, 2))
+    assert sorted(p for _, chunk in chunks for p in chunk) == sorted(prompts)
+    assert all(len({len(p) for p in chunk}) == 1 and len(chunk) <= 2 for _, chunk in chunks)
+    assert [start for start, _ in chunks] == [
+        sum(len(c) for _, c in chunks[:i]) for i in range(len(chunks))
+    ]
+    assert default_max_new_tokens(task) == 42 and default_max_new_tokens(GraphTask()) == 12
+    out = evaluate_toy(model, task, prompts, samples=2, batch_prompts=4)
+    assert out["prompts"] == 12 and out["avg@2"] <= 0.1
+    assert 1 <= out["response_tokens_mean"] <= 42

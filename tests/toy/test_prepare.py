@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from eopd_ray.toy.chain import ChainTask
 from eopd_ray.toy.models import TinyModelSpec
 from eopd_ray.toy.prepare import (
     ToySettings,
@@ -49,6 +50,15 @@ def test_prepare_builds_once_and_caches_by_settings(tmp_path):
     assert second != prepared and prepared.exists()
     assert (tmp_path / "current").resolve() == second.resolve()
     assert not list(tmp_path.glob("*.building"))
+
+
+def test_prepare_the_chain_task(tmp_path):
+    chain = dataclasses.replace(QUICK, task=ChainTask(num_prompts=40), teacher_steps=2)
+    prepared = prepare_toy(tmp_path, chain, log=lambda m: None)
+    assert load_settings(prepared) == chain
+    train, held_out = read_prompts(prepared / "train.jsonl"), read_prompts(prepared / "eval.jsonl")
+    assert (train, held_out) == chain.task.split(chain.eval_fraction) and len(held_out) == 8
+    assert load_baseline(prepared)["student"]["prompts"] == 8
 
 
 def test_settings_key_is_stable_and_complete():
