@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run run-tiny test test-fast lint format env clean cluster-up cluster-down
+.PHONY: run run-chain run-tiny test test-fast lint format env clean cluster-up cluster-down
 
 env: $(STAMP)
 
@@ -47,6 +47,12 @@ run: $(STAMP)
 	$(PY) jobs/prepare_toy.py
 	$(PY) jobs/distill.py --config jobs/configs/toy.yaml
 	$(PY) jobs/toy_report.py --config jobs/configs/toy.yaml
+
+# The same on the second toy task: long answers, mostly forced tokens (jobs/configs/toy_chain.yaml).
+run-chain: $(STAMP)
+	$(PY) jobs/prepare_toy.py --task chain
+	$(PY) jobs/distill.py --config jobs/configs/toy_chain.yaml
+	$(PY) jobs/toy_report.py --config jobs/configs/toy_chain.yaml
 
 # The smallest end-to-end run (random tiny models, 2 workers per role): a smoke test.
 run-tiny: $(STAMP)
