@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eopd_ray.config import Config
+from eopd_ray.batch import RolloutBatch
+from eopd_ray.config import Config, EvalConfig
 from eopd_ray.data import render_prompt, toy_prompts
 from eopd_ray.errors import EopdError
 from eopd_ray.evaluation import load_benchmark, pass_at_k, score_benchmark
@@ -57,6 +58,34 @@ class HeldOut:
     def decode(self, response_ids: list[int]) -> str:
         return self.tokenizer.decode(response_ids, skip_special_tokens=True)
 
+    def requests(self, e: EvalConfig, num_workers: int) -> list[tuple]:
+        """The arguments of RolloutWorker.generate for each of (at most) `num_workers` workers:
+        its share of the prompts, their indices, their seeds and the eval.* sampling. The seeds
+        are fixed for the run and apart from the training streams: every evaluation sees the
+        same sampling noise (the curve moves with the model), and a resumed run repeats them."""
+        from eopd_ray.rollout import Sampling, prompt_seeds
+
+        sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
+        seeds = prompt_seeds(f"eval/{e.seed}", range(len(self.prompts)))
+        indices = list(range(len(self.prompts)))
+        workers = min(num_workers, len(self.prompts))
+        return [
+            (self.prompts[r::workers], indices[r::workers], seeds[r::workers], sampling)
+            for r in range(workers)
+        ]
+
+    def score(self, batch: RolloutBatch) -> dict[str, float]:
+        """The metrics of a generated batch: its rows regrouped by prompt, decoded and judged,
+        plus `eval/response_len_mean`."""
+        completions: list[list[str]] = [[] for _ in self.prompts]
+        lengths = batch.response_mask.sum(1)
+        for row, prompt in enumerate(batch.prompt_index.tolist()):
+            ids = batch.response_ids[row, : int(lengths[row])].tolist()
+            completions[prompt].append(self.decode(ids))
+        metrics = self.judge(completions)
+        metrics["eval/response_len_mean"] = float(lengths.float().mean())
+        return metrics
+
 
 def accuracy_metrics(correct: Sequence[Sequence[bool]], k: int) -> dict[str, float]:
     """`eval/avg@k`, `eval/pass@1` and `eval/pass@k` from per-prompt, per-sample verdicts."""
@@ -65,6 +94,15 @@ def accuracy_metrics(correct: Sequence[Sequence[bool]], k: int) -> dict[str, flo
     for kk in sorted({1, k}):
         out[f"eval/pass@{kk}"] = sum(pass_at_k(len(c), sum(c), kk) for c in correct) / n_prompts
     return out
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """`avg@8 0.612 pass@1 0.612 pass@8 0.982 ...`: the headline eval/* metrics, for the log."""
+    return " ".join(
+        f"{k.removeprefix('eval/')} {v:.3f}"
+        for k, v in metrics.items()
+        if k.startswith("eval/") and k.count("/") == 1
+    )
 
 
 def load_held_out(cfg: Config) -> HeldOut | None:

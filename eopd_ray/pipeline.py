@@ -28,7 +28,7 @@ from eopd_ray.checkpoint import Checkpoint
 from eopd_ray.config import Config, config_to_yaml
 from eopd_ray.data import PromptStream, tokenize_prompts
 from eopd_ray.errors import EopdError
-from eopd_ray.heldout import load_held_out
+from eopd_ray.heldout import load_held_out, summary_line
 from eopd_ray.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
@@ -41,7 +41,7 @@ from eopd_ray.locations import resolve_locations
 from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 from eopd_ray.progress import StepProgress
 from eopd_ray.ray_metrics import RayMetricsSink
-from eopd_ray.rollout import RolloutWorker, Sampling, prompt_seeds
+from eopd_ray.rollout import RolloutWorker, prompt_seeds
 from eopd_ray.run_dir import begin_run
 from eopd_ray.stopping import StopOnSigterm, exit_on_sigterm
 from eopd_ray.storage import RunStorage
@@ -504,28 +504,18 @@ class Pipeline:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The student after `step` (the weights the rollout workers hold since the sync) on the
-        held-out prompts: `eval.samples_per_problem` samples each, judged by the held-out set
-        (eopd_ray/heldout.py). Its seeds are fixed for the run and apart from the training
-        streams, so every evaluation sees the same noise and a resumed run the same metrics."""
-        e, held = self.cfg.eval, self.held_out
+        held-out prompts, judged by the held-out set (eopd_ray/heldout.py)."""
+        held = self.held_out
         assert held is not None, "evaluate() needs eval.every_steps > 0"
-        sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
-        seeds = prompt_seeds(f"eval/{e.seed}", range(len(held.prompts)))
-        workers = min(len(self.rollout), len(held.prompts))
-        indices = list(range(len(held.prompts)))
-        args = [
-            (held.prompts[r::workers], indices[r::workers], seeds[r::workers], sampling)
-            for r in range(workers)
-        ]
+        args = held.requests(self.cfg.eval, len(self.rollout))
+        ranks = list(range(len(args)))
 
         def generate() -> RolloutBatch:
-            parts = self.rollout.get(
-                self.rollout.call_each_async("generate", args),
-                self.cfg.run.step_timeout_s,
-                f"step {step} evaluation",
-                ranks=list(range(workers)),
+            refs = self.rollout.call_each_async("generate", args)
+            what = f"step {step} evaluation"
+            return RolloutBatch.concat(
+                self.rollout.get(refs, self.cfg.run.step_timeout_s, what, ranks=ranks)
             )
-            return RolloutBatch.concat(parts)
 
         started = time.perf_counter()
         batch = self._recovering(self.rollout, generate, f"step {step} evaluation")
@@ -534,14 +524,8 @@ class Pipeline:
                 f"step {step} evaluation: sampled with weight version {batch.weight_version}, "
                 f"the student is at {self.version}"
             )
-        completions: list[list[str]] = [[] for _ in held.prompts]
-        lengths = batch.response_mask.sum(1)
-        for row, prompt in enumerate(batch.prompt_index.tolist()):
-            ids = batch.response_ids[row, : int(lengths[row])].tolist()
-            completions[prompt].append(held.decode(ids))
-        metrics = held.judge(completions)
-        metrics["eval/response_len_mean"] = float(lengths.float().mean())
-        metrics["time/eval_s"] = time.perf_counter() - started
+        metrics = held.score(batch) | {"time/eval_s": time.perf_counter() - started}
+        log.info("step %d held-out evaluation: %s", step + 1, summary_line(metrics))
         return metrics
 
     # --- the run -------------------------------------------------------------------------------
@@ -564,17 +548,7 @@ class Pipeline:
             for step in range(self.start_step, run.steps):
                 metrics = self.step(step)
                 if self.evaluation_due(step):
-                    evaluation = self.evaluate(step)
-                    metrics.update(evaluation)
-                    log.info(
-                        "step %d held-out evaluation: %s",
-                        step + 1,
-                        " ".join(
-                            f"{k.removeprefix('eval/')} {v:.3f}"
-                            for k, v in evaluation.items()
-                            if k.startswith("eval/") and k.count("/") == 1
-                        ),
-                    )
+                    metrics.update(self.evaluate(step))
                 for sink in sinks:
                     sink.write(step, metrics)
                 history.append(metrics)

@@ -18,6 +18,7 @@ from eopd_ray.heldout import (
     arithmetic_held_out,
     arithmetic_is_correct,
     load_held_out,
+    summary_line,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +191,20 @@ def test_toy_held_out_is_the_prepared_eval_file_judged_by_the_task(tmp_path, kin
     assert out["eval/distinct_correct"] == 1.0
     expected = sum(1 / min(2, task.count_answers(t)) for t in texts) / len(texts)
     assert out["eval/coverage"] == pytest.approx(expected)
+
+
+def test_requests_share_prompts_over_workers_with_fixed_seeds(tiny_pair):
+    cfg = tiny_cfg(tiny_pair, "eval.every_steps=2")
+    held = load_held_out(cfg)
+    one, three = held.requests(cfg.eval, 1), held.requests(cfg.eval, 3)
+    assert len(one) == 1 and len(three) == 3
+    # Every prompt once, with the same seed however the prompts are shared out.
+    seed_of = {i: s for _, idx, seeds, _ in one for i, s in zip(idx, seeds, strict=True)}
+    shared = {i: s for _, idx, seeds, _ in three for i, s in zip(idx, seeds, strict=True)}
+    assert seed_of == shared and sorted(shared) == list(range(len(held.prompts)))
+    sampling = one[0][3]
+    assert (sampling.samples_per_prompt, sampling.max_new_tokens) == (4, 32)
+    assert len(held.requests(cfg.eval, 1000)) == len(held.prompts)  # no worker gets nothing
+    assert summary_line({"eval/avg@4": 0.25, "eval/x/avg@4": 1.0, "time/eval_s": 2.0}) == (
+        "avg@4 0.250"
+    )
