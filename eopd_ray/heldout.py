@@ -1,9 +1,10 @@
 """Held-out prompts for evaluation during training, and how their answers are judged.
 
     held_out = load_held_out(cfg)                 # or None when eval.every_steps is 0
-    held_out.prompts                              # token ids, rendered for the student
-    metrics = held_out.judge(completions)         # completions[i]: the texts sampled for prompt i
+    args = held_out.requests(cfg.eval, workers)   # RolloutWorker.generate arguments per worker
+    metrics = held_out.score(batch)               # the generated RolloutBatch, judged
     metrics["eval/avg@8"], metrics["eval/pass@8"]
+    held_out.judge(completions)                   # the same from texts: completions[i] per prompt
 
 Three sources (`eval.source`, `auto` picks the first that applies):
 
