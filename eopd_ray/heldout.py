@@ -197,6 +197,7 @@ def _toy_prepared_dir(cfg: Config) -> Path | None:
 
 def _toy_task(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str, float]]]:
     from eopd_ray.toy.prepare import load_settings, read_prompts
+    from eopd_ray.toy.task import judge_answers
 
     prepared = _toy_prepared_dir(cfg)
     if prepared is None:
@@ -209,16 +210,14 @@ def _toy_task(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str,
     k = cfg.eval.k
 
     def judge(completions: Completions) -> dict[str, float]:
-        verdicts, distinct, coverage = [], [], []
-        for prompt, answers in zip(texts, completions, strict=True):
-            verdicts.append([task.is_correct(prompt, a) for a in answers])
-            correct = {a.strip() for a, ok in zip(answers, verdicts[-1], strict=True) if ok}
-            distinct.append(len(correct))
-            coverage.append(len(correct) / min(len(answers), task.count_answers(prompt)))
+        stats = [
+            judge_answers(task, prompt, list(answers))
+            for prompt, answers in zip(texts, completions, strict=True)
+        ]
         n = len(texts)
-        return accuracy_metrics(verdicts, k) | {
-            "eval/distinct_correct": sum(distinct) / n,
-            "eval/coverage": sum(coverage) / n,
+        return accuracy_metrics([s.correct for s in stats], k) | {
+            "eval/distinct_correct": sum(s.distinct for s in stats) / n,
+            "eval/coverage": sum(s.coverage for s in stats) / n,
         }
 
     return texts, judge

@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eopd_ray.evaluation import pass_at_k
-from eopd_ray.toy.task import ToyTask
+from eopd_ray.toy.task import ToyTask, judge_answers
 
 # Tokens sampled beyond the longest correct answer and its EOS, so that a model that overshoots
 # is seen to (and judged wrong) rather than cut at exactly the right length.
@@ -162,13 +162,13 @@ def evaluate_toy(
         mask = _response_mask(responses, eos)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         for p, prompt in enumerate(chunk):
-            answers = texts[p * samples : (p + 1) * samples]
-            correct = [a.strip() for a in answers if task.is_correct(prompt, a)]
-            avg.append(len(correct) / samples)
+            stats = judge_answers(task, prompt, texts[p * samples : (p + 1) * samples])
+            num_correct = sum(stats.correct)
+            avg.append(num_correct / samples)
             for k in ks:
-                passes[k].append(pass_at_k(samples, len(correct), k))
-            distinct.append(len(set(correct)))
-            coverage.append(len(set(correct)) / min(samples, task.count_answers(prompt)))
+                passes[k].append(pass_at_k(samples, num_correct, k))
+            distinct.append(stats.distinct)
+            coverage.append(stats.coverage)
         # Logits predicting each response token: positions prompt_len-1 .. end-1.
         attention = torch.cat([torch.ones_like(sequences[:, :prompt_len]), mask.long()], dim=1)
         model_logits = model(sequences, attention_mask=attention).logits[:, prompt_len - 1 : -1]

@@ -66,6 +66,24 @@ class ToyTask(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AnswerStats:
+    """One prompt's samples judged: which are correct, how many distinct correct answers, and
+    those over min(samples, the prompt's number of correct answers) — 1.0 is full coverage."""
+
+    correct: list[bool]
+    distinct: int
+    coverage: float
+
+
+def judge_answers(task: ToyTask, prompt: str, answers: list[str]) -> AnswerStats:
+    """The samples `answers` of `prompt` judged by the task's checker (the toy evaluation and
+    the held-out evaluation during training share this)."""
+    correct = [task.is_correct(prompt, a) for a in answers]
+    distinct = len({a.strip() for a, ok in zip(answers, correct, strict=True) if ok})
+    return AnswerStats(correct, distinct, distinct / min(len(answers), task.count_answers(prompt)))
+
+
 class Verdict(enum.Enum):
     CORRECT = "correct"
     MALFORMED = "malformed"  # not a string of node labels, or a prompt this task cannot read
