@@ -5,20 +5,33 @@ Layout under `<run.output_dir>/checkpoints/` (any storage eopd_ray.storage reach
     step-000012/           one checkpoint (after step 12)
       learner/             DeepSpeed state of every rank: weights, optimizer, LR scheduler
       config.yaml          the resolved config of the run that wrote it
-      state.json           step, weight version, data position, RNG states, run id; written LAST
+      state.json           step, weight version, data position, RNG states, run id, the learner
+                           files, what was trained on (see below); written LAST
 
 A checkpoint is complete exactly when its `state.json` exists and parses: every other part is
 written (and, on local disks, synced) first, and `state.json` itself is written atomically (a
-renamed temporary file locally, one PUT on an object store, which has no rename). A crash
-mid-write leaves a step directory without it: ignored, and removed by the next save. The last
-`run.keep_checkpoints` are kept. Loading never unpickles arbitrary objects: JSON and YAML here,
+renamed temporary file locally, one PUT on an object store, which has no rename). `commit`
+refuses to write it unless every file the learner ranks reported is there. A crash mid-write
+leaves a step directory without it: ignored, and removed by the next save. Only a MISSING
+`state.json` means incomplete: any other error reading it (an S3 503, NFS ESTALE) stops the run
+naming the file, and a directory that holds a `state.json` is never deleted by clean-up (an
+unparsable one is skipped with a warning and kept for a person to look at). The last
+`run.keep_checkpoints` are kept.
+
+What a resume must not change silently is checked against the checkpoint (`check_compatible`):
+the keys in `_BREAKING`, a fingerprint of the kept prompts (every data key and the files'
+contents decide which prompts the stream position counts in), and the LR schedule's shape
+(`run.steps`, `learner.mini_batch_size` ... move a cosine schedule). A mismatch stops the run
+unless `run.allow_config_change: true`, which the metrics then show (`run/config_changed`). Loading never unpickles arbitrary objects: JSON and YAML here,
 `torch.load(weights_only=True)` for DeepSpeed's files (learner.py).
 This module imports neither Ray, vLLM nor DeepSpeed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -26,12 +39,14 @@ from pathlib import Path
 
 import torch
 
-from eopd_ray.config import Config, config_from_dict, config_to_yaml
+from eopd_ray.config import Config, config_from_dict, config_to_yaml, total_updates
 from eopd_ray.config_yaml import parse_yaml
 from eopd_ray.errors import EopdError
 from eopd_ray.storage import RunStorage
 
-FORMAT = 2
+log = logging.getLogger(__name__)
+
+FORMAT = 3  # 3: learner files, prompts fingerprint and schedule in state.json (2 still loads)
 ROOT = "checkpoints"
 PREFIX = "step-"
 STATE = "state.json"
@@ -50,6 +65,7 @@ class Checkpoint:
     stream: dict[str, int]  # PromptStream.state_dict()
     run_id: str | None = None
     rng: dict = field(default_factory=dict, repr=False)
+    trained_on: dict = field(default_factory=dict, repr=False)  # training_identity(); {}: format 2
 
 
 def step_dir(step: int) -> str:
@@ -58,9 +74,9 @@ def step_dir(step: int) -> str:
 
 def begin(store: RunStorage, step: int) -> str:
     """The (empty) directory for the checkpoint after `step`, relative to the run directory.
-    Incomplete checkpoints left by a crash are removed first."""
-    for name in store.listdir(ROOT):
-        if name.startswith(PREFIX) and _read_state(store, f"{ROOT}/{name}") is None:
+    Incomplete checkpoints left by a crash (no `state.json`) are removed first."""
+    for name in _listdir(store, ROOT):
+        if name.startswith(PREFIX) and not _exists(store, f"{ROOT}/{name}/{STATE}"):
             store.delete(f"{ROOT}/{name}")
     rel = step_dir(step)
     store.delete(rel)  # the same step saved again (e.g. SIGTERM right after a periodic save)
@@ -75,9 +91,23 @@ def commit(
     step: int,
     weight_version: int,
     stream: dict[str, int],
+    learner_files: list[str],
+    trained_on: dict | None = None,
 ) -> Checkpoint:
-    """Write the driver's part into `rel` (the learners have written theirs), `state.json`
-    last, and drop checkpoints beyond `run.keep_checkpoints`."""
+    """Write the driver's part into `rel` (the learners have written theirs: `learner_files`,
+    relative to `rel`), `state.json` last, and drop checkpoints beyond `run.keep_checkpoints`.
+    Refuses (CheckpointError) when a learner file is missing: a checkpoint without its learner
+    state would be "complete" and fail every resume."""
+    missing = sorted(f for f in learner_files if not _exists(store, f"{rel}/{f}"))
+    if not learner_files or missing:
+        what = f"{len(missing)} of {len(learner_files)} learner files" if missing else "no files"
+        raise CheckpointError(
+            f"checkpoint {store.show(rel)}: {what} from the learner ranks "
+            f"({', '.join(missing[:3]) or 'none reported'}); not marking it complete. Another "
+            "process may be writing the same run.output_dir (it deletes checkpoints it thinks "
+            "are incomplete), or the storage lost the upload; the previous complete checkpoint "
+            "is untouched"
+        )
     state = {
         "format": FORMAT,
         "step": step,
@@ -85,6 +115,8 @@ def commit(
         "run_id": cfg.run.id,
         "stream": stream,
         "rng": {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()},
+        "learner_files": sorted(learner_files),
+        "trained_on": trained_on or {},
     }
     store.write_text(f"{rel}/config.yaml", config_to_yaml(cfg))
     if store.is_local:
@@ -95,29 +127,64 @@ def commit(
     return _checkpoint(store, rel, state)
 
 
-def _read_state(store: RunStorage, rel: str) -> dict | None:
+def _storage_failure(store: RunStorage, rel: str, exc: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read {store.show(rel)}: {exc}. The run stops rather than take a checkpoint it "
+        "cannot read for a missing one (that would delete it or start the run afresh); "
+        "nothing was changed. Run again when the storage answers"
+    )
+
+
+def _exists(store: RunStorage, rel: str) -> bool:
     try:
-        return json.loads(store.read_text(f"{rel}/{STATE}"))
-    except (OSError, ValueError):
-        return None  # not complete
+        return store.exists(rel)
+    except OSError as exc:
+        raise _storage_failure(store, rel, exc) from exc
+
+
+def _listdir(store: RunStorage, rel: str) -> list[str]:
+    try:
+        return store.listdir(rel)
+    except OSError as exc:
+        raise _storage_failure(store, rel, exc) from exc
+
+
+def _read_state(store: RunStorage, rel: str) -> dict | None:
+    """The parsed `state.json` of checkpoint `rel`, or None when it is incomplete: no state file
+    (or an unparsable one, kept). Any other read error raises CheckpointError."""
+    path = f"{rel}/{STATE}"
+    try:
+        text = store.read_text(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if not _exists(store, path):  # some filesystems raise a plain OSError when it is absent
+            return None
+        raise _storage_failure(store, path, exc) from exc
+    try:
+        return json.loads(text)
+    except ValueError:  # also UnicodeDecodeError
+        log.warning("%s does not parse: checkpoint skipped (and kept)", store.show(path))
+        return None
 
 
 def _checkpoint(store: RunStorage, rel: str, state: dict) -> Checkpoint:
     return Checkpoint(
         rel,
-        store.path(rel) if store.is_local else f"{store.uri.rstrip('/')}/{rel}",
+        store.show(rel),
         state["step"],
         state["weight_version"],
         state["stream"],
         state.get("run_id"),
         state["rng"],
+        state.get("trained_on", {}),
     )
 
 
 def complete_checkpoints(store: RunStorage) -> list[Checkpoint]:
     """Every complete checkpoint, oldest first (incomplete ones are skipped)."""
     out = []
-    for name in store.listdir(ROOT):
+    for name in _listdir(store, ROOT):
         if not name.startswith(PREFIX):
             continue
         state = _read_state(store, f"{ROOT}/{name}")
@@ -136,7 +203,7 @@ def saved_config(store: RunStorage, rel: str) -> Config:
     return config_from_dict(parse_yaml(store.read_text(rel), rel), source=rel)
 
 
-# Keys that, changed, make a checkpoint meaningless or unloadable.
+# Keys that, changed, make a checkpoint meaningless or unloadable, or change what is trained.
 _BREAKING = {
     "model.student_path": "the learner state belongs to another student",
     "model.dtype": "the optimizer state was saved in another precision",
@@ -146,23 +213,100 @@ _BREAKING = {
     "data.toy_prompts": "the data position refers to another prompt set",
     "data.seed": "the data position refers to another shuffle",
     "data.shuffle": "the data position refers to another order",
+    "loss.name": "the rest of the run would train another objective",
+    "loss.clip_eps": "the rest of the run would train another objective",
+    "loss.entropy_threshold": "the rest of the run would train another objective",
+    "loss.fkl_coef": "the rest of the run would train another objective",
+    "loss.jsd_beta": "the rest of the run would train another objective",
 }
 
 
-def check_compatible(cfg: Config, ckpt: Checkpoint, store: RunStorage) -> None:
-    """Refuse to resume when the config changed in a way the checkpoint cannot follow."""
+def prompts_fingerprint(prompts: list[list[int]]) -> str:
+    """sha256 of the kept prompts' token ids, in order: what the stream position indexes. Every
+    data key (max_prompt_tokens, overlong_prompts, columns, suffix, templates, format) and the
+    files' contents change it when they change the prompts."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(len(prompt).to_bytes(4, "little"))
+        digest.update(torch.tensor(prompt, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lr_schedule_shape(cfg: Config) -> dict:
+    """What eopd_ray.learner.lr_multiplier depends on; the run's length only for cosine."""
+    lrn = cfg.learner
+    return {
+        "lr": lrn.lr,
+        "lr_schedule": lrn.lr_schedule,
+        "warmup_steps": lrn.warmup_steps,
+        "min_lr_ratio": lrn.min_lr_ratio if lrn.lr_schedule == "cosine" else None,
+        "total_updates": total_updates(cfg) if lrn.lr_schedule == "cosine" else None,
+    }
+
+
+def training_identity(cfg: Config, prompts: list[list[int]]) -> dict:
+    """What a checkpoint records so that a resume trains on what the run trained on."""
+    return {
+        "prompts": {"count": len(prompts), "sha256": prompts_fingerprint(prompts)},
+        "lr_schedule": lr_schedule_shape(cfg),
+    }
+
+
+def _identity_changes(saved: dict, now: dict) -> list[str]:
+    out = []
+    old, new = saved.get("prompts"), now["prompts"]
+    if old is not None and old != new:
+        out.append(
+            f"the kept prompts differ ({old['count']} prompts then, {new['count']} now, or the "
+            "same count with other contents): a data key (max_prompt_tokens, overlong_prompts, "
+            "prompt_column, prompt_suffix, student_template, format) or the data files changed, "
+            "so the saved data position would re-train some prompts and skip others"
+        )
+    old, new = saved.get("lr_schedule"), now["lr_schedule"]
+    if old is not None and old != new:
+        diff = ", ".join(
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)
+        )
+        out.append(
+            f"the learning-rate schedule moved ({diff}): run.steps, rollout.prompts_per_step, "
+            "rollout.samples_per_prompt, learner.mini_batch_size or learner.lr* changed"
+        )
+    return out
+
+
+def check_compatible(
+    cfg: Config, ckpt: Checkpoint, store: RunStorage, trained_on: dict | None = None
+) -> list[str]:
+    """Refuse to resume when the config or the data changed in a way the checkpoint cannot
+    follow or that changes what is trained. With `run.allow_config_change` the changes that
+    only change what is trained are returned (to log and to show in the metrics) instead; the
+    ones that make the checkpoint unloadable are always refused."""
     saved = saved_config(store, f"{ckpt.rel}/config.yaml")
-    problems = []
+    fatal, changed = [], []
     for key, why in _BREAKING.items():
         section, name = key.split(".")
         old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
         if old != new:
-            problems.append(f"{key} changed from {old!r} to {new!r} ({why})")
-    if problems:
+            (changed if key.startswith("loss.") else fatal).append(
+                f"{key} changed from {old!r} to {new!r} ({why})"
+            )
+    if trained_on is not None:
+        if not ckpt.trained_on:
+            log.warning(
+                "%s was written before checkpoints recorded their prompts and LR schedule: "
+                "cannot check that the resumed run trains on the same data",
+                ckpt.uri,
+            )
+        else:
+            changed += _identity_changes(ckpt.trained_on, trained_on)
+    if fatal or (changed and not cfg.run.allow_config_change):
+        hint = "" if fatal else ", or set run.allow_config_change=true to resume anyway"
         raise CheckpointError(
-            f"cannot resume from {ckpt.uri}: " + "; ".join(problems) + ". Restore those keys, "
-            "or start a fresh run with run.resume=never or another run.output_dir"
+            f"cannot resume from {ckpt.uri}: " + "; ".join(fatal + changed) + ". Restore "
+            "those keys (or files)" + hint + ", or start a fresh run with run.resume=never or "
+            "another run.output_dir"
         )
+    return changed
 
 
 def restore_rng(ckpt: Checkpoint) -> None:

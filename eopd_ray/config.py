@@ -189,6 +189,12 @@ class RunConfig:
     checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0: only at the end / SIGTERM
     keep_checkpoints: PosInt = 2  # complete checkpoints kept, newest first
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
+    # Resume although the loss keys, the kept prompts or the LR schedule's shape changed since
+    # the checkpoint (refused otherwise); the metrics then carry run/config_changed = 1.
+    allow_config_change: Bool = False
+    # The driver claims run.output_dir (owner.json) and renews the claim this often; another
+    # driver refuses the directory until the claim is 4 x this old (eopd_ray/run_claim.py).
+    claim_heartbeat_s: PosFloat = 15.0
     export_hf: Bool = True  # write the student as a HF model to <output_dir>/hf at the end
     max_worker_restarts: NonNegInt = 3  # per rollout/teacher worker; learners never restart
     # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the

@@ -107,6 +107,14 @@ def export_hf_model(gathered, buckets, rank: int, source_dir: str, directory: st
     tmp.rename(out)
 
 
+def _files_under(root) -> list[str]:
+    """Files below local directory `root`, as `/`-joined paths relative to it."""
+    from pathlib import Path
+
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def lr_multiplier(cfg: Config, update: int) -> float:
     """LR / learner.lr at optimizer update `update` (0-based): linear warm-up, then constant or
     cosine decay to learner.min_lr_ratio at the last update."""
@@ -242,13 +250,16 @@ class LearnerWorker:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, store: RunStorage, rel: str) -> None:
+    def save_checkpoint(self, store: RunStorage, rel: str) -> list[str]:
         """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) to `rel`/learner
         on the run's storage: in place on a shared disk, else through node-local scratch space
-        that each rank uploads itself (no shared mount needed)."""
+        that each rank uploads itself (no shared mount needed). Returns the files this rank
+        wrote, relative to `rel` (the driver's commit checks they are all there)."""
         local = store.staging(rel)
         self.engine.save_checkpoint(str(local), tag="learner", client_state={"step": self.step})
+        written = _files_under(local)  # on a shared disk also other ranks' files: all real
         store.publish(local, rel)
+        return written
 
     def load_checkpoint(self, store: RunStorage, rel: str) -> int:
         """Restore every rank's state from the checkpoint at `rel`; returns the steps trained."""
@@ -260,7 +271,7 @@ class LearnerWorker:
                 shutil.rmtree(local, ignore_errors=True)
         if path is None:
             raise EopdError(
-                f"learner[{self.rank}]: no DeepSpeed checkpoint under {store.uri}/{rel}"
+                f"learner[{self.rank}]: no DeepSpeed checkpoint under {store.show(rel)}"
             )
         self.step = int(client["step"])
         return self.step
@@ -483,14 +494,18 @@ class LearnerWorker:
                     self._gradient_norm() if boundary and deepspeed_zero_stage(cfg) == 0 else None
                 )
                 self.engine.step()
-                metrics = dict(out.metrics, update=float(update)) if rows else {}
+                # A placeholder has no tokens; when it ends the update (equalize_counts puts
+                # them last) it still carries the update's learner/* metrics.
+                metrics = (
+                    dict(out.metrics, update=float(update)) if rows else {"tokens/num_valid": 0.0}
+                )
                 if boundary:
                     norm = self.engine.get_global_grad_norm()
                     metrics["learner/grad_norm"] = float(
                         norm if norm is not None else unclipped_norm
                     )
                     metrics["learner/lr"] = float(self.engine.get_lr()[0])
-                if metrics:
+                if rows or boundary:
                     results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap
         results[0]["learner/old_logprobs_overlapped"] = overlapped

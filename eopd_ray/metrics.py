@@ -24,9 +24,11 @@ def reduce_learner_metrics(
       micro-batches and ranks gives each mini-batch's loss; the step reports their mean.
     - `fkl/on_gated` is weighted by the gated tokens of each micro-batch; other means by its
       valid tokens. `learner/*` come from the updates' boundaries (mean).
+    - A zero-weight placeholder micro-batch (eopd_ray.batching) that ends an update on a rank
+      reports only `learner/*`: it counts no tokens and weighs in no mean.
     """
     rows = [m for rank in per_rank for m in rank]
-    tokens = sum(m["tokens/num_valid"] for m in rows)
+    tokens = sum(m.get("tokens/num_valid", 0.0) for m in rows)
     out: dict[str, float] = {}
     keys = {k for m in rows for k in m} - {"update", "tokens/num_valid", "opd/sampler_gap_sum"}
     for key in sorted(keys):
@@ -37,9 +39,9 @@ def reduce_learner_metrics(
             out[key] = sum(m[key] for m in present) / len(present)
         else:
             weight = (
-                (lambda m: m["gate/frac"] * m["tokens/num_valid"])
+                (lambda m: m["gate/frac"] * m.get("tokens/num_valid", 0.0))
                 if key == "fkl/on_gated"
-                else (lambda m: m["tokens/num_valid"])
+                else (lambda m: m.get("tokens/num_valid", 0.0))
             )
             total = sum(weight(m) for m in present)
             out[key] = sum(m[key] * weight(m) for m in present) / total if total else 0.0

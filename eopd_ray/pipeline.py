@@ -42,6 +42,7 @@ from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 from eopd_ray.progress import StepProgress
 from eopd_ray.ray_metrics import RayMetricsSink
 from eopd_ray.rollout import RolloutWorker, prompt_seeds
+from eopd_ray.run_claim import RunClaim
 from eopd_ray.run_dir import begin_run
 from eopd_ray.stopping import StopOnSigterm, exit_on_sigterm
 from eopd_ray.storage import RunStorage
@@ -100,6 +101,10 @@ class Pipeline:
         check_model_pair(cfg)
         self.store = RunStorage(cfg.run.output_dir)
         self._resume_from: Checkpoint | None = None
+        self.claim: RunClaim | None = None
+        self._identity: dict | None = None
+        # run.allow_config_change: what changed since the resumed checkpoint (shown in metrics)
+        self.config_changes: list[str] = []
         self.version = 0
         self.start_step = 0
         self.stopped_early = False
@@ -134,7 +139,11 @@ class Pipeline:
         exit_on_sigterm()
         connect(self.cfg)
         exit_on_sigterm()  # again: ray.init installs its own handler
+        # One driver per run directory, before anything in it is read, moved or deleted.
+        self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
         self.cfg, self._resume_from = begin_run(self.cfg, self.store)
+        self.claim.set_run_id(self.cfg.run.id)
+        self.claim.start()
         self.store.write_text("config.yaml", config_to_yaml(self.cfg))
         log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
         cfg = self.cfg
@@ -188,7 +197,11 @@ class Pipeline:
     def _resume(self, ckpt: Checkpoint) -> None:
         """Continue from checkpoint `ckpt`: learner state on every rank, weights pushed to the
         rollout workers, data position, RNG, step and version."""
-        checkpoint.check_compatible(self.cfg, ckpt, self.store)
+        self.config_changes = checkpoint.check_compatible(
+            self.cfg, ckpt, self.store, self.training_identity
+        )
+        for change in self.config_changes:
+            log.warning("resuming with run.allow_config_change: %s", change)
         timeout = self.cfg.run.step_timeout_s
         self.learner.get(
             self.learner.call_async("load_checkpoint", self.store, ckpt.rel),
@@ -208,15 +221,33 @@ class Pipeline:
 
     def save_checkpoint(self, step: int) -> Checkpoint:
         """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state)."""
+        self.claim.check(f"checkpoint after step {step}")
         rel = checkpoint.begin(self.store, step)
-        self.learner.get(
+        written = self.learner.get(
             self.learner.call_async("save_checkpoint", self.store, rel),
             self.cfg.run.step_timeout_s,
             f"checkpoint after step {step}",
         )
         # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
         stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
-        return checkpoint.commit(self.store, rel, self.cfg, step, self.version, stream)
+        self.claim.check(f"checkpoint after step {step}")
+        return checkpoint.commit(
+            self.store,
+            rel,
+            self.cfg,
+            step,
+            self.version,
+            stream,
+            learner_files=sorted({f for files in written for f in files}),
+            trained_on=self.training_identity,
+        )
+
+    @property
+    def training_identity(self) -> dict:
+        """The kept prompts and the LR schedule, recorded in every checkpoint."""
+        if self._identity is None:
+            self._identity = checkpoint.training_identity(self.cfg, self.prompts)
+        return self._identity
 
     def export_hf(self) -> str:
         """The current student as a Hugging Face model in <run.output_dir>/hf; returns where."""
@@ -225,7 +256,7 @@ class Pipeline:
             self.cfg.run.step_timeout_s,
             "HF export",
         )
-        return f"{self.store.uri.rstrip('/')}/hf"
+        return self.store.show("hf")
 
     def _join_sync_group(self) -> None:
         timeout = self.cfg.sync.timeout_s
@@ -549,6 +580,9 @@ class Pipeline:
                 metrics = self.step(step)
                 if self.evaluation_due(step):
                     metrics.update(self.evaluate(step))
+                if self.config_changes:  # resumed with run.allow_config_change
+                    metrics["run/config_changed"] = 1.0
+                self.claim.check(f"step {step}")
                 for sink in sinks:
                     sink.write(step, metrics)
                 history.append(metrics)
@@ -572,6 +606,9 @@ class Pipeline:
 
     def shutdown(self) -> None:
         import ray
+
+        if self.claim is not None:
+            self.claim.release()
 
         for group in (self.rollout, self.teacher, self.learner):
             for handle in group.handles if group else []:

@@ -100,7 +100,7 @@ def move_previous_run(store: RunStorage) -> str | None:
         dest = f"{PREVIOUS}/{old_id}.{n}"
     for name in leftovers:
         store.move(name, f"{dest}/{name}")
-    return f"{store.uri.rstrip('/')}/{dest}"
+    return store.show(dest)
 
 
 def _with_id(cfg: Config, run_id: str) -> Config:

@@ -97,7 +97,16 @@ class RunStorage:
     @property
     def uri(self) -> str:
         """What to show a user: the absolute path for local storage, else the URI."""
-        return self.root if (self._given is None and self.is_local) else self.location
+        return self.show()
+
+    def show(self, rel: str = "") -> str:
+        """Where `rel` is, as a user would type it: an absolute local path, or the URI with `rel`
+        joined to its path and its query (`?endpoint_override=...&scheme=http`) kept last."""
+        if self._given is None and self.is_local:
+            return self.path(rel)
+        base, sep, query = self.location.partition("?")
+        joined = f"{base.rstrip('/')}/{rel}" if rel else base
+        return f"{joined}{sep}{query}"
 
     def path(self, rel: str = "") -> str:
         """The full path of `rel` on the filesystem."""

@@ -95,7 +95,7 @@ def stop_message(pipeline, history) -> str:
     """What a stopped run tells the user, true for each run.resume setting."""
     cfg = pipeline.cfg
     last = pipeline.start_step + len(history) - 1
-    head = f"stopped after step {last}: checkpoint written in {pipeline.store.uri}/checkpoints"
+    head = f"stopped after step {last}: checkpoint written in {pipeline.store.show('checkpoints')}"
     if cfg.run.resume == "auto":
         return (
             f"{head}; submit the same command again to resume run {cfg.run.id} at step {last + 1}"

@@ -30,11 +30,21 @@ def store(request, tmp_path):
     return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
 
 
-def write(store, c, step: int, payload: bytes = b"weights") -> None:
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+
+
+def write(store, c, step: int, payload: bytes = b"weights", prompts=PROMPTS) -> None:
     rel = checkpoint.begin(store, step)
     store.write_bytes(f"{rel}/learner/state.pt", payload)
     checkpoint.commit(
-        store, rel, c, step, weight_version=step + 1, stream={"epoch": 0, "offset": step}
+        store,
+        rel,
+        c,
+        step,
+        weight_version=step + 1,
+        stream={"epoch": 0, "offset": step},
+        learner_files=["learner/state.pt"],
+        trained_on=checkpoint.training_identity(c, prompts),
     )
 
 
@@ -56,7 +66,6 @@ def test_a_checkpoint_without_its_state_file_is_ignored_and_cleared(tmp_path, st
     write(store, c, 5, b"good")
     rel = checkpoint.begin(store, 6)
     store.write_bytes(f"{rel}/learner/state.pt", b"half")
-    store.write_text(f"{rel}/state.json", '{"step": 6, "weight')  # torn, too
     newest = checkpoint.latest(store)
     assert newest.step == 5 and store.read_bytes(f"{newest.rel}/learner/state.pt") == b"good"
     write(store, c, 7)
@@ -113,3 +122,176 @@ def test_rng_states_round_trip(tmp_path, store):
     assert (random.random(), torch.rand(3).tolist()) == (expected[0], expected[1].tolist())
     state = json.loads(store.read_text("checkpoints/step-000000/state.json"))
     assert state["format"] == checkpoint.FORMAT
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+class FlakyReads(pafs.FileSystemHandler):
+    """A filesystem (pyarrow's PyFileSystem over a local directory) whose reads of files named
+    `fail_name` raise what an object store or NFS raises under trouble: not "missing", but an
+    error (an S3 503 after retries, ESTALE)."""
+
+    def __init__(self, root, fail_name: str | None = None) -> None:
+        self.inner = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+        self.fail_name = fail_name
+
+    def _check(self, path: str) -> None:
+        if self.fail_name and path.rsplit("/", 1)[-1] == self.fail_name:
+            raise OSError(f"AWS Error SLOW_DOWN during GetObject operation: 503 ({path})")
+
+    def get_type_name(self):
+        return "flaky"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.inner.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.inner.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.inner.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.inner.delete_dir_contents("", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.inner.delete_file(path)
+
+    def move(self, src, dest):
+        self.inner.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.inner.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        self._check(path)
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._check(path)
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.inner.open_output_stream(path)
+
+    def open_append_stream(self, path, metadata):
+        return self.inner.open_append_stream(path)
+
+
+def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
+    """Review finding 2: a transient error reading state.json made begin() delete the newest
+    complete checkpoint, and begin_run start the run afresh (moving it to previous/)."""
+    from eopd_ray.run_dir import begin_run
+
+    root = tmp_path / "disk"
+    root.mkdir()
+    handler = FlakyReads(root)
+    store = RunStorage("run", filesystem=pafs.PyFileSystem(handler))
+    c = cfg(tmp_path)
+    write(store, c, 4, b"good")
+    store.write_text("config.yaml", checkpoint.config_to_yaml(c))
+    handler.fail_name = "state.json"
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot read run/checkpoints/step-0+4"):
+        checkpoint.latest(store)
+    with pytest.raises(checkpoint.CheckpointError, match="503"):
+        begin_run(cfg(tmp_path, id=None), store)
+    begin_run_left = sorted(p.name for p in (root / "run").iterdir())
+    assert "previous" not in begin_run_left and "checkpoints" in begin_run_left
+    checkpoint.begin(store, 5)  # clean-up: a directory holding state.json is never deleted
+    handler.fail_name = None
+    assert checkpoint.latest(store).step == 4
+    assert store.read_bytes("checkpoints/step-000004/learner/state.pt") == b"good"
+
+
+def test_an_unparsable_state_file_is_skipped_but_never_deleted(tmp_path, store):
+    c = cfg(tmp_path)
+    write(store, c, 1)
+    store.write_text("checkpoints/step-000001/state.json", "{not json")
+    assert checkpoint.latest(store) is None
+    write(store, c, 2)
+    assert store.listdir("checkpoints") == ["step-000001", "step-000002"]
+
+
+def test_commit_refuses_a_checkpoint_without_its_learner_files(tmp_path, store):
+    """Review finding 3: a second driver deleted the in-flight checkpoint as incomplete, and the
+    first one's commit then marked an empty directory complete (every later resume failed)."""
+    c = cfg(tmp_path)
+    write(store, c, 1, b"good")
+    rel = checkpoint.begin(store, 2)
+    store.write_bytes(f"{rel}/learner/state.pt", b"new")
+    store.delete(rel)  # what the other driver's begin() did
+    store.makedirs(rel)
+    with pytest.raises(checkpoint.CheckpointError, match="1 of 1 learner files"):
+        checkpoint.commit(store, rel, c, 2, 3, {"epoch": 0, "offset": 2}, ["learner/state.pt"])
+    with pytest.raises(checkpoint.CheckpointError, match="no files"):
+        checkpoint.commit(store, rel, c, 2, 3, {"epoch": 0, "offset": 2}, [])
+    assert checkpoint.latest(store).step == 1
+
+
+@pytest.mark.parametrize(
+    "override,why",
+    [
+        ({"loss": {"name": "opd"}}, r"loss\.name changed from 'eopd' to 'opd'"),
+        ({"loss": {"entropy_threshold": 0.5}}, r"loss\.entropy_threshold changed"),
+    ],
+)
+def test_resuming_with_another_loss_is_refused_unless_allowed(tmp_path, store, override, why):
+    """Review finding 4: an EOPD run resumed with loss.name=opd appended a hybrid to its
+    metrics."""
+    c = cfg(tmp_path)
+    write(store, c, 1)
+    ckpt = checkpoint.latest(store)
+    identity = checkpoint.training_identity(c, PROMPTS)
+    changed = config_from_dict({**BASE, **override, "run": {"output_dir": str(tmp_path)}})
+    with pytest.raises(checkpoint.CheckpointError, match=why + r".*run\.allow_config_change"):
+        checkpoint.check_compatible(changed, ckpt, store, identity)
+    allowed = config_from_dict(
+        {**BASE, **override, "run": {"output_dir": str(tmp_path), "allow_config_change": True}}
+    )
+    assert len(checkpoint.check_compatible(allowed, ckpt, store, identity)) == 1
+
+
+def test_resuming_on_other_kept_prompts_is_refused(tmp_path, store):
+    """The data position indexes the kept prompts: one prompt fewer (another max_prompt_tokens,
+    an edited file) would re-train some prompts and skip others."""
+    c = cfg(tmp_path)
+    write(store, c, 1)
+    ckpt = checkpoint.latest(store)
+    same = checkpoint.training_identity(c, [list(p) for p in PROMPTS])
+    assert checkpoint.check_compatible(c, ckpt, store, same) == []
+    for prompts in (PROMPTS[:2], [[1, 2, 3], [4, 5], [6, 7, 8, 10]]):
+        with pytest.raises(checkpoint.CheckpointError, match="the kept prompts differ"):
+            checkpoint.check_compatible(c, ckpt, store, checkpoint.training_identity(c, prompts))
+
+
+def test_resuming_with_a_moved_cosine_schedule_is_refused(tmp_path, store):
+    """Longer run.steps or another mini-batch stretches a cosine schedule (lr 0.39 -> 0.59 of
+    its peak at update 400 for 175 -> 225 steps); a constant schedule does not move."""
+    cosine = {"learner": {"lr_schedule": "cosine"}}
+    c = config_from_dict({**BASE, **cosine, "run": {"output_dir": str(tmp_path), "steps": 10}})
+    write(store, c, 1)
+    ckpt = checkpoint.latest(store)
+    longer = config_from_dict({**BASE, **cosine, "run": {"output_dir": str(tmp_path), "steps": 20}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"total_updates 10 -> 20"):
+        checkpoint.check_compatible(
+            longer, ckpt, store, checkpoint.training_identity(longer, PROMPTS)
+        )
+    constant = {"learner": {"lr_schedule": "constant"}}
+    c = config_from_dict({**BASE, **constant, "run": {"output_dir": str(tmp_path), "steps": 10}})
+    write(store, c, 2)
+    ckpt = checkpoint.latest(store)
+    longer = config_from_dict(
+        {**BASE, **constant, "run": {"output_dir": str(tmp_path), "steps": 20}}
+    )
+    identity = checkpoint.training_identity(longer, PROMPTS)
+    assert checkpoint.check_compatible(longer, ckpt, store, identity) == []

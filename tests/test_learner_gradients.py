@@ -231,6 +231,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
 
         from eopd_ray.batching import rank_share
         from eopd_ray.learner import LearnerWorker, deepspeed_config
+        from eopd_ray.metrics import reduce_learner_metrics
 
         batch, scores = _synthetic_batch(AutoConfig.from_pretrained(student).vocab_size)
         shard, shard_scores, tokens = _shard(batch, scores, rank)
@@ -264,6 +265,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             del worker, engine
 
         tokens = [int(batch.response_mask.sum())]  # one update: the global valid tokens
+        results["valid_tokens"] = tokens[0]
         for stage, kind in BUDGET_CASES:
             plan, budget = _budget_plan(batch, kind)
             rows, rank_plan = rank_share(plan, rank)
@@ -273,7 +275,15 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             before = _full_params(worker, "float32")
             metrics = worker.train_step(batch.select(rows), scores.select(rows), tokens, rank_plan)
             after = _full_params(worker, "float32")
+            # Every rank's metrics through the driver's reduction (pipeline._train).
+            every_rank = [None] * WORLD
+            torch.distributed.all_gather_object(every_rank, metrics)
+            try:
+                reduced = reduce_learner_metrics(every_rank, len(rank_plan))
+            except Exception as exc:  # noqa: BLE001 - reported by the test, not here
+                reduced = f"{type(exc).__name__}: {exc}"
             results["updates"][(stage, kind)] = {
+                "reduced": reduced,
                 "grad": {n: (before[n] - after[n]) / LR for n in before},
                 "boundaries": sum("learner/grad_norm" in m for m in metrics),
                 "micro_batches": len(rank_plan[0]),
@@ -450,6 +460,11 @@ def test_token_budget_plans_apply_the_same_gradient(learner_run, stage, kind):
     assert info["boundaries"] == 1
     if kind == "placeholder":
         assert info["micro_batches"] == 5 and info["placeholders"] == 0  # rank 0's share
+    # Rank 1 of "placeholder" ends its update on a placeholder: the step's metrics still reduce.
+    reduced = info["reduced"]
+    assert isinstance(reduced, dict), reduced
+    assert reduced["tokens/trained"] == results["valid_tokens"]
+    assert reduced["learner/grad_norm"] > 0
     errors = {n: _relative_error(info["grad"][n], reference[n]) for n in reference}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= FP32_TOL, f"{stage}, {kind}: {worst} off by {errors[worst]:.3g}"

@@ -49,6 +49,26 @@ def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():
     assert out["tokens/trained"] == 60
 
 
+def test_a_placeholder_ending_an_update_reduces_without_tokens():
+    """equalize_counts pads a rank's update with zero-weight placeholders at its end, so the
+    boundary micro-batch may be a placeholder: it reports the update's learner/* metrics and no
+    tokens (what LearnerWorker.train_step returned for it before, and what it returns now)."""
+    rank0 = [
+        {"loss/opd": 0.5, "gate/frac": 0.5, "tokens/num_valid": 10, "update": 0},
+        {"loss/opd": 0.25, "gate/frac": 1.0, "tokens/num_valid": 6, "update": 0},
+        {"learner/grad_norm": 2.0, "learner/lr": 1.0},  # rank 0 ends on a placeholder
+    ]
+    rank1 = [
+        {"loss/opd": 0.25, "gate/frac": 0.0, "tokens/num_valid": 4, "update": 0},
+        {"tokens/num_valid": 0.0, "learner/grad_norm": 2.0, "learner/lr": 1.0},
+    ]
+    out = reduce_learner_metrics([rank0, rank1], num_updates=1)
+    assert out["tokens/trained"] == 20
+    assert out["loss/opd"] == pytest.approx(1.0)
+    assert out["gate/frac"] == pytest.approx((0.5 * 10 + 6) / 20)
+    assert out["learner/grad_norm"] == pytest.approx(2.0)
+
+
 def test_sink_appends_rows_and_keeps_an_earlier_file(tmp_path):
     store = RunStorage(str(tmp_path))
     path = tmp_path / "metrics.jsonl"

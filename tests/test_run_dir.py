@@ -36,7 +36,10 @@ def started(store, c):
 
 def checkpointed(store, c, step):
     rel = checkpoint.begin(store, step)
-    checkpoint.commit(store, rel, c, step, step + 1, {"epoch": 0, "offset": step})
+    store.write_bytes(f"{rel}/learner/state.pt", b"weights")
+    checkpoint.commit(
+        store, rel, c, step, step + 1, {"epoch": 0, "offset": step}, ["learner/state.pt"]
+    )
 
 
 def test_resume_never_moves_the_earlier_run_aside_so_auto_cannot_mix_runs(store):
