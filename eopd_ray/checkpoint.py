@@ -22,8 +22,10 @@ What a resume must not change silently is checked against the checkpoint (`check
 the keys in `_BREAKING`, a fingerprint of the kept prompts (every data key and the files'
 contents decide which prompts the stream position counts in), and the LR schedule's shape
 (`run.steps`, `learner.mini_batch_size` ... move a cosine schedule). A mismatch stops the run
-unless `run.allow_config_change: true`, which the metrics then show (`run/config_changed`). Loading never unpickles arbitrary objects: JSON and YAML here,
-`torch.load(weights_only=True)` for DeepSpeed's files (learner.py).
+unless `run.allow_config_change: true`, which the metrics then show (`run/config_changed`).
+
+Loading never unpickles arbitrary objects: JSON and YAML here, `torch.load(weights_only=True)`
+for DeepSpeed's files (learner.py).
 This module imports neither Ray, vLLM nor DeepSpeed.
 """
 

@@ -188,7 +188,7 @@ class RunClaim:
             while not self._stop.wait(self.heartbeat_s):
                 try:
                     self.renew()
-                except Exception as exc:  # noqa: BLE001 - a storage hiccup; the next beat retries
+                except Exception as exc:  # a storage hiccup: the next beat retries
                     log.warning("renewing the claim on %s failed: %s", self.store.uri, exc)
 
         self._thread = threading.Thread(target=beat, name="run-claim", daemon=True)

@@ -67,7 +67,7 @@ def test_a_driver_whose_claim_was_taken_over_stops(store):
     claim.check("step 0")
     other_drivers_claim(store)  # the other driver decided this one was dead
     deadline = time.monotonic() + 10
-    with pytest.raises(ClaimLost, match="step 3: this driver no longer owns run.output_dir"):
+    with pytest.raises(ClaimLost, match=r"step 3: this driver no longer owns run\.output_dir"):
         while time.monotonic() < deadline:
             claim.check("step 3")
             time.sleep(0.05)
