@@ -26,6 +26,11 @@ from eopd_ray.errors import EopdError
 ENTROPY_BELOW_SLACK = 1e-4
 ENTROPY_ABOVE_SLACK = 1e-3
 LOGPROB_SLACK = 1e-4
+# How far the full entropy may fall below the entropy of its own top-K part
+# (-sum_topK p log p, which it can never be below exactly): the bf16 teacher path is held to
+# 1e-3 nats per quantity against float64, so two such errors, with room. A top-K one position
+# off its entropy is below it by 0.1-1 nats on a third of the positions (tests/test_invariants).
+TOPK_ENTROPY_SLACK = 5e-3
 
 
 class InvariantError(EopdError):
@@ -146,6 +151,49 @@ def check_teacher_scores(
             f"{top[row, pos, slot + 1].item():.6g} after {top[row, pos, slot].item():.6g}",
             "the top-K was edited after selection without re-sorting (e.g. ids merged or "
             "remapped), or rows of different batches were mixed",
+        )
+    _check_fields_agree(scores, batch, step, worker)
+
+
+_MISALIGNED = (
+    "the fields of a position come from different positions (a top-K or entropy shifted by one "
+    "against the other: the prompt's last position counted or dropped in one of them), or from "
+    "different rows"
+)
+
+
+def _check_fields_agree(
+    scores: TeacherScores, batch: RolloutBatch, step: int, worker: str
+) -> None:
+    """The fields of one position describe one distribution: its full entropy is never below
+    the entropy of its top-K part, and a sampled token outside the top-K is no likelier than
+    the top-1. Either fails where the top-K, the entropy and the token's log-prob were taken at
+    different positions."""
+    mask = batch.response_mask
+    top = scores.topk_logprobs.double()
+    partial = -(top.exp() * top).sum(-1)  # (B, T): the top-K part of the entropy
+    index = _first((scores.entropy.double() < partial - TOPK_ENTROPY_SLACK) & mask)
+    if index is not None:
+        raise InvariantError(
+            "entropy below the entropy of its own top-k",
+            step,
+            worker,
+            _where(index),
+            f"{scores.entropy[index].item():.6g} < {partial[index].item():.6g}",
+            _MISALIGNED,
+        )
+    inside = (scores.topk_ids.long() == batch.response_ids[..., None]).any(-1)
+    above = scores.token_logprobs > scores.topk_logprobs[..., 0] + LOGPROB_SLACK
+    index = _first(~inside & above & mask)
+    if index is not None:
+        raise InvariantError(
+            "sampled token outside the top-k but likelier than the top-1",
+            step,
+            worker,
+            _where(index),
+            f"{scores.token_logprobs[index].item():.6g} > "
+            f"{scores.topk_logprobs[index][0].item():.6g}",
+            _MISALIGNED,
         )
 
 

@@ -168,7 +168,58 @@ def test_real_teacher_scores_pass(tiny_pair):
         finish_reason=("length", "stop"),
         weight_version=0,
     )
-    check_teacher_scores(worker.score(batch), batch, worker.vocab_rows, 0, "teacher[0]")
+    scores = worker.score(batch)
+    check_teacher_scores(scores, batch, worker.vocab_rows, 0, "teacher[0]")
+    with pytest.raises(InvariantError, match=r"own top-k|likelier than the top-1"):
+        check_teacher_scores(shifted_top_k(scores), batch, worker.vocab_rows, 0, "teacher[0]")
+
+
+def shifted_top_k(scores: TeacherScores) -> TeacherScores:
+    """The authors' public code's misalignment: each position's top-K is the next position's."""
+    return dataclasses.replace(
+        scores,
+        topk_ids=scores.topk_ids.roll(-1, dims=1),
+        topk_logprobs=scores.topk_logprobs.roll(-1, dims=1),
+    )
+
+
+def test_a_top_k_one_position_off_its_entropy_is_caught():
+    """Review finding 6: every field was sane on its own, so a shifted top-K passed."""
+    batch, scores = batch_and_scores(b=64, t=17, seed=5)
+    check_teacher_scores(scores, batch, vocab_size=V, step=2, worker="teacher[1]")
+    with pytest.raises(InvariantError, match="entropy below the entropy of its own top-k") as err:
+        check_teacher_scores(
+            shifted_top_k(scores), batch, vocab_size=V, step=2, worker="teacher[1]"
+        )
+    assert "step 2, teacher[1]" in str(err.value) and "shifted by one" in str(err.value)
+    # How often the rule sees it, position by position (the check stops at the first).
+    from eopd_ray.invariants import TOPK_ENTROPY_SLACK
+
+    shifted = shifted_top_k(scores)
+    top = shifted.topk_logprobs.double()
+    partial = -(top.exp() * top).sum(-1)
+    valid = batch.response_mask.clone()
+    valid[:, -2] = False  # the last real position took padding's top-K
+    caught = (shifted.entropy.double() < partial - TOPK_ENTROPY_SLACK)[valid].float().mean()
+    assert caught > 0.1, float(caught)  # 13% for these random softmaxes over 50 ids
+
+
+def test_a_sampled_token_outside_the_top_k_cannot_beat_the_top_1():
+    batch, scores = batch_and_scores()
+    # a position whose top-1 leaves room below 0
+    row, pos = next(
+        (r, p) for r in range(3) for p in range(4) if scores.topk_logprobs[r, p, 0] < -0.5
+    )
+    outside = next(i for i in range(V) if i not in scores.topk_ids[row, pos].tolist())
+    ids = batch.response_ids.clone()
+    ids[row, pos] = outside
+    batch = dataclasses.replace(batch, response_ids=ids)
+    scores = edited(scores, "token_logprobs", (row, pos), -20.0)
+    check_teacher_scores(scores, batch, vocab_size=V, step=0, worker="teacher[0]")
+    top1 = scores.topk_logprobs[row, pos, 0].item()
+    bad = edited(scores, "token_logprobs", (row, pos), top1 + 0.1)
+    with pytest.raises(InvariantError, match="outside the top-k but likelier than the top-1"):
+        check_teacher_scores(bad, batch, vocab_size=V, step=0, worker="teacher[0]")
 
 
 # ----------------------------------------------------------------------------- weight sync
