@@ -162,9 +162,7 @@ _MISALIGNED = (
 )
 
 
-def _check_fields_agree(
-    scores: TeacherScores, batch: RolloutBatch, step: int, worker: str
-) -> None:
+def _check_fields_agree(scores: TeacherScores, batch: RolloutBatch, step: int, worker: str) -> None:
     """The fields of one position describe one distribution: its full entropy is never below
     the entropy of its top-K part, and a sampled token outside the top-K is no likelier than
     the top-1. Either fails where the top-K, the entropy and the token's log-prob were taken at

@@ -3,7 +3,8 @@
 Each run gets an id (`run.id`: `<run.name>-<UTC time>-<4 hex>`, or the user's), stored in the
 directory's `config.yaml` and in every checkpoint. When a run starts afresh (`run.resume: never`,
 or `auto` with no complete checkpoint) and the directory holds an earlier run's files, those
-move, untouched, to `previous/<its id>/`: a later `run.resume=auto` can then only ever continue
+move, untouched, to `previous/<its id>/` (on an object store file by file; an interrupted move
+is finished by the next start, in the same place): a later `run.resume=auto` can then only ever continue
 the run that wrote the directory's checkpoints, and `metrics.jsonl` holds one run's history.
 Imports neither Ray, vLLM nor DeepSpeed.
 """
@@ -23,6 +24,7 @@ from eopd_ray.storage import RunStorage
 log = logging.getLogger(__name__)
 
 PREVIOUS = "previous"
+MOVING = ".moving"  # in previous/<id>/ while a move there is under way
 CONFIG = "config.yaml"
 # The run's outputs: ours (config, metrics, checkpoints, HF export, storage probe) and the toy
 # report's (jobs/toy_report.py).
@@ -95,11 +97,23 @@ def move_previous_run(store: RunStorage) -> str | None:
         return None
     old_id = stored_run_id(store) or f"unnamed-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     dest, n = f"{PREVIOUS}/{old_id}", 1
-    while store.exists(dest):  # the same id twice (e.g. an explicit run.id reused)
+    # The same id twice (an explicit run.id reused) gets a new place, unless that place holds
+    # an interrupted move of this run: finish it there (no second partial copy).
+    while store.exists(dest) and not store.exists(f"{dest}/{MOVING}"):
         n += 1
         dest = f"{PREVIOUS}/{old_id}.{n}"
-    for name in leftovers:
+    store.write_text(f"{dest}/{MOVING}", old_id)
+    # config.yaml last: it names the run, so an interrupted move is found again by its id.
+    for name in sorted(leftovers, key=lambda name: name == CONFIG):
+        if name == checkpoint.ROOT and not store.is_local:
+            # File by file: each commit marker first, so no half-moved checkpoint is "complete"
+            # (a local rename moves the whole directory at once).
+            for step in store.listdir(name):
+                marker = f"{name}/{step}/{checkpoint.STATE}"
+                if store.exists(marker):
+                    store.move(marker, f"{dest}/{marker}")
         store.move(name, f"{dest}/{name}")
+    store.delete(f"{dest}/{MOVING}")
     return store.show(dest)
 
 

@@ -31,6 +31,11 @@ import pyarrow.fs as pafs
 from eopd_ray.errors import EopdError
 
 
+# S3's CopyObject takes sources up to 5 GiB; larger files are streamed (multipart upload).
+SERVER_COPY_MAX_BYTES = 5 * 2**30
+STREAM_CHUNK_BYTES = 64 * 2**20
+
+
 class StorageError(EopdError):
     """The run's storage location cannot be opened or written; names it and how to fix it."""
 
@@ -178,17 +183,45 @@ class RunStorage:
             self.fs.delete_file(self.path(rel))
 
     def move(self, src: str, dst: str) -> None:
-        """A rename locally; copy then delete on object stores."""
+        """A rename locally. On object stores (no rename) file by file: copy, check the size,
+        delete the source; an interrupted move is finished by calling it again with the same
+        `dst` (what is left of `src` is what was not moved yet). Files over
+        `SERVER_COPY_MAX_BYTES` (S3's CopyObject refuses sources over 5 GiB; a ZeRO optimizer
+        shard of a 1.7B model is ~10 GB) are streamed through this process instead."""
         self.makedirs(posixpath.dirname(dst))
         if self.is_local:
             os.rename(self.path(src), self.path(dst))
             return
-        if self.is_dir(src):
-            self.makedirs(dst)
-            pafs.copy_files(self.path(src), self.path(dst), self.fs, self.fs)
-        else:
-            self.fs.copy_file(self.path(src), self.path(dst))
+        if not self.is_dir(src):
+            self._move_file(src, dst)
+            return
+        selector = pafs.FileSelector(self.path(src), recursive=True, allow_not_found=True)
+        prefix = self.path(src).rstrip("/") + "/"
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                below = info.path[len(prefix) :]
+                self._move_file(f"{src}/{below}", f"{dst}/{below}")
         self.delete(src)
+
+    def _move_file(self, src: str, dst: str) -> None:
+        size = self.fs.get_file_info(self.path(src)).size
+        self.makedirs(posixpath.dirname(dst))
+        if size <= SERVER_COPY_MAX_BYTES:
+            self.fs.copy_file(self.path(src), self.path(dst))  # server-side, no bytes through us
+        else:
+            with (
+                self.fs.open_input_stream(self.path(src)) as reader,
+                self.fs.open_output_stream(self.path(dst)) as writer,
+            ):
+                while chunk := reader.read(STREAM_CHUNK_BYTES):
+                    writer.write(chunk)
+        copied = self.fs.get_file_info(self.path(dst)).size
+        if copied != size:
+            raise StorageError(
+                f"moving {self.show(src)} to {self.show(dst)}: {copied} of {size} bytes arrived; "
+                "the source is kept. Run again to finish the move"
+            )
+        self.fs.delete_file(self.path(src))
 
     # --- local writers --------------------------------------------------------------------------
 

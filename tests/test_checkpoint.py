@@ -12,6 +12,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from faulty_fs import FaultyFS
+
 from eopd_ray import checkpoint
 from eopd_ray.config import config_from_dict
 from eopd_ray.storage import RunStorage
@@ -127,67 +129,6 @@ def test_rng_states_round_trip(tmp_path, store):
 # ----------------------------------------------------------------------------- review findings
 
 
-class FlakyReads(pafs.FileSystemHandler):
-    """A filesystem (pyarrow's PyFileSystem over a local directory) whose reads of files named
-    `fail_name` raise what an object store or NFS raises under trouble: not "missing", but an
-    error (an S3 503 after retries, ESTALE)."""
-
-    def __init__(self, root, fail_name: str | None = None) -> None:
-        self.inner = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
-        self.fail_name = fail_name
-
-    def _check(self, path: str) -> None:
-        if self.fail_name and path.rsplit("/", 1)[-1] == self.fail_name:
-            raise OSError(f"AWS Error SLOW_DOWN during GetObject operation: 503 ({path})")
-
-    def get_type_name(self):
-        return "flaky"
-
-    def normalize_path(self, path):
-        return path
-
-    def get_file_info(self, paths):
-        return self.inner.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.inner.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        self.inner.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self.inner.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        self.inner.delete_dir_contents("", accept_root_dir=True)
-
-    def delete_file(self, path):
-        self.inner.delete_file(path)
-
-    def move(self, src, dest):
-        self.inner.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.inner.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        self._check(path)
-        return self.inner.open_input_stream(path)
-
-    def open_input_file(self, path):
-        self._check(path)
-        return self.inner.open_input_file(path)
-
-    def open_output_stream(self, path, metadata):
-        return self.inner.open_output_stream(path)
-
-    def open_append_stream(self, path, metadata):
-        return self.inner.open_append_stream(path)
-
-
 def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
     """Review finding 2: a transient error reading state.json made begin() delete the newest
     complete checkpoint, and begin_run start the run afresh (moving it to previous/)."""
@@ -195,12 +136,12 @@ def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
 
     root = tmp_path / "disk"
     root.mkdir()
-    handler = FlakyReads(root)
+    handler = FaultyFS(root)
     store = RunStorage("run", filesystem=pafs.PyFileSystem(handler))
     c = cfg(tmp_path)
     write(store, c, 4, b"good")
     store.write_text("config.yaml", checkpoint.config_to_yaml(c))
-    handler.fail_name = "state.json"
+    handler.unreadable = "state.json"
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot read run/checkpoints/step-0+4"):
         checkpoint.latest(store)
     with pytest.raises(checkpoint.CheckpointError, match="503"):
@@ -208,7 +149,7 @@ def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
     begin_run_left = sorted(p.name for p in (root / "run").iterdir())
     assert "previous" not in begin_run_left and "checkpoints" in begin_run_left
     checkpoint.begin(store, 5)  # clean-up: a directory holding state.json is never deleted
-    handler.fail_name = None
+    handler.unreadable = None
     assert checkpoint.latest(store).step == 4
     assert store.read_bytes("checkpoints/step-000004/learner/state.pt") == b"good"
 

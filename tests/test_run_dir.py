@@ -86,3 +86,60 @@ def test_only_the_runs_own_outputs_move(store):
     started(store, cfg("never"))
     assert store.exists("models/student/config.json")
     assert "models" not in store.listdir(f"previous/{store.listdir('previous')[0]}")
+
+
+# ----------------------------------------------------------------------------- object stores
+
+
+@pytest.fixture
+def s3_like(tmp_path, monkeypatch):
+    """An object store whose server-side copy refuses sources over 1 KiB, as S3's CopyObject
+    refuses sources over 5 GiB (storage.SERVER_COPY_MAX_BYTES scaled down with it)."""
+    import pyarrow.fs as pafs
+    from faulty_fs import FaultyFS
+
+    from eopd_ray import storage
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    handler = FaultyFS(root)
+    handler.server_copy_max_bytes = 1024
+    monkeypatch.setattr(storage, "SERVER_COPY_MAX_BYTES", 1024)
+    return handler, RunStorage("run", filesystem=pafs.PyFileSystem(handler))
+
+
+def test_moving_a_run_aside_streams_files_too_large_for_a_server_side_copy(s3_like):
+    """Review finding 5: `RunStorage.move` was one CopyObject per file, refused for a ZeRO
+    optimizer shard over 5 GiB, so resume=never could not move a 1.7B run aside on S3."""
+    handler, store = s3_like
+    a, _ = started(store, cfg("never", id="big"))
+    rel = checkpoint.begin(store, 3)
+    shard = bytes(range(256)) * 40  # 10 KiB: "over 5 GiB"
+    store.write_bytes(f"{rel}/learner/zero_pp_rank_0_optim_states.pt", shard)
+    store.write_bytes(f"{rel}/learner/state.pt", b"small")
+    checkpoint.commit(store, rel, a, 3, 4, {"epoch": 0, "offset": 3}, ["learner/state.pt"])
+    started(store, cfg("never", id="next"))
+    moved = "previous/big/checkpoints/step-000003"
+    assert store.read_bytes(f"{moved}/learner/zero_pp_rank_0_optim_states.pt") == shard
+    assert not any(size > 1024 for _, size in handler.server_copies)  # streamed, not copied
+    assert store.listdir("previous/big") == ["checkpoints", "config.yaml", "metrics.jsonl"]
+
+
+def test_an_interrupted_move_is_finished_in_place_by_the_next_start(s3_like):
+    """A connection lost half-way used to leave a partial copy per attempt; now the next start
+    finishes the same move, and no half-moved checkpoint ever looks complete."""
+    handler, store = s3_like
+    a, _ = started(store, cfg("never", id="old"))
+    for step in (1, 2):
+        checkpointed(store, a, step)
+    handler.fail_after_writes = 3
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        started(store, cfg("never", id="new"))
+    assert checkpoint.latest(store) is None  # markers go first: nothing half-moved is complete
+    handler.fail_after_writes = None
+    b, ckpt = started(store, cfg("never", id="new"))
+    assert ckpt is None and b.run.id == "new"
+    assert store.listdir("previous") == ["old"]  # one copy, not old + old.2
+    assert store.listdir("previous/old") == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    old_store = RunStorage("run/previous/old", filesystem=store.fs)
+    assert [k.step for k in checkpoint.complete_checkpoints(old_store)] == [1, 2]

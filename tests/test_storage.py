@@ -60,6 +60,20 @@ def test_local_storage_writes_in_place_and_shows_its_absolute_path(tmp_path):
     assert uri.is_local and uri.uri == str(tmp_path / "run")
 
 
+def test_paths_below_a_uri_with_a_query_keep_the_query_last():
+    """Review finding 8: `s3://b/run?endpoint_override=...` was shown (and returned by the HF
+    export) as `...&scheme=http/checkpoints/step-000001`."""
+    from eopd_ray import checkpoint
+
+    store = RunStorage("s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http")
+    assert store.root == "bucket/run" and store.path("hf") == "bucket/run/hf"
+    want = "s3://bucket/run/checkpoints/step-000001?endpoint_override=127.0.0.1:9&scheme=http"
+    assert store.show("checkpoints/step-000001") == want
+    assert store.show() == store.uri == "s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http"
+    state = {"step": 1, "weight_version": 2, "stream": {}, "rng": {}}
+    assert checkpoint._checkpoint(store, "checkpoints/step-000001", state).uri == want
+
+
 def test_a_storage_pickles_as_its_location(tmp_path):
     store = RunStorage(str(tmp_path))
     store.write_text("f", "hi")
