@@ -3,9 +3,10 @@
 Each run gets an id (`run.id`: `<run.name>-<UTC time>-<4 hex>`, or the user's), stored in the
 directory's `config.yaml` and in every checkpoint. When a run starts afresh (`run.resume: never`,
 or `auto` with no complete checkpoint) and the directory holds an earlier run's files, those
-move, untouched, to `previous/<its id>/` (on an object store file by file; an interrupted move
-is finished by the next start, in the same place): a later `run.resume=auto` can then only ever continue
-the run that wrote the directory's checkpoints, and `metrics.jsonl` holds one run's history.
+move, untouched, to `previous/<its id>/` (on an object store file by file; an interrupted
+move is finished by the next start, in the same place): a later `run.resume=auto` can then only
+ever continue the run that wrote the directory's checkpoints, and `metrics.jsonl` holds one
+run's history.
 Imports neither Ray, vLLM nor DeepSpeed.
 """
 

@@ -30,7 +30,6 @@ import pyarrow.fs as pafs
 
 from eopd_ray.errors import EopdError
 
-
 # S3's CopyObject takes sources up to 5 GiB; larger files are streamed (multipart upload).
 SERVER_COPY_MAX_BYTES = 5 * 2**30
 STREAM_CHUNK_BYTES = 64 * 2**20

@@ -11,7 +11,6 @@ import sys
 import pyarrow.fs as pafs
 import pytest
 import torch
-
 from faulty_fs import FaultyFS
 
 from eopd_ray import checkpoint
