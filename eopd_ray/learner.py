@@ -53,10 +53,11 @@ from eopd_ray.batching import count_micro_batches
 from eopd_ray.config import Config, total_updates
 from eopd_ray.errors import EopdError
 from eopd_ray.forward import pack, response_logits, rows_of
-from eopd_ray.invariants import check_sampler_gap, logprob_gap_bound
+from eopd_ray.invariants import check_sampler_gap, sampler_gap_bound
 from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
 from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.storage import RunStorage
+from eopd_ray.weight_checksum import combine, weights_checksum
 from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
 
 
@@ -188,6 +189,7 @@ class LearnerWorker:
         self.engine = None
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
+        self._sent_checksum: int | None = None  # of the last sync's weights (rank 0)
         self.step = 0
         self.metrics = WorkerMetrics("learner", rank, cfg.run.id)
         # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
@@ -438,7 +440,7 @@ class LearnerWorker:
             mask = shard.response_mask
             gap = float((old - shard.sampler_logprobs).abs()[mask].sum())
             mean_gap = gap / max(1, int(mask.sum()))
-            check_sampler_gap(mean_gap, logprob_gap_bound(cfg), self.step, f"learner[{self.rank}]")
+            check_sampler_gap(mean_gap, sampler_gap_bound(cfg), self.step, f"learner[{self.rank}]")
         fn = LOSSES[cfg.loss.name]
         gen = torch.Generator().manual_seed(cfg.learner.seed * 7919 + self.step * 31 + self.rank)
         hp = dict(
@@ -565,23 +567,32 @@ class LearnerWorker:
 
     def broadcast_weights(self) -> int:
         """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent."""
-        sent = 0
+        sent, checksum = 0, 0
         for index, tensors in self._gathered_buckets():
             if self.rank == 0:
                 assert self.sender is not None, "join_sync_group was not called on rank 0"
                 self.sender.send(index, tensors)
+                checksum += weights_checksum(tensors)
                 sent += 1
             if self.cfg.learner.zero_stage != 3 and self.rank != 0:
                 break  # nothing to gather on other ranks
+        self._sent_checksum = combine([checksum]) if self.rank == 0 else None
         return sent
+
+    def sent_weights_checksum(self) -> int | None:
+        """Rank 0: eopd_ray.weight_checksum of the weights of the last sync, as sent (in
+        model.dtype); every rollout engine must read the same back. Other ranks: None."""
+        return self._sent_checksum
 
     def weight_buckets(self) -> list[list[tuple[str, torch.Tensor]]]:
         """Object-store transport: the buckets as (name, tensor) lists; empty except on rank 0.
         Under ZeRO-3 every rank must call it (the gathers are collective)."""
         if self.rank != 0 and self.cfg.learner.zero_stage != 3:
             return []
-        out = []
+        out, checksum = [], 0
         for index, tensors in self._gathered_buckets():
             names = [m.name for m in self.buckets[index]]
             out.append(list(zip(names, tensors, strict=True)))
+            checksum += weights_checksum(tensors) if self.rank == 0 else 0
+        self._sent_checksum = combine([checksum]) if self.rank == 0 else None
         return out if self.rank == 0 else []

@@ -33,6 +33,7 @@ from eopd_ray.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
     check_weights_in_sync,
+    check_weights_loaded,
     logprob_gap_bound,
     probe_sequence,
 )
@@ -412,12 +413,24 @@ class Pipeline:
         else:
             sends = self.learner.call_async("weight_buckets")
             receives = self.rollout.call_async("load_weights", sends[0], new_version)
-        versions = self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
+        self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
         self.learner.get(sends, timeout, f"{what} weight sync (send)")
-        if set(versions) != {new_version}:
-            raise VersionMismatch(
-                f"{what}: rollout workers report versions {versions}, expected {new_version}"
-            )
+        # What every engine holds, read back and checksummed, against what the learner sent:
+        # a worker takes the new version number only when they are equal.
+        sent = self.learner.get(
+            self.learner.call_async("sent_weights_checksum", ranks=[0]),
+            timeout,
+            f"{what} weight sync (checksum)",
+            ranks=[0],
+        )[0]
+        confirmed = self.rollout.get(
+            self.rollout.call_async("confirm_weights", new_version, sent),
+            timeout,
+            f"{what} weight sync (confirm)",
+        )
+        check_weights_loaded(
+            sent, confirmed, [str(i) for i in self.rollout.identities], new_version, what
+        )
         self.version = new_version
         self._check_weights_in_sync(what)
 

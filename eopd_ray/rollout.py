@@ -78,9 +78,12 @@ class VllmEngine:
     def __init__(self, cfg: Config, seed: int) -> None:
         from vllm import LLM
 
-        from eopd_ray.vllm_transfer import register
+        from eopd_ray.vllm_transfer import keep_cpu_linear_weights, register
 
         r = cfg.rollout
+        self.dtype = cfg.model.dtype
+        if r.gpus_per_worker == 0:
+            keep_cpu_linear_weights()  # before the model loads: the checksum reads them back
         self.llm = LLM(
             model=cfg.model.student_path,
             dtype=cfg.model.dtype,
@@ -149,6 +152,15 @@ class VllmEngine:
         # Cached KV blocks were computed with the old weights: never reuse them.
         self.llm.reset_prefix_cache()
 
+    def weights_checksum(self) -> int:
+        """eopd_ray.weight_checksum of the weights the engine holds, read back from it."""
+        from functools import partial
+
+        from eopd_ray.vllm_transfer import engine_checksum
+        from eopd_ray.weight_checksum import combine
+
+        return combine(self.llm.apply_model(partial(engine_checksum, dtype=self.dtype)))
+
 
 class HfEngine:
     """Reference sampler: a transformers model, one prompt at a time, no KV-cache tricks."""
@@ -204,6 +216,11 @@ class HfEngine:
                 for name, tensor in bucket:
                     params[name].copy_(tensor)
 
+    def weights_checksum(self) -> int:
+        from eopd_ray.weight_checksum import weights_checksum
+
+        return weights_checksum(p for _, p in self.model.named_parameters())
+
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
@@ -225,6 +242,7 @@ class RolloutWorker:
         self.cfg, self.rank = cfg, rank
         self.engine = ENGINES[cfg.rollout.engine](cfg, seed=cfg.rollout.seed + rank)
         self.version = 0
+        self._pending: tuple[int, int] | None = None  # (version, checksum) loaded, unconfirmed
         self.receiver: WeightReceiver | None = None
         self.metrics = WorkerMetrics("rollout", rank, cfg.run.id)
 
@@ -284,17 +302,28 @@ class RolloutWorker:
 
     def receive_weights(self, version: int) -> int:
         """Receive every bucket of version `version` over the collective group and load them
-        as one weight update."""
+        as one weight update; returns the checksum read back from the engine. The worker's
+        version changes only when the driver confirms that checksum (`confirm_weights`)."""
         assert self.receiver is not None, "join_sync_group was not called"
         self.engine.load_weights(self.receiver.receive(), version)
-        self.version = version
-        return version
+        return self._loaded(version)
 
     def load_weights(self, buckets: list[list[tuple[str, torch.Tensor]]], version: int) -> int:
         """Object-store transport: the buckets arrive as this call's argument."""
         self.engine.load_weights(buckets, version)
-        self.version = version
-        return version
+        return self._loaded(version)
+
+    def _loaded(self, version: int) -> int:
+        self._pending = (version, self.engine.weights_checksum())
+        return self._pending[1]
+
+    def confirm_weights(self, version: int, learner_checksum: int) -> tuple[int, int | None]:
+        """Take `version` as the engine's weight version if what the engine holds is what the
+        learner sent (`learner_checksum`). Returns (the version now, the checksum loaded)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending == (version, learner_checksum):
+            self.version = version
+        return self.version, pending[1] if pending and pending[0] == version else None
 
     def token_logprobs(self, ids: list[int]) -> tuple[int, list[float]]:
         """(weight version, log p(ids[j] | ids[:j]) for j >= 1 at temperature 1): the probe the

@@ -81,6 +81,42 @@ class InProcessWeightTransferEngine(NCCLWeightTransferEngine):
         pass
 
 
+def keep_cpu_linear_weights() -> None:
+    """On CPU, vLLM packs each linear layer's weight for oneDNN after loading and empties the
+    parameter (`dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`), so the loaded
+    weights could not be read back for the version checksum. Keep the parameter (twice the
+    linear weights' memory, CPU only; the kernels still use the packed copy made from it)."""
+    import vllm.model_executor.layers.utils as layer_utils
+
+    dispatch = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(dispatch, "keeps_weights", False):
+        return
+
+    def dispatch_keeping_weights(layer: torch.nn.Module, remove_weight: bool) -> None:
+        dispatch(layer, remove_weight=False)
+
+    dispatch_keeping_weights.keeps_weights = True
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
+
+
+def engine_checksum(model: torch.nn.Module, dtype: str) -> int:
+    """eopd_ray.weight_checksum of the parameters one engine worker holds (`LLM.apply_model`),
+    each in the sync dtype (vLLM-CPU keeps some biases in fp32). Under tensor parallelism a
+    rank holds shards of the split parameters (vLLM marks them with `output_dim`/`input_dim`)
+    and a copy of the others: those count on rank 0 only, so the ranks' checksums add up."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    from eopd_ray.weight_checksum import weights_checksum
+
+    rank = get_tensor_model_parallel_rank()
+    wanted = getattr(torch, dtype)
+    return weights_checksum(
+        p.detach().to(wanted)
+        for _, p in model.named_parameters()
+        if rank == 0 or hasattr(p, "output_dim") or hasattr(p, "input_dim")
+    )
+
+
 def register() -> str:
     """Register the backend in this process (once; vLLM refuses a second registration)."""
     if BACKEND not in WeightTransferEngineFactory._registry:

@@ -246,6 +246,20 @@ def test_weights_in_sync_passes_within_the_bound_and_names_the_stale_worker():
         check_weights_in_sync(learner, [[float("nan"), -2.0, -3.0]], ["rollout[0]"], 1.0, "s")
 
 
+def test_weights_loaded_check_names_the_worker_that_holds_other_weights():
+    from eopd_ray.invariants import WeightsOutOfSync, check_weights_loaded
+
+    workers = ["rollout-0", "rollout-1 (node 10.0.0.7)"]
+    check_weights_loaded(0xABC, [(3, 0xABC), (3, 0xABC)], workers, 3, "step 2")
+    with pytest.raises(WeightsOutOfSync) as err:
+        check_weights_loaded(0xABC, [(3, 0xABC), (2, 0xABD)], workers, 3, "step 2")
+    message = str(err.value)
+    assert "step 2 weight sync to version 3: rollout-1 (node 10.0.0.7)" in message
+    assert "0000000000000abd" in message and "stays at weight version 2" in message
+    with pytest.raises(WeightsOutOfSync, match="rollout-0 loaded nothing for this version"):
+        check_weights_loaded(0xABC, [(2, None), (3, 0xABC)], workers, 3, "step 2")
+
+
 def test_sampler_gap_check_catches_nan_and_large_gaps():
     from eopd_ray.invariants import WeightsOutOfSync, check_sampler_gap
 
@@ -265,6 +279,13 @@ def test_gap_bound_follows_the_dtype_unless_set():
     bf16 = config_from_dict(base, ["model.dtype=bfloat16"])
     assert logprob_gap_bound(bf16) == 5e-2
     assert logprob_gap_bound(config_from_dict(base, ["sync.max_logprob_gap=0.2"])) == 0.2
+    # The sampler gap has a bound of its own (review finding 7).
+    from eopd_ray.invariants import sampler_gap_bound
+
+    assert sampler_gap_bound(config_from_dict(base)) == 1e-3
+    assert sampler_gap_bound(bf16) == 3e-2
+    sampler = config_from_dict(base, ["learner.max_sampler_gap=0.5", "sync.max_logprob_gap=0.2"])
+    assert sampler_gap_bound(sampler) == 0.5
     assert probe_sequence([[1, 2], [3, 4, 5]], num_tokens=4) == [1, 2, 3, 4]
     with pytest.raises(Exception, match="fewer than 2 tokens"):
         probe_sequence([[1]])

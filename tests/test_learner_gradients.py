@@ -86,10 +86,10 @@ def _config(
                 "micro_batch_size": micro,
                 "gradient_checkpointing": checkpointing,
                 "max_tokens_per_micro_batch": max_tokens,
+                # The synthetic sampler log-probs are random, not the model's: no gap stop.
+                "max_sampler_gap": 1e9,
             },
             "loss": {"name": "eopd", "chunk_positions": 3},
-            # The synthetic sampler log-probs are random, not the model's: no sampler-gap stop.
-            "sync": {"max_logprob_gap": 1e9},
             "run": {"steps": 1},
         }
     )

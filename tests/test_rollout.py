@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import config_from_dict
 from eopd_ray.rollout import RolloutWorker, Sampling, prompt_seeds
+from eopd_ray.weight_checksum import weights_checksum
 
 
 def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):
@@ -51,7 +52,14 @@ def test_loaded_weights_change_greedy_output_and_version(tiny_pair):
     with torch.no_grad():
         teacher.get_output_embeddings().weight.mul_(-1.0)
     bucket = [("lm_head.weight", teacher.get_output_embeddings().weight.detach())]
-    assert worker.load_weights([bucket], version=1) == 1
+    loaded = worker.load_weights([bucket], version=1)
+    # The checksum read back is that of the full new weights; the version waits for the
+    # driver's confirmation that it is what the learner sent (review finding 7).
+    assert loaded == weights_checksum(teacher.parameters())
+    assert worker.version == 0
+    assert worker.confirm_weights(1, loaded ^ 1) == (0, loaded)  # not what was sent: stays
+    worker.load_weights([bucket], version=1)
+    assert worker.confirm_weights(1, loaded) == (1, loaded)
     after = worker.generate([[5, 6, 7]], [0], [0], greedy)
     assert after.weight_version == 1 and not torch.equal(after.response_ids, before)
 

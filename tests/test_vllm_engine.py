@@ -18,6 +18,7 @@ import json, sys, torch
 from transformers import AutoModelForCausalLM
 from eopd_ray.config import config_from_dict
 from eopd_ray.rollout import HfEngine, Sampling, VllmEngine
+from eopd_ray.weight_checksum import weights_checksum
 from eopd_ray.weight_sync import TensorMeta, plan_buckets
 
 def check(path):
@@ -39,6 +40,8 @@ def check(path):
 
     compare()
     new = AutoModelForCausalLM.from_pretrained(path)
+    # The checksum read back from vLLM's fused, padded parameters equals the HF tensors'.
+    result["checksums"] = [[vllm.weights_checksum(), weights_checksum(new.parameters())]]
     torch.manual_seed(0)
     for version, order in ((1, 1), (2, -1)):  # second sync: the buckets in reverse order
         with torch.no_grad():
@@ -51,7 +54,16 @@ def check(path):
         result["num_buckets"] = len(buckets)
         vllm.load_weights(buckets, version)
         hf.load_weights(buckets, version)
+        result["checksums"].append([vllm.weights_checksum(), weights_checksum(named.values())])
         compare()
+    # One more sync that moves a single weight by one ulp: the checksum sees it.
+    name, tensor = next(iter(new.named_parameters()))
+    bits = tensor.detach().clone().view(torch.int32)
+    bits.view(-1)[7] += 1
+    vllm.load_weights([[(name, bits.view(torch.float32))]], 3)
+    with torch.no_grad():
+        tensor.copy_(bits.view(torch.float32))
+    result["checksums"].append([vllm.weights_checksum(), weights_checksum(new.parameters())])
 
     same = vllm.generate([prompts[0]] * 4, Sampling(max_new_tokens=16), [11, 12, 13, 14])
     result["identical_prompts"] = [s[0].response_ids for s in same]
@@ -101,4 +113,9 @@ def test_vllm_matches_transformers_after_syncs_in_tiny_buckets(results, which):
         assert stage["vllm"] == stage["hf"], stage
         assert stage["probe_gap"] < 1e-4, stage
     assert len({tuple(r) for r in result["identical_prompts"]}) == 4
+    # Before, after syncs 1 and 2, after a one-ulp sync: read back == sent, and every version's
+    # checksum is its own.
+    checksums = result["checksums"]
+    assert all(engine == sent for engine, sent in checksums), checksums
+    assert len({sent for _, sent in checksums}) == 4
     assert result["tempered_gap"] < 1e-4

@@ -78,11 +78,23 @@ def write_report(
     """<run_dir>/report.md: the held-out table, the training summary and the curves."""
     head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
     step_s = _mean(rows[1:] or rows, "time/step_s")
+    changed = [r["step"] for r in rows if r.get("run/config_changed")]
+    warning = (
+        [
+            f"**Resumed at step {changed[0]} with run.allow_config_change:** the loss, the kept "
+            "prompts or the LR schedule changed there (the driver log says which); the steps "
+            "before and after it did not train the same way.",
+            "",
+        ]
+        if changed
+        else []
+    )
     lines = [
         "# Toy run report",
         "",
         f"Command: `{command}`",
         "",
+        *warning,
         "## Held-out prompts (8 samples per prompt, temperature 1)",
         "",
         comparison_table(columns),

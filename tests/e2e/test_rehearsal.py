@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eopd_ray.config import load_config
-from eopd_ray.invariants import logprob_gap_bound
+from eopd_ray.invariants import sampler_gap_bound
 from eopd_ray.pipeline import Pipeline
 from eopd_ray.toy.rehearsal import ensure_rehearsal_for_config
 
@@ -125,7 +125,7 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
     assert {"eval/sums/avg@2", "eval/words/pass@2", "eval/pass@2"} <= set(evaluation)
     assert all(0 <= v <= 1 for k, v in evaluation.items() if "@" in k)
     assert 0 < evaluation["eval/response_len_mean"] <= cfg.eval.max_new_tokens
-    bound = logprob_gap_bound(cfg)
+    bound = sampler_gap_bound(cfg)
     gaps = [h["opd/sampler_gap"] for h in history]
     assert all(math.isfinite(g) and g <= bound for g in gaps), gaps
     # Variable lengths: some responses stop at EOS, some reach rollout.max_new_tokens.

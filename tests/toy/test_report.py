@@ -55,3 +55,15 @@ def test_report_tabulates_the_evaluations_logged_during_training(tmp_path: Path)
     # No evaluation during training: no section.
     plain = [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]
     assert "during training" not in write_report(tmp_path, {}, plain, "x", []).read_text()
+
+
+def test_report_says_when_a_resume_changed_what_was_trained(tmp_path: Path):
+    rows = [
+        {"step": s, "kl/reverse_sampled": 1.0, "student/entropy_mean": 1.0, "gate/frac": 0.2}
+        for s in range(4)
+    ]
+    assert "allow_config_change" not in write_report(tmp_path, {}, rows, "x", []).read_text()
+    for row in rows[2:]:
+        row["run/config_changed"] = 1.0
+    text = write_report(tmp_path, {}, rows, "x", []).read_text()
+    assert "Resumed at step 2 with run.allow_config_change" in text
