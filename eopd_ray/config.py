@@ -164,6 +164,10 @@ class LossConfig:
     fkl_coef: NonNegFloat = 1.0  # alpha
     jsd_beta: Fraction = 0.5  # only for name=jsd
     chunk_positions: NonNegInt = 256  # student log-softmax in chunks; 0 = plain full-tensor path
+    # The learner's LM head fused with the log-softmax and the gather (eopd_ray/fused_head.py):
+    # no (tokens, V) logits or logits gradient exist, chunk_positions (or 256) positions at a
+    # time. Exact; false keeps the head + loss on full logits as the reference.
+    fused_head: Bool = True
 
 
 @dataclass(config=_SECTION)

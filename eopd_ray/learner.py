@@ -52,9 +52,17 @@ from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.batching import count_micro_batches
 from eopd_ray.config import Config, total_updates
 from eopd_ray.errors import EopdError
-from eopd_ray.forward import pack, response_logits, rows_of
+from eopd_ray.forward import pack, response_hidden_states, response_logits, rows_of
+from eopd_ray.fused_head import install_fused_head
 from eopd_ray.invariants import check_sampler_gap, sampler_gap_bound
-from eopd_ray.loss import LOSSES, LossInputs, loss_hyperparameters, student_logprobs_at
+from eopd_ray.loss import (
+    LOSSES,
+    LossInputs,
+    StudentAtIds,
+    loss_hyperparameters,
+    loss_ids,
+    student_logprobs_at,
+)
 from eopd_ray.ray_metrics import WorkerMetrics
 from eopd_ray.storage import RunStorage
 from eopd_ray.weight_checksum import combine, weights_checksum
@@ -160,12 +168,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 class ResponseLM(torch.nn.Module):
     """The module DeepSpeed wraps: forward(input_ids, attention_mask, positions) -> the response
-    logits (B, T, V) of the Hugging Face causal LM `hf`, divided by the sampling temperature."""
+    logits (B, T, V) of the Hugging Face causal LM `hf`, divided by the sampling temperature;
+    with `ids`, the log-probs at those ids and the entropy from the fused head instead
+    (`loss.fused_head`, eopd_ray/fused_head.py: no logits are made)."""
 
-    def __init__(self, hf: torch.nn.Module, temperature: float) -> None:
+    def __init__(self, hf: torch.nn.Module, temperature: float, chunk: int = 256) -> None:
         super().__init__()
         self.hf = hf
         self.temperature = temperature
+        self.chunk = chunk
 
     def forward(
         self,
@@ -174,11 +185,16 @@ class ResponseLM(torch.nn.Module):
         positions: torch.Tensor,
         temperature: float | None = None,
         valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        ids: torch.Tensor | None = None,
+    ):
         """`temperature` None: the sampling temperature given at construction. `valid` (B, T):
-        only those positions' logits, packed as (1, N, V)."""
+        only those positions, packed as (1, N, ...). `ids` (B, T, J) (packed: (1, N, J)):
+        return (log-probs at ids (.., J), entropy (..)) through the fused head."""
         t = self.temperature if temperature is None else temperature
-        return response_logits(self.hf, input_ids, attention_mask, positions, t, valid)
+        if ids is None:
+            return response_logits(self.hf, input_ids, attention_mask, positions, t, valid)
+        hidden = response_hidden_states(self.hf, input_ids, attention_mask, positions, valid)
+        return self.hf.get_output_embeddings()(hidden, ids=ids, temperature=t, chunk=self.chunk)
 
 
 class LearnerWorker:
@@ -187,6 +203,7 @@ class LearnerWorker:
     def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
+        self.fused = False  # loss.fused_head, once setup has installed it
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
         self._sent_checksum: int | None = None  # of the last sync's weights (rank 0)
@@ -227,6 +244,9 @@ class LearnerWorker:
             trust_remote_code=self.cfg.model.trust_remote_code,
         )
         model.config.use_cache = False
+        # The fused head replaces the head module before DeepSpeed wraps (and, under ZeRO-3,
+        # partitions) the model, keeping its parameters and their names.
+        self.fused = self.cfg.loss.fused_head and install_fused_head(model)
         if self.cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         lrn = self.cfg.learner
@@ -241,7 +261,9 @@ class LearnerWorker:
             optimizer, lambda update: lr_multiplier(self.cfg, update)
         )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=ResponseLM(model, self.cfg.rollout.temperature),
+            model=ResponseLM(
+                model, self.cfg.rollout.temperature, self.cfg.loss.chunk_positions or 256
+            ),
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.world_size),
@@ -337,15 +359,20 @@ class LearnerWorker:
     def _budgeted(self) -> bool:
         return self.cfg.learner.max_tokens_per_micro_batch is not None
 
-    def _logits(self, batch: RolloutBatch) -> torch.Tensor:
+    def _logits(self, batch: RolloutBatch, at: torch.Tensor | None = None):
         """Tempered response logits through the engine (see the module docstring): (b, T, V),
-        or under a token budget only the real response positions', packed as (1, N, V)."""
+        or under a token budget only the real response positions', packed as (1, N, V).
+        `at` (b, T, J) with the fused head: StudentAtIds (log-probs at those ids) instead."""
         device = self.engine.device
         prompts = rows_of(batch.prompt_ids, batch.prompt_mask)
         responses = rows_of(batch.response_ids, batch.response_mask)
         ids, attention, positions = pack(prompts, responses, batch.response_ids.shape[1])
         valid = batch.response_mask.to(device) if self._budgeted else None
-        return self.engine(ids.to(device), attention.to(device), positions.to(device), valid=valid)
+        args = (ids.to(device), attention.to(device), positions.to(device))
+        if at is None or not self.fused:
+            return self.engine(*args, valid=valid)
+        at = self._packed(batch.response_mask, at).to(device)
+        return StudentAtIds(*self.engine(*args, valid=valid, ids=at))
 
     def _packed(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(b, T, ...) -> what matches `_logits`: itself, or under a budget (1, N, ...)."""
@@ -378,12 +405,16 @@ class LearnerWorker:
         with self._eval_mode():
             for rows in (mb for update in plan for mb in update):
                 mb, _ = self._micro_batch(shard, None, rows or [0])
-                logits = self._logits(mb)
+                student = self._logits(mb, at=mb.response_ids[..., None])
                 if not rows:
                     continue  # a placeholder: the forward only keeps ZeRO-3's gathers in step
                 mask = mb.response_mask
-                ids = self._packed(mask, mb.response_ids).to(logits.device)
-                lp, _ = student_logprobs_at(logits, ids[..., None], self.cfg.loss.chunk_positions)
+                if isinstance(student, StudentAtIds):
+                    lp = student.logprobs
+                else:
+                    ids = self._packed(mask, mb.response_ids).to(student.device)
+                    chunk = self.cfg.loss.chunk_positions
+                    lp, _ = student_logprobs_at(student, ids[..., None], chunk)
                 lp = lp[..., 0].float().cpu()
                 t = mb.response_ids.shape[1]
                 if self._budgeted:  # packed: back to the rows' valid positions
@@ -458,8 +489,8 @@ class LearnerWorker:
                 # Micro-batch counts may differ between updates: say where the update ends.
                 self.engine.set_gradient_accumulation_boundary(boundary)
                 mb, mb_scores = self._micro_batch(shard, scores, rows or [0])
-                logits = self._logits(mb)
-                device = logits.device
+                logits = self._logits(mb, at=loss_ids(mb.response_ids, mb_scores.topk_ids))
+                device = self.engine.device
                 t = mb.response_ids.shape[1]
                 mask = mb.response_mask
 

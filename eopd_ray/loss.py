@@ -116,13 +116,34 @@ def student_logprobs_at(
     return logprobs.gather(-1, ids), entropy
 
 
+def loss_ids(response_ids: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1 + K): where every variant reads the student's log-probs: the sampled token,
+    then the teacher's top-K."""
+    return torch.cat([response_ids[..., None].long(), teacher_topk_ids.long()], -1)
+
+
+@dataclass(frozen=True)
+class StudentAtIds:
+    """The student's full-vocabulary log-probs at `loss_ids` (B, T, 1 + K), with gradient, and
+    its entropy (B, T): what the fused LM head (eopd_ray/fused_head.py) hands the loss instead
+    of (B, T, V) logits. Everything the variants compute follows from these two."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+    def __getitem__(self, rows) -> StudentAtIds:
+        return StudentAtIds(self.logprobs[rows], self.entropy[rows])
+
+
 # ----------------------------------------------------------------------------- shared terms
 
 
 class LossInputs(NamedTuple):
     """Everything a loss needs, at the response positions (row t predicts response token t)."""
 
-    student_logits: torch.Tensor  # (B, T, V) any float dtype, differentiable
+    # (B, T, V) any float dtype, differentiable; or the student's log-probs already gathered
+    # at loss_ids(response_ids, teacher_topk_ids) (StudentAtIds, the fused LM head's output)
+    student_logits: torch.Tensor | StudentAtIds
     response_ids: torch.Tensor  # (B, T) int, the sampled tokens y_t
     response_mask: torch.Tensor  # (B, T) bool, True = a valid response token
     old_logprobs: torch.Tensor  # (B, T) log pi_old(y_t)
@@ -154,14 +175,19 @@ class _Terms:
 
 def _terms(x: LossInputs, num_valid_tokens: int | torch.Tensor | None, chunk: int) -> _Terms:
     mask = x.response_mask.bool()
-    dtype = _upcast(x.student_logits[:0]).dtype
+    ids = loss_ids(x.response_ids, x.teacher_topk_ids)  # (B, T, 1 + K)
+    if isinstance(x.student_logits, StudentAtIds):
+        gathered, student_entropy = x.student_logits.logprobs, x.student_logits.entropy
+        if gathered.shape != ids.shape:
+            raise ValueError(f"student log-probs {tuple(gathered.shape)} at ids {tuple(ids.shape)}")
+    else:
+        gathered, student_entropy = student_logprobs_at(x.student_logits, ids, chunk)
+    dtype = gathered.dtype
 
     def clean(v: torch.Tensor) -> torch.Tensor:  # zero padding so -inf/NaN there cannot leak
         m = mask if v.dim() == 2 else mask[..., None]
         return torch.where(m, v.to(dtype), torch.zeros((), dtype=dtype, device=v.device))
 
-    ids = torch.cat([x.response_ids[..., None].long(), x.teacher_topk_ids.long()], -1)  # (B,T,1+K)
-    gathered, student_entropy = student_logprobs_at(x.student_logits, ids, chunk)
     topk = clean(x.teacher_topk_logprobs)  # (B, T, K)
     if num_valid_tokens is None:
         num_valid_tokens = mask.sum()

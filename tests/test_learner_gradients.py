@@ -41,6 +41,9 @@ FP32_CASES = [
     for checkpointing in (False, True)
 ]
 BF16_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
+# The learner's LM head runs fused with the loss by default (loss.fused_head, every case above,
+# ZeRO-3 gathering its partitioned weight); these run the head on full logits instead.
+LOGITS_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
 # Token-budget plans (eopd_ray.batching), each micro-batch cut to its own longest sequence:
 # "split" (budget 17, ranks by count) gives the ranks 3 and 4 micro-batches, so one splits;
 # "balanced" (budget 20, ranks by tokens) deals rows by length; "placeholder" (a hand plan)
@@ -67,6 +70,7 @@ def _config(
     checkpointing: bool,
     dtype: str,
     max_tokens: int | None = None,
+    fused_head: bool = True,
 ):
     from eopd_ray.config import config_from_dict
 
@@ -89,7 +93,7 @@ def _config(
                 # The synthetic sampler log-probs are random, not the model's: no gap stop.
                 "max_sampler_gap": 1e9,
             },
-            "loss": {"name": "eopd", "chunk_positions": 3},
+            "loss": {"name": "eopd", "chunk_positions": 3, "fused_head": fused_head},
             "run": {"steps": 1},
         }
     )
@@ -237,16 +241,19 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         shard, shard_scores, tokens = _shard(batch, scores, rank)
         results: dict = {"updates": {}, "checkpoint": {}}
         cases = [(c, "float32") for c in FP32_CASES] + [(c, "bfloat16") for c in BF16_CASES]
-        for (stage, micro, checkpointing), dtype in cases:
+        cases += [(c, "logits") for c in LOGITS_CASES]  # loss.fused_head: false, the reference
+        for (stage, micro, checkpointing), kind in cases:
             started = time.perf_counter()
-            cfg = _config(student, stage, micro, checkpointing, dtype)
+            dtype = "float32" if kind == "logits" else kind
+            cfg = _config(student, stage, micro, checkpointing, dtype, fused_head=kind != "logits")
             worker = LearnerWorker(cfg, rank, WORLD)
             worker.setup("127.0.0.1", port)  # init_distributed joins the group once
             engine = worker.engine
             before = _full_params(worker, dtype)
             metrics = worker.train_step(shard, shard_scores, tokens)
             after = _full_params(worker, dtype)
-            results["updates"][(stage, micro, checkpointing, dtype)] = {
+            results["updates"][(stage, micro, checkpointing, kind)] = {
+                "fused": worker.fused,
                 "grad": {n: (before[n] - after[n]) / LR for n in before},
                 "grad_accum_dtype": str(engine.get_data_types()[1]),
                 "communication_data_type": str(engine.communication_data_type),
@@ -256,7 +263,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
                 "checkpointing": engine.module.hf.is_gradient_checkpointing and engine.training,
                 "seconds": time.perf_counter() - started,
             }
-            if dtype == "float32" and micro == 2 and not checkpointing and stage in (2, 3):
+            if kind == "float32" and micro == 2 and not checkpointing and stage in (2, 3):
                 root = Path(out_dir) / f"zero{stage}"
                 results["checkpoint"][stage] = _checkpoint_round_trip(
                     worker, cfg, after, root, rank, port
@@ -428,7 +435,8 @@ def learner_run(tiny_pair, tmp_path_factory):
 def _check(results, reference, key, tol) -> float:
     info = results["updates"][key]
     assert set(info["grad"]) == set(reference), "weight-sync names are not the HF names"
-    _, micro, checkpointing, _ = key
+    _, micro, checkpointing, kind = key
+    assert info["fused"] == (kind != "logits")
     assert info["micro_batches"] == MICRO_BATCHES[micro]
     assert info["checkpointing"] == checkpointing
     assert info["boundaries"] == 1  # one optimizer update per mini-batch
@@ -468,6 +476,13 @@ def test_token_budget_plans_apply_the_same_gradient(learner_run, stage, kind):
     errors = {n: _relative_error(info["grad"][n], reference[n]) for n in reference}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= FP32_TOL, f"{stage}, {kind}: {worst} off by {errors[worst]:.3g}"
+
+
+@pytest.mark.parametrize("stage", [stage for stage, _, _ in LOGITS_CASES])
+def test_the_head_on_full_logits_applies_the_same_update(learner_run, stage):
+    """loss.fused_head: false, the reference path the fused head replaces."""
+    results, reference, _ = learner_run
+    _check(results, reference, (stage, 2, False, "logits"), FP32_TOL)
 
 
 @pytest.mark.parametrize("stage", [stage for stage, _, _ in BF16_CASES])

@@ -1,0 +1,151 @@
+"""The student's LM head fused with the log-softmax and the gather the loss needs.
+
+    gathered, entropy = fused_head_logprobs(hidden, weight, bias, ids, temperature, chunk)
+    #  hidden (N, H), weight (V, H), ids (N, J)  ->  (N, J) log pi(ids), (N,) entropy
+
+Every EOPD variant reads the student's distribution only through its full-vocabulary log-probs
+at J = 1 + K ids per position (the sampled token and the teacher's top-K) and, for a metric, its
+entropy (eopd_ray/loss.py). So the head, the log-softmax and the gather can run together,
+`chunk` positions at a time: the (chunk, V) fp32 logits of one chunk are the only vocabulary-wide
+tensor that ever exists, forward or backward, and no (N, V) logits or logits gradient is kept.
+The backward recomputes each chunk's logits and takes, with z the tempered logits,
+
+    d log p(ids[j]) / dz = onehot(ids[j]) - softmax(z),   dz/dh = W / T,   dz/dW = h / T
+
+accumulating the head's gradient over the chunks in fp32. Exact: the same arithmetic as
+`ResponseLM` + `student_logprobs_at` in another summation order (tests/test_fused_head.py holds
+the loss, every metric and both gradients to 1e-6 relative in fp32).
+
+Logits: fp32 inputs use an fp32 matmul; 16-bit inputs on CUDA a 16-bit GEMM that accumulates and
+writes fp32 (`torch.mm(..., out_dtype=torch.float32)`); 16-bit inputs on CPU, where that kernel
+does not exist, are upcast first. Pure torch: imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """hidden (c, H) @ weight (V, H).T [+ bias] in fp32 (fp64 for fp64 inputs)."""
+    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
+        logits = hidden.double() @ weight.double().T
+    elif hidden.dtype == weight.dtype != torch.float32 and hidden.is_cuda:
+        logits = torch.mm(hidden, weight.T, out_dtype=torch.float32)
+    else:
+        logits = hidden.float() @ weight.float().T
+    return logits if bias is None else logits + bias.to(logits.dtype)
+
+
+class _FusedHeadGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature: float, chunk: int):
+        n = hidden.shape[0]
+        dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        gathered = hidden.new_empty((n, ids.shape[-1]), dtype=dtype)
+        entropy = hidden.new_empty((n,), dtype=dtype)
+        lse = hidden.new_empty((n,), dtype=dtype)
+        for s in range(0, n, chunk):
+            z = head_logits(hidden[s : s + chunk], weight, bias)  # (c, V)
+            if temperature != 1.0:
+                z /= temperature
+            lse_c = torch.logsumexp(z, dim=-1)
+            gathered[s : s + chunk] = z.gather(-1, ids[s : s + chunk]) - lse_c[:, None]
+            p = (z - lse_c[:, None]).exp_()
+            entropy[s : s + chunk] = lse_c - p.mul_(z).sum(-1)  # H = lse - sum p z
+            lse[s : s + chunk] = lse_c
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return gathered, entropy
+
+    @staticmethod
+    def backward(ctx, grad_gathered, _grad_entropy):
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        dtype = lse.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden, dtype=dtype) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=dtype) if need_b and bias is not None else None
+        w = weight.to(dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            e = s + chunk
+            g = grad_gathered[s:e].to(dtype)  # (c, J)
+            z = head_logits(hidden[s:e], weight, bias)
+            if t != 1.0:
+                z /= t
+            p = z.sub_(lse[s:e, None]).exp_()  # softmax, in place of the logits
+            gz = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[s:e], g)  # dL/dz
+            if t != 1.0:
+                gz /= t  # dz/dlogits
+            if grad_h is not None:
+                grad_h[s:e] = gz @ w
+            if grad_w is not None:
+                grad_w.addmm_(gz.T, hidden[s:e].to(dtype))
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def fused_head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of softmax((hidden @ weight.T + bias) / temperature) at `ids`, with gradients
+    for hidden, weight and bias, and the entropy (no gradient). hidden (..., H), ids (..., J);
+    returns (..., J) and (...), fp32 (fp64 for fp64 inputs)."""
+    lead = hidden.shape[:-1]
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = ids.reshape(-1, ids.shape[-1]).long()
+    gathered, entropy = _FusedHeadGather.apply(
+        flat_h, weight, bias, flat_ids, float(temperature), max(1, int(chunk))
+    )
+    return gathered.view(*lead, ids.shape[-1]), entropy.view(lead)
+
+
+class FusedLMHead(torch.nn.Module):
+    """An LM head (the same weight and bias Parameters as the `nn.Linear` it replaces) whose
+    call is the plain head (`head(hidden)` -> logits) or, given `ids`, `fused_head_logprobs`.
+    It stays the head module of the model, so DeepSpeed ZeRO-3's hooks on it gather its
+    (partitioned) weight for either call and reduce its gradient after."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # the same Parameter: ties and names are kept
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        chunk: int = 256,
+    ):
+        if ids is None:
+            return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return fused_head_logprobs(hidden, self.weight, self.bias, ids, temperature, chunk)
+
+
+def install_fused_head(model: torch.nn.Module) -> bool:
+    """Replace a Hugging Face causal LM's `nn.Linear` head by a FusedLMHead holding the same
+    parameters; False (nothing changed) for any other kind of head."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return False
+    model.set_output_embeddings(FusedLMHead(head))
+    return True
