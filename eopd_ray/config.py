@@ -107,8 +107,9 @@ class RolloutConfig:
 
 @dataclass(config=_SECTION)
 class TeacherConfig:
-    # A transformers forward with an fp32 LM head: exact full-vocabulary entropy, teacher logits
-    # divided by rollout.temperature.
+    # A transformers forward whose LM head makes fp32 logits (an fp32 copy of the head on CPU, a
+    # bf16 GEMM with fp32 output on CUDA): full-vocabulary entropy within 1e-3 nats of float64,
+    # teacher logits divided by rollout.temperature.
     num_workers: PosInt = 1
     gpus_per_worker: NonNegInt = 0
     cpus_per_worker: PosFloat = 0.5

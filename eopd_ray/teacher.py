@@ -4,9 +4,10 @@ For each position t it returns the teacher's logprob of the sampled token, its e
 FULL vocabulary (exact, in nats), and its top-K ids and raw logprobs, all of the distribution
 softmax(logits / rollout.temperature) (method.md: teacher logits divided by the rollout
 temperature). The engine is a batched transformers forward: the response positions' hidden
-states go through an fp32 copy of the LM head `teacher.chunk_positions` at a time and each
-(chunk, V) block is reduced at once in fp32, so no (B, T, V) tensor is ever kept and only
-K * 8 + 8 bytes per token leave the worker.
+states go through the LM head `teacher.chunk_positions` at a time with fp32 logits (an fp32
+copy of the head on CPU; on CUDA the bf16 head in a GEMM that accumulates and writes fp32:
+forward.scoring_lm_head) and each (chunk, V) block is reduced at once in fp32, so no
+(B, T, V) tensor is ever kept and only K * 8 + 8 bytes per token leave the worker.
 
 The teacher's context is its own rendering of the prompt (`data.teacher_template`, e.g. a chat
 template) followed by the student's response tokens, with the student's EOS mapped to the
@@ -28,7 +29,7 @@ from eopd_ray.batching import budget_micro_batches, count_micro_batches
 from eopd_ray.config import Config
 from eopd_ray.data import render_prompt
 from eopd_ray.errors import EopdError
-from eopd_ray.forward import fp32_lm_head, pack, rows_of, score_response_tokens
+from eopd_ray.forward import pack, rows_of, score_response_tokens, scoring_lm_head
 from eopd_ray.ray_metrics import WorkerMetrics
 
 
@@ -137,8 +138,8 @@ class TeacherWorker:
         self.device = torch.device("cuda" if t_cfg.gpus_per_worker > 0 else "cpu")
         self.metrics = WorkerMetrics("teacher", rank, cfg.run.id)
         self.model.to(self.device)
-        # fp32 LM head, made once: the teacher never changes (a view for an fp32 model).
-        self.lm_head = fp32_lm_head(self.model, self.vocab_rows)
+        # The head as it scores (forward.scoring_lm_head), made once: the teacher never changes.
+        self.lm_head = scoring_lm_head(self.model, self.vocab_rows)
 
     def _teacher_prompts(self, batch: RolloutBatch) -> list[list[int]]:
         prompts = rows_of(batch.prompt_ids, batch.prompt_mask)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eopd_ray.forward import fp32_lm_head, pack, response_hidden_states, score_response_tokens
+from eopd_ray.forward import pack, response_hidden_states, score_response_tokens, scoring_lm_head
 
 K = 8
 
@@ -86,7 +86,7 @@ def test_lm_head_bias_and_embedding_padding(tiny_pair):
     rows = model.config.vocab_size - 20  # pretend the last 20 rows are embedding padding
     ids, att, pos = packed(rows, seed=2)
     logp, targets = reference(model, ids, att, pos, rows)
-    lm_head = fp32_lm_head(model, rows)
+    lm_head = scoring_lm_head(model, rows)
     assert lm_head[0].shape[0] == rows and lm_head[1] is not None and lm_head[1].shape == (rows,)
     scored = score_response_tokens(model, ids, att, pos, K, 3, rows, lm_head=lm_head)
     check(scored, logp, targets, atol=5e-5)

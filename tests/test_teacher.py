@@ -145,7 +145,7 @@ def test_teacher_scores_the_tempered_distribution(tiny_pair):
     )
 
 
-def test_bf16_teacher_keeps_one_fp32_lm_head(tiny_pair):
+def test_bf16_teacher_on_cpu_keeps_one_fp32_lm_head(tiny_pair):
     cfg = make_cfg(tiny_pair)
     bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
     worker = TeacherWorker(bf16, 0)
@@ -216,3 +216,37 @@ def test_token_budget_scores_equal_fixed_micro_batches(tiny_pair):
     for name in ("token_logprobs", "entropy", "topk_logprobs"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)
     assert torch.equal(a.topk_ids, b.topk_ids)
+
+
+@pytest.mark.gpu
+def test_bf16_teacher_on_cuda_scores_with_the_bf16_head_within_1e_3_of_float64(tiny_pair):
+    """On CUDA no fp32 copy: a bf16 GEMM with fp32 output (issue 20), still within 1e-3 nats of
+    a float64 brute force for the entropy, the token's log-prob and the top-K."""
+    cfg = make_cfg(tiny_pair)
+    gpu = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, dtype="bfloat16"),
+        teacher=dataclasses.replace(cfg.teacher, gpus_per_worker=1),
+    )
+    worker = TeacherWorker(gpu, 0)
+    weight, _ = worker.lm_head
+    assert weight.is_cuda and weight.dtype == torch.bfloat16
+    batch = ragged_batch()
+    scores = worker.score(batch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1], dtype=torch.bfloat16).double()
+    for row in range(batch.num_sequences):
+        n = int(batch.response_mask[row].sum())
+        prompt = batch.prompt_ids[row][batch.prompt_mask[row]].tolist()
+        rows, _ = brute_force(model.eval(), prompt, batch.response_ids[row, :n].tolist())
+        torch.testing.assert_close(
+            scores.entropy[row, :n].double().cpu(),
+            -(rows.exp() * rows).sum(-1),
+            atol=1e-3,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            scores.topk_logprobs[row, :n].double().cpu(),
+            rows.topk(8, -1).values,
+            atol=1e-3,
+            rtol=0,
+        )

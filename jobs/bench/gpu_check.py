@@ -234,7 +234,7 @@ def ragged_learner_check(shape, device, num_seqs, cap, micro, repeats) -> dict:
 def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     import torch
 
-    from eopd_ray.forward import fp32_lm_head, score_response_tokens
+    from eopd_ray.forward import score_response_tokens, scoring_lm_head
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -244,7 +244,7 @@ def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     input_ids = torch.randint(0, v, (b, seq), generator=gen).to(device)
     attention = torch.ones(b, seq, dtype=torch.long, device=device)
     positions = (prompt_len - 1 + torch.arange(t, device=device)).expand(b, t)
-    lm_head = fp32_lm_head(model, v)  # built once, as the TeacherWorker does
+    lm_head = scoring_lm_head(model, v)  # built once, as the TeacherWorker does
     times = []
     reset_peak(device)
     for i in range(repeats + 1):
