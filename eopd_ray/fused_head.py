@@ -8,17 +8,26 @@ at J = 1 + K ids per position (the sampled token and the teacher's top-K) and, f
 entropy (eopd_ray/loss.py). So the head, the log-softmax and the gather can run together,
 `chunk` positions at a time: the (chunk, V) fp32 logits of one chunk are the only vocabulary-wide
 tensor that ever exists, forward or backward, and no (N, V) logits or logits gradient is kept.
-The backward recomputes each chunk's logits and takes, with z the tempered logits,
+The backward recomputes the logits a block of the vocabulary at a time (as many logits as one
+forward chunk) and takes, with z the tempered logits,
 
     d log p(ids[j]) / dz = onehot(ids[j]) - softmax(z),   dz/dh = W / T,   dz/dW = h / T
 
-accumulating the head's gradient over the chunks in fp32. Exact: the same arithmetic as
-`ResponseLM` + `student_logprobs_at` in another summation order (tests/test_fused_head.py holds
-the loss, every metric and both gradients to 1e-6 relative in fp32).
+so each block's head gradient is one GEMM over all positions, written once in the weight's
+dtype, and only the hidden states' gradient (N, H) accumulates, in fp32. Exact: the same
+arithmetic as `ResponseLM` + `student_logprobs_at` in another summation order
+(tests/test_fused_head.py holds the loss, every metric and both gradients to 1e-6 relative in
+fp32).
 
 Logits: fp32 inputs use an fp32 matmul; 16-bit inputs on CUDA a 16-bit GEMM that accumulates and
 writes fp32 (`torch.mm(..., out_dtype=torch.float32)`); 16-bit inputs on CPU, where that kernel
-does not exist, are upcast first. Pure torch: imports neither Ray, vLLM nor DeepSpeed.
+does not exist, are upcast first. With a 16-bit head the logits are then rounded to its dtype
+(and tempered in it) exactly as the plain bf16 head does: the sampler's engine makes bf16
+logits too, and fp32 logits would move the learner's log-probs away from the sampler's by ~0.03
+nats per token (measured on the bf16 rehearsal), well past `opd/sampler_gap`'s usual 2-3e-3. The
+softmax, the gather and every gradient are fp32 either way.
+
+Pure torch: imports neither Ray, vLLM nor DeepSpeed.
 """
 
 from __future__ import annotations
@@ -39,6 +48,20 @@ def head_logits(
     return logits if bias is None else logits + bias.to(logits.dtype)
 
 
+def _tempered(z: torch.Tensor, temperature: float, round_to: torch.dtype | None) -> torch.Tensor:
+    """The logits the plain head makes from fp32 `z`: with 16-bit weights rounded to that dtype
+    (an `nn.Linear` in bf16 writes bf16 logits, and so does the sampler's engine), then divided
+    by the temperature in that dtype, as `ResponseLM` does; returned in fp32 for the softmax."""
+    if round_to is None:
+        return z if temperature == 1.0 else z.div_(temperature)
+    z = z.to(round_to)
+    return (z if temperature == 1.0 else z / temperature).float()
+
+
+def _rounding(weight: torch.Tensor) -> torch.dtype | None:
+    return weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else None
+
+
 class _FusedHeadGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, temperature: float, chunk: int):
@@ -47,10 +70,9 @@ class _FusedHeadGather(torch.autograd.Function):
         gathered = hidden.new_empty((n, ids.shape[-1]), dtype=dtype)
         entropy = hidden.new_empty((n,), dtype=dtype)
         lse = hidden.new_empty((n,), dtype=dtype)
+        round_to = _rounding(weight)
         for s in range(0, n, chunk):
-            z = head_logits(hidden[s : s + chunk], weight, bias)  # (c, V)
-            if temperature != 1.0:
-                z /= temperature
+            z = _tempered(head_logits(hidden[s : s + chunk], weight, bias), temperature, round_to)
             lse_c = torch.logsumexp(z, dim=-1)
             gathered[s : s + chunk] = z.gather(-1, ids[s : s + chunk]) - lse_c[:, None]
             p = (z - lse_c[:, None]).exp_()
@@ -63,38 +85,52 @@ class _FusedHeadGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gathered, _grad_entropy):
+        # Over blocks of the vocabulary, not of positions: each block's head gradient is then
+        # one GEMM over every position, written once (no (V, H) fp32 accumulator), and the
+        # hidden states' gradient, (N, H), is what accumulates.
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         dtype = lse.dtype
+        n, v = hidden.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_gathered.to(dtype)  # (N, J)
+        g_sum = g.sum(-1, keepdim=True)
         grad_h = torch.zeros_like(hidden, dtype=dtype) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=dtype) if need_b and bias is not None else None
-        w = weight.to(dtype)
-        for s in range(0, hidden.shape[0], chunk):
-            e = s + chunk
-            g = grad_gathered[s:e].to(dtype)  # (c, J)
-            z = head_logits(hidden[s:e], weight, bias)
-            if t != 1.0:
-                z /= t
-            p = z.sub_(lse[s:e, None]).exp_()  # softmax, in place of the logits
-            gz = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[s:e], g)  # dL/dz
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        block = max(1, -(-v * chunk // max(1, n)))  # as many logits as one forward chunk
+        for v0 in range(0, v, block):
+            v1 = min(v, v0 + block)
+            w = weight[v0:v1]
+            z = head_logits(hidden, w, None if bias is None else bias[v0:v1])  # (N, b)
+            z = _tempered(z, t, _rounding(weight))
+            gz = z.sub_(lse[:, None]).exp_().mul_(-g_sum)  # -softmax * sum_j g_j
+            rows, slots = ((ids >= v0) & (ids < v1)).nonzero(as_tuple=True)
+            gz.index_put_((rows, ids[rows, slots] - v0), g[rows, slots], accumulate=True)
             if t != 1.0:
                 gz /= t  # dz/dlogits
             if grad_h is not None:
-                grad_h[s:e] = gz @ w
+                grad_h += _matmul(gz, w)  # (N, b) @ (b, H)
             if grad_w is not None:
-                grad_w.addmm_(gz.T, hidden[s:e].to(dtype))
+                grad_w[v0:v1] = _matmul(gz.T, hidden).to(weight.dtype)  # (b, N) @ (N, H)
             if grad_b is not None:
-                grad_b += gz.sum(0)
+                grad_b[v0:v1] = gz.sum(0).to(bias.dtype)
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
+            grad_w,
+            grad_b,
             None,
             None,
             None,
         )
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (fp32/fp64) @ b in a's precision; on CUDA with a 16-bit b, a 16-bit GEMM with fp32
+    output (a rounded to b's dtype, as the plain path's bf16 logits gradient is)."""
+    if b.is_cuda and b.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
+        return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+    return a @ b.to(a.dtype)
 
 
 def fused_head_logprobs(

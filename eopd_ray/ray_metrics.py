@@ -10,11 +10,9 @@ role and rank. Each Ray node serves them at
 from __future__ import annotations
 
 import re
+import sys
 import time
 from functools import cache
-
-import ray
-from ray.util.metrics import Counter, Gauge
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -25,13 +23,24 @@ def metric_name(key: str, prefix: str = "eopd") -> str:
 
 
 @cache
-def _gauge(name: str, tag_keys: tuple[str, ...]) -> Gauge:
+def _gauge(name: str, tag_keys: tuple[str, ...]):
+    from ray.util.metrics import Gauge
+
     return Gauge(name, description=f"eopd-ray metric {name}", tag_keys=tag_keys)
 
 
 @cache
-def _counter(name: str, tag_keys: tuple[str, ...]) -> Counter:
+def _counter(name: str, tag_keys: tuple[str, ...]):
+    from ray.util.metrics import Counter
+
     return Counter(name, description=f"eopd-ray counter {name}", tag_keys=tag_keys)
+
+
+def _ray_running() -> bool:
+    """Workers also run without Ray (unit tests, jobs/bench/gpu_check.py on a machine that has
+    no Ray): then they export nothing, and never import Ray for it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 class RayMetricsSink:
@@ -58,7 +67,7 @@ class WorkerMetrics:
         self.tags = {"run_id": run_id or "", "role": role, "rank": str(rank)}
 
     def set(self, key: str, value: float) -> None:
-        if ray.is_initialized():  # workers also run in-process in unit tests, without Ray
+        if _ray_running():
             name = metric_name(key, "eopd_worker")
             _gauge(name, tuple(self.tags)).set(float(value), tags=self.tags)
 

@@ -64,7 +64,17 @@ def test_gpu_check_runs_its_code_on_cpu_with_tiny_shapes(tmp_path):
     assert data["card"] == "cpu"
     assert data["learner_qwen3_1.7b"]["tokens_per_s"] > 0
     assert data["teacher_qwen3_8b"]["response_tokens_per_s"] > 0
-    assert [r["path"] for r in data["loss_kernel"]] == ["plain", "lean"]
+    loss = data["loss_kernel"]
+    assert [r["path"] for r in loss] == ["plain", "lean", "fused"]
+    assert abs(loss[2]["loss"] - loss[0]["loss"]) < 1e-2 * abs(loss[0]["loss"])  # bf16 logits
+    # The real workers without Ray: teacher scores and both ZeRO stages pass the invariants.
+    workers = data["workers"]
+    assert workers["teacher"]["invariants"] == "pass"
+    assert workers["teacher"]["response_tokens_per_s"] > 0
+    for stage in (2, 3):
+        learner = workers[f"learner_zero{stage}"]
+        assert learner["invariants"] == "pass" and learner["fused_head"] is True
+        assert learner["tokens_per_s"] > 0
 
 
 def test_reproduction_summary_has_intervals_and_paired_differences():

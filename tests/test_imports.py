@@ -20,6 +20,9 @@ PURE = [
     "eopd_ray.env",
     "eopd_ray.toy.models",
     "eopd_ray.invariants",
+    "eopd_ray.fused_head",
+    "eopd_ray.weight_checksum",
+    "eopd_ray.run_claim",
 ]
 
 
@@ -33,3 +36,20 @@ def test_pure_core_does_not_import_heavy_engines():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"pure modules pulled in: {proc.stdout.strip()}"
+
+
+# What the GPU check (jobs/bench/gpu_check.py) runs on a machine with torch, transformers and
+# DeepSpeed but no Ray or vLLM: the teacher and learner workers themselves.
+WORKERS = ["eopd_ray.teacher", "eopd_ray.learner", "eopd_ray.fused_head", "eopd_ray.ray_metrics"]
+
+
+def test_teacher_and_learner_workers_import_without_ray_or_vllm():
+    code = (
+        "import sys\n"
+        f"for m in {WORKERS!r}: __import__(m)\n"
+        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'vllm'})\n"
+        "print(','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"worker modules pulled in: {proc.stdout.strip()}"

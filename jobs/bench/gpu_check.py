@@ -11,13 +11,19 @@ Three measurements, each on random-init models built in memory (nothing to downl
 2. teacher: scoring tokens per second of a Qwen3-8B-shaped teacher in bf16 (one backbone pass,
    LM head on response positions only, exact entropy and top-K: eopd_ray.forward's
    `score_response_tokens`, what the TeacherWorker runs);
-3. loss kernel: time and peak memory of the EOPD loss (forward + backward) at T = 4096,
-   V = 151,936 on bf16 logits, plain vs memory-lean log-softmax;
+3. head + loss: time and peak memory of the LM head and the EOPD loss (forward + backward) from
+   the hidden states at T = 8,192, V = 151,936, H = 2,048: bf16 logits with the plain or the
+   memory-lean log-softmax, against the fused head (loss.fused_head: no logits at all);
 4. ragged learner: one optimizer update of the Qwen3-1.7B-shaped student over a ragged batch
    (log-normal response lengths, median cap / 6, ~4% at the 4,096 cap), fixed-count
    micro-batches padded to the step's width vs token-budget micro-batches (eopd_ray.batching:
    sorted, cut to their own longest, only real positions through the LM head) with the same
-   worst-case size: seconds per update, peak memory, padded fraction.
+   worst-case size: seconds per update, peak memory, padded fraction;
+5. the real workers, without Ray: `TeacherWorker.score` of a Qwen3-8B-shaped teacher and
+   `LearnerWorker.train_step` of a Qwen3-1.7B-shaped student (DeepSpeed, one rank, bf16, ZeRO-2
+   and ZeRO-3, token budgets, the fused head) on synthetic ragged rollouts: tokens/s, MFU, peak
+   memory and the verdicts of the run-time invariants (teacher scores, sampler gap). The models
+   are random, saved to a scratch directory and loaded as the workers load them.
 
 Prints a table and writes JSON (--out). The card's name is in the output: record it with the
 figures (docs/performance.md).
@@ -27,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -267,45 +276,221 @@ def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     return result
 
 
-def loss_check(device, t, v, repeats) -> list[dict]:
+def loss_check(device, t, v, h, repeats) -> list[dict]:
+    """Head + EOPD loss, forward and backward, from the final hidden states (1, T, H) and a bf16
+    head weight (V, H): `plain` and `lean` make bf16 logits with the head and run the loss on
+    them (full or chunked log-softmax); `fused` is the learner's fused head
+    (loss.fused_head: no logits at all). Memory is the peak beyond the hidden states."""
     import torch
 
-    from eopd_ray.loss import LossInputs, eopd_loss
+    from eopd_ray.fused_head import fused_head_logprobs
+    from eopd_ray.loss import LossInputs, StudentAtIds, eopd_loss, loss_ids
 
     gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device, torch.bfloat16)
+    weight.requires_grad_(True)
     rows = []
-    for name, chunk in (("plain", 0), ("lean", 256)):
-        times = []
-        reset_peak(device)
-        base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+    for name, chunk in (("plain", 0), ("lean", 256), ("fused", 256)):
+        gen = torch.Generator().manual_seed(1)  # the same inputs for every path
+        times, losses = [], []
         for i in range(repeats + 1):
-            logits = torch.randn(1, t, v, generator=gen).to(device, torch.bfloat16)
-            logits.requires_grad_(True)
+            hidden = torch.randn(1, t, h, generator=gen).to(device, torch.bfloat16)
+            hidden.requires_grad_(True)
             scores = synthetic_scores(1, t, v, 16, device, gen)
             old = torch.full((1, t), -5.0, device=device)
+            weight.grad = None
             synchronize(device)
+            reset_peak(device)
+            base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
             started = time.perf_counter()
+            if name == "fused":
+                ids = loss_ids(scores["response_ids"], scores["teacher_topk_ids"])
+                student = StudentAtIds(*fused_head_logprobs(hidden, weight, None, ids, 1.0, chunk))
+            else:
+                student = hidden @ weight.T  # (1, T, V) bf16 logits, as the plain learner makes
             out = eopd_loss(
-                LossInputs(student_logits=logits, old_logprobs=old, **scores),
+                LossInputs(student_logits=student, old_logprobs=old, **scores),
                 chunk_positions=chunk,
             )
             out.loss.backward()
             synchronize(device)
             if i > 0:
                 times.append(time.perf_counter() - started)
-            del logits, out
-        logits_mib = t * v * 2 / 2**20
+                losses.append(out.loss.item())
+            del student, out
         rows.append(
             {
                 "path": name,
                 "T": t,
                 "V": v,
+                "H": h,
                 "seconds": sum(times) / len(times),
-                "peak_mib_over_logits": peak_mib(device) - base / 2**20 - logits_mib,
-                "logits_mib": logits_mib,
+                "peak_mib_beyond_hidden": peak_mib(device) - base / 2**20,
+                "logits_mib": t * v * 2 / 2**20,
+                "loss": sum(losses) / len(losses),
             }
         )
+    plain = rows[0]["seconds"]
+    for row in rows:
+        row["time_vs_plain"] = row["seconds"] / plain
     return rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _save_model(shape: dict, path: Path, tokenizer_dir: Path) -> None:
+    import shutil
+
+    import torch
+
+    model = build(shape, "cpu", torch.bfloat16)
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, path / f.name)
+    del model
+
+
+def _rollout(b, prompt_len, t, v, seed):
+    """Synthetic rollouts with ragged response lengths (t/8 .. t), what a rollout worker hands
+    the teacher and the learners."""
+    import torch
+
+    from eopd_ray.batch import RolloutBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, t // 8), t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    return RolloutBatch(
+        prompt_ids=torch.randint(3, v, (b, prompt_len), generator=gen),
+        prompt_mask=torch.ones(b, prompt_len, dtype=torch.bool),
+        response_ids=torch.randint(3, v, (b, t), generator=gen) * mask,
+        response_mask=mask,
+        sampler_logprobs=torch.zeros(b, t),
+        prompt_index=torch.arange(b),
+        finish_reason=("length",) * b,
+        weight_version=0,
+    )
+
+
+def workers_check(student, teacher, device, b, prompt_len, t, budget, steps, peak, root) -> dict:
+    """The real TeacherWorker.score and LearnerWorker.train_step, without Ray: one DeepSpeed
+    rank, bf16, ZeRO-2 and ZeRO-3, token-budget micro-batches and the fused head, on synthetic
+    rollouts; tokens/s, MFU, peak memory and the run-time invariants' verdicts."""
+    import dataclasses
+    import os
+
+    from eopd_ray.batching import rank_share, share_step
+    from eopd_ray.config import config_from_dict
+    from eopd_ray.invariants import InvariantError, check_teacher_scores
+    from eopd_ray.learner import LearnerWorker
+    from eopd_ray.teacher import TeacherWorker
+    from eopd_ray.toy.models import build_tokenizer
+
+    on_gpu = int(device.startswith("cuda"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tokenizer(root / "tokenizer"))
+    paths = {"student": root / "student", "teacher": root / "teacher"}
+    _save_model(student, paths["student"], root / "tokenizer")
+    _save_model(teacher, paths["teacher"], root / "tokenizer")
+    v = min(student["vocab_size"], teacher["vocab_size"], len(tok))
+    cfg = config_from_dict(
+        {
+            "model": {k + "_path": str(p) for k, p in paths.items()} | {"dtype": "bfloat16"},
+            "data": {"toy_prompts": b},
+            "rollout": {"prompts_per_step": b},
+            "teacher": {
+                "gpus_per_worker": on_gpu,
+                "top_k": 16,
+                "max_tokens_per_micro_batch": budget,
+            },
+            "learner": {
+                "num_workers": 1,
+                "gpus_per_worker": on_gpu,
+                "mini_batch_size": b,
+                "micro_batch_size": 1,
+                "max_tokens_per_micro_batch": budget,
+                "lr": 1e-6,
+            },
+            "loss": {"fused_head": True},
+        }
+    )
+    batch = _rollout(b, prompt_len, t, v, seed=0)
+    tokens = batch.num_response_tokens
+    out: dict = {"sequences": b, "response_tokens": tokens, "token_budget": budget}
+
+    scorer = TeacherWorker(cfg, 0)
+    reset_peak(device)
+    scorer.score(batch)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    scores = scorer.score(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    try:
+        check_teacher_scores(scores, batch, scorer.vocab_rows, 0, "teacher[0]")
+        verdict = "pass"
+    except InvariantError as exc:
+        verdict = f"FAIL: {exc}"
+    out["teacher"] = {
+        "seconds": seconds,
+        "response_tokens_per_s": tokens / seconds,
+        "peak_mib": peak_mib(device),
+        "invariants": verdict,
+    }
+    del scorer
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    shares = share_step(batch.sequence_lengths, 1, 1, micro_batch_size=1,
+                        max_tokens_per_micro_batch=budget)  # fmt: skip
+    rows, plan = rank_share(shares.plan, 0)
+    shard, shard_scores = batch.select(rows), scores.select(rows)
+    for stage in (2, 3):
+        stage_cfg = dataclasses.replace(
+            cfg, learner=dataclasses.replace(cfg.learner, zero_stage=stage)
+        )
+        worker = LearnerWorker(stage_cfg, 0, 1)
+        worker.setup("127.0.0.1", _free_port())
+        # The sampler's log-probs are the learner's own: the sampler-gap check sees ~0.
+        shard = dataclasses.replace(
+            shard, sampler_logprobs=worker._recompute_old_logprobs(shard, plan)
+        )
+        n = multiplying_parameters(worker.engine.module.hf)
+        reset_peak(device)
+        times, verdict = [], "pass"
+        for step in range(steps + 1):
+            synchronize(device)
+            started = time.perf_counter()
+            try:
+                metrics = worker.train_step(shard, shard_scores, [tokens], plan)
+            except InvariantError as exc:  # the sampler-gap check
+                verdict = f"FAIL: {exc}"
+                break
+            synchronize(device)
+            if step > 0:
+                times.append(time.perf_counter() - started)
+        step_s = sum(times) / max(1, len(times))
+        real = sum(batch.sequence_lengths)  # prompt + response tokens through the model
+        achieved = 6 * n * real / step_s / 1e12 if times else float("nan")
+        out[f"learner_zero{stage}"] = {
+            "step_s": step_s,
+            "tokens_per_s": real / step_s if times else float("nan"),
+            "tflops": achieved,
+            "mfu": achieved / peak if peak else float("nan"),
+            "peak_mib": peak_mib(device),
+            "micro_batches": len(plan[0]),
+            "fused_head": worker.fused,
+            "loss": metrics[0].get("loss/total") if times else float("nan"),
+            "invariants": verdict,
+        }
+        worker.engine.destroy()
+        del worker
+    return out
 
 
 def card_name(device: str) -> str:
@@ -332,17 +517,25 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or next(
         (tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), 0.0
     )
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     started = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check."))
     if args.quick:
         learner = learner_check(TINY, args.device, 2, 8, 16, 2, peak)
         teacher = teacher_check(TINY, args.device, 2, 8, 16, 2)
-        loss = loss_check(args.device, 64, 1024, 1)
+        loss = loss_check(args.device, 64, 1024, 64, 1)
         ragged = ragged_learner_check(TINY, args.device, 8, 48, 2, 1)
+        workers = workers_check(TINY, TINY, args.device, 4, 8, 16, 48, 1, peak, scratch)
     else:
         learner = learner_check(QWEN3_1_7B, args.device, 8, 256, 768, 5, peak)
         teacher = teacher_check(QWEN3_8B, args.device, 16, 256, 768, 3)
-        loss = loss_check(args.device, 4096, 151936, 3)
+        loss = loss_check(args.device, 8192, 151936, 2048, 3)
         ragged = ragged_learner_check(QWEN3_1_7B, args.device, 32, 4096, 2, 2)
+        workers = workers_check(
+            QWEN3_1_7B, QWEN3_8B, args.device, 16, 256, 768, 16384, 2, peak, scratch
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
     report = {
         "card": name,
         "peak_bf16_tflops": peak,
@@ -351,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_qwen3_8b": teacher,
         "loss_kernel": loss,
         "ragged_learner_qwen3_1.7b": ragged,
+        "workers": workers,
         "wall_s": time.perf_counter() - started,
     }
     print(f"card: {name} (dense bf16 peak {peak:.0f} TFLOP/s)")
@@ -366,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in loss:
         print(
-            f"loss     {row['path']:5s} T={row['T']} V={row['V']}: {row['seconds'] * 1e3:.1f} ms, "
-            f"peak {row['peak_mib_over_logits']:.0f} MiB beyond the {row['logits_mib']:.0f} MiB "
-            "logits"
+            f"loss     {row['path']:5s} T={row['T']} V={row['V']} H={row['H']}: "
+            f"{row['seconds'] * 1e3:.1f} ms ({row['time_vs_plain']:.2f}x plain), peak "
+            f"{row['peak_mib_beyond_hidden']:.0f} MiB beyond the hidden states"
         )
     for name in ("fixed", "budget"):
         r = ragged[name]
@@ -377,6 +571,18 @@ def main(argv: list[str] | None = None) -> int:
             f"padded {100 * r['padded_fraction']:.0f}%, peak {r['peak_mib']:.0f} MiB"
         )
     print(f"ragged   token budget: {ragged['speedup']:.2f}x the fixed-count update")
+    w = workers["teacher"]
+    print(
+        f"workers  TeacherWorker.score: {w['response_tokens_per_s']:.0f} response tokens/s, "
+        f"peak {w['peak_mib']:.0f} MiB, invariants {w['invariants']}"
+    )
+    for stage in (2, 3):
+        w = workers[f"learner_zero{stage}"]
+        print(
+            f"workers  LearnerWorker.train_step ZeRO-{stage} (fused head {w['fused_head']}): "
+            f"{w['step_s']:.3f} s/update, {w['tokens_per_s']:.0f} tokens/s, MFU "
+            f"{100 * w['mfu']:.1f}%, peak {w['peak_mib']:.0f} MiB, invariants {w['invariants']}"
+        )
     print(f"total {report['wall_s']:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

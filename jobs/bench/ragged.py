@@ -103,9 +103,9 @@ def bench_config(models: tuple[Path, Path], kind: str, shape: dict, out_dir: Pat
                 "micro_batch_size": shape["micro"],
                 "max_tokens_per_micro_batch": budget if kind == "budget" else None,
                 "balance_tokens": kind == "budget",
+                "max_sampler_gap": 1e9,  # synthetic sampler log-probs: no sampler-gap stop
             },
             "run": {"output_dir": str(out_dir), "steps": 100},
-            "sync": {"max_logprob_gap": 1e9},  # synthetic sampler log-probs: no sampler-gap stop
         }
     )
 
