@@ -21,11 +21,11 @@ fp32).
 
 Logits: fp32 inputs use an fp32 matmul; 16-bit inputs on CUDA a 16-bit GEMM that accumulates and
 writes fp32 (`torch.mm(..., out_dtype=torch.float32)`); 16-bit inputs on CPU, where that kernel
-does not exist, are upcast first. With a 16-bit head the logits are then rounded to its dtype
-(and tempered in it) exactly as the plain bf16 head does: the sampler's engine makes bf16
-logits too, and fp32 logits would move the learner's log-probs away from the sampler's by ~0.03
-nats per token (measured on the bf16 rehearsal), well past `opd/sampler_gap`'s usual 2-3e-3. The
-softmax, the gather and every gradient are fp32 either way.
+does not exist, the 16-bit GEMM the plain head runs. With a 16-bit head the logits are then
+rounded to its dtype (and tempered in it) exactly as the plain bf16 head does: the sampler's
+engine makes bf16 logits too, and fp32 logits would move the learner's log-probs away from the
+sampler's by ~0.03 nats per token (measured on the bf16 rehearsal), well past
+`opd/sampler_gap`'s usual 2-3e-3. The softmax, the gather and every gradient are fp32 either way.
 
 Pure torch: imports neither Ray, vLLM nor DeepSpeed.
 """
@@ -41,7 +41,9 @@ def head_logits(
     """hidden (c, H) @ weight (V, H).T [+ bias] in fp32 (fp64 for fp64 inputs)."""
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         logits = hidden.double() @ weight.double().T
-    elif hidden.dtype == weight.dtype != torch.float32 and hidden.is_cuda:
+    elif hidden.dtype == weight.dtype != torch.float32:
+        if not hidden.is_cuda:  # no fp32-output kernel: the 16-bit GEMM the plain head runs
+            return torch.nn.functional.linear(hidden, weight, bias).float()
         logits = torch.mm(hidden, weight.T, out_dtype=torch.float32)
     else:
         logits = hidden.float() @ weight.float().T
@@ -99,6 +101,7 @@ class _FusedHeadGather(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b and bias is not None else None
         block = max(1, -(-v * chunk // max(1, n)))  # as many logits as one forward chunk
+        hidden_up = hidden if hidden.is_cuda else hidden.to(dtype)  # CPU: upcast once
         for v0 in range(0, v, block):
             v1 = min(v, v0 + block)
             w = weight[v0:v1]
@@ -112,7 +115,7 @@ class _FusedHeadGather(torch.autograd.Function):
             if grad_h is not None:
                 grad_h += _matmul(gz, w)  # (N, b) @ (b, H)
             if grad_w is not None:
-                grad_w[v0:v1] = _matmul(gz.T, hidden).to(weight.dtype)  # (b, N) @ (N, H)
+                grad_w[v0:v1] = _matmul(gz.T, hidden_up).to(weight.dtype)  # (b, N) @ (N, H)
             if grad_b is not None:
                 grad_b[v0:v1] = gz.sum(0).to(bias.dtype)
         return (
