@@ -153,7 +153,9 @@ class LearnerConfig:
     # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
     # for bfloat16 (eopd_ray/invariants.py says how they were chosen).
     max_sampler_gap: PosFloat | None = None
-    gradient_checkpointing: Bool = False  # recompute activations in backward (long sequences)
+    # Recompute activations in the backward (long sequences): true, false, or auto: on only
+    # where a micro-batch's activations would not fit the GPU (eopd_ray/memory_plan.py).
+    gradient_checkpointing: Bool | Literal["auto"] = False
     seed: Int = 0
 
 

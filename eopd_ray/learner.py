@@ -204,6 +204,7 @@ class LearnerWorker:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
         self.fused = False  # loss.fused_head, once setup has installed it
+        self.checkpointing = False  # learner.gradient_checkpointing as set up (auto decided)
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
         self._sent_checksum: int | None = None  # of the last sync's weights (rank 0)
@@ -247,7 +248,8 @@ class LearnerWorker:
         # The fused head replaces the head module before DeepSpeed wraps (and, under ZeRO-3,
         # partitions) the model, keeping its parameters and their names.
         self.fused = self.cfg.loss.fused_head and install_fused_head(model)
-        if self.cfg.learner.gradient_checkpointing:
+        self.checkpointing = self._checkpointing(model, on_gpu)
+        if self.checkpointing:
             model.gradient_checkpointing_enable()
         lrn = self.cfg.learner
         optimizer = torch.optim.AdamW(
@@ -272,6 +274,24 @@ class LearnerWorker:
         self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
         # DeepSpeed unpickles its checkpoint files; load them with weights_only=True instead.
         self.engine.checkpoint_engine.load = _safe_torch_load
+
+    def _checkpointing(self, model: torch.nn.Module, on_gpu: bool) -> bool:
+        """`learner.gradient_checkpointing`, with `auto` decided by eopd_ray.memory_plan."""
+        setting = self.cfg.learner.gradient_checkpointing
+        if setting != "auto":
+            return setting
+        if not on_gpu:
+            return False
+        from eopd_ray.memory_plan import checkpointing_needed, micro_batch_tokens
+
+        return checkpointing_needed(
+            micro_batch_tokens(self.cfg),
+            model.config.num_hidden_layers,
+            model.config.hidden_size,
+            sum(p.numel() for p in model.parameters()),
+            self.world_size,
+            torch.cuda.get_device_properties(0).total_memory,
+        )
 
     # --- checkpoints ---------------------------------------------------------------------------
 
