@@ -18,6 +18,7 @@ paths are left alone. Imports neither Ray, vLLM nor DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,6 +35,31 @@ def in_job_working_dir(cwd: Path | None = None) -> bool:
     """True inside the copy Ray makes of a job's `--working-dir`."""
     parts = (cwd or Path.cwd()).resolve().parts
     return "runtime_resources" in parts and "working_dir_files" in parts
+
+
+# What Ray's job supervisor hands a submitted job's entrypoint: its runtime env and metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_without_working_dir(cwd: Path | None = None) -> str | None:
+    """A warning when this process is a job's entrypoint submitted without `--working-dir`:
+    it then runs in whatever directory the head was started in (possibly another checkout, so
+    other code and configs) and writes its relative outputs there. None otherwise."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        runtime_env = (json.loads(raw).get("runtime_env") or {}) if raw else {}
+    except ValueError:
+        return None
+    if runtime_env.get("working_dir") or in_job_working_dir(cwd):
+        return None
+    where = (cwd or Path.cwd()).resolve()
+    return (
+        f"this job was submitted without --working-dir: it runs the code and configs in {where} "
+        "(the directory the Ray head was started in), not those of the checkout you submitted "
+        "from. Submit with `ray job submit --working-dir . -- python jobs/distill.py ...`"
+    )
 
 
 def workspace_root() -> Path:

@@ -1,15 +1,21 @@
 """SIGTERM (`ray job stop`, Kubernetes pod deletion): what the driver does with it.
 
-Before the first step (`exit_on_sigterm`): exit at once with a plain message, nothing to save.
+Before the first step (`exit_on_sigterm`, installed first thing by jobs/distill.py): exit at
+once with a plain message, nothing to save; directories being built then (`removed_if_stopped`)
+are deleted first.
 During the loop (`StopOnSigterm`): finish the current step, checkpoint, stop.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class StopOnSigterm:
@@ -30,10 +36,27 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+# Directories being built during start-up (toy models, rehearsal assets): a stop removes them,
+# so no half-built one is left for the next start to trip over.
+_BUILDING: set[Path] = set()
+
+
+@contextmanager
+def removed_if_stopped(path: Path) -> Iterator[Path]:
+    """While inside, a SIGTERM during start-up deletes `path` before the driver exits."""
+    _BUILDING.add(Path(path))
+    try:
+        yield Path(path)
+    finally:
+        _BUILDING.discard(Path(path))
+
+
 def _stop_start_up(signum, frame) -> None:
     # Exit at once: nothing is trained yet, and a Python exception cannot interrupt a blocking
     # ray.get (Ray's job stop kills the driver 3 s after SIGTERM). The workers and the placement
     # group belong to this driver: Ray removes them when it exits.
+    for path in list(_BUILDING):
+        shutil.rmtree(path, ignore_errors=True)
     sys.stderr.write(
         "stopped during start-up (SIGTERM): no step ran, nothing to resume; submit the command "
         "again to start\n"
@@ -46,8 +69,9 @@ def _stop_start_up(signum, frame) -> None:
 def _stop_embedded_ray() -> None:
     """The processes of a Ray this driver started itself (none when it joined a cluster):
     os._exit would leave its agents running."""
-    import ray
-
+    ray = sys.modules.get("ray")
+    if ray is None:  # stopped before Ray was even imported (e.g. while preparing toy models)
+        return
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None:
         node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)

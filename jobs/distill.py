@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from eopd_ray.locations import job_without_working_dir
+
+    if warning := job_without_working_dir():  # first thing: before it runs the wrong code long
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    from eopd_ray.stopping import exit_on_sigterm
+
+    exit_on_sigterm()  # start-up, model preparation included, ends at once on SIGTERM
     pipeline = None
     try:
         cfg = resolve_locations(load_config(args.config, args.overrides))

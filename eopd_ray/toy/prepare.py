@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eopd_ray.errors import EopdError
+from eopd_ray.stopping import removed_if_stopped
 from eopd_ray.toy.chain import ChainTask
 from eopd_ray.toy.models import TinyModelSpec, build_causal_lm, build_tokenizer
 from eopd_ray.toy.task import GraphTask
@@ -119,65 +120,88 @@ def prepare_toy(
     log: Callable[[str], None] = print,
 ) -> Path:
     """The prepared directory for `settings` under `root`, built unless it exists."""
-    from eopd_ray.toy.evaluate import evaluate_toy
-    from eopd_ray.toy.train import train_supervised
-
     root = Path(root)
     final = root / settings.key()
     if not (final / SETTINGS_FILE).exists():
         staging = root / f"{settings.key()}.building"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        task = settings.task
-        train, held_out = task.split(settings.eval_fraction)
-        _write_prompts(staging / "train.jsonl", train)
-        _write_prompts(staging / "eval.jsonl", held_out)
-        tokenizer = build_tokenizer(
-            staging / "tokenizer", corpus=[task.alphabet], vocab_size=259
-        )  # 256 bytes + 3 specials: no merges, one token per character
-        for role, spec, steps, offset in (
-            ("teacher", settings.teacher, settings.teacher_steps, 1),
-            ("student", settings.student, settings.student_steps, 2),
-        ):
-            started = time.monotonic()
-            model_dir = build_causal_lm(
-                staging / role, tokenizer, spec, seed=settings.seed + offset
-            )
-
-            def report(update: int, loss: float, role=role, steps=steps) -> None:
-                if update % 250 == 0 or update == steps - 1:
-                    log(f"  {role}: update {update + 1}/{steps}, loss {loss:.3f}")
-
-            train_supervised(
-                model_dir,
-                task,
-                train,
-                steps=steps,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                seed=settings.seed + offset,
-                on_step=report,
-            )
-            log(f"  {role}: trained in {time.monotonic() - started:.0f} s")
-        shutil.rmtree(staging / "tokenizer")
-        baseline = {
-            "teacher": evaluate_toy(
-                staging / "teacher", task, held_out, samples=settings.eval_samples
-            ),
-            "student": evaluate_toy(
-                staging / "student",
-                task,
-                held_out,
-                teacher_dir=staging / "teacher",
-                samples=settings.eval_samples,
-            ),
-        }
-        (staging / BASELINE_FILE).write_text(json.dumps(baseline, indent=2))
-        (staging / SETTINGS_FILE).write_text(json.dumps(settings.as_dict(), indent=2))
+        with removed_if_stopped(staging):  # a SIGTERM now leaves no half-built directory
+            _build(staging, settings, log)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
     _point_current_at(root, final.name)
     return final
+
+
+class Progress:
+    """A line at least every `every_s` seconds (and at the end) with an estimate of what is
+    left: a job's log must not look stuck while the models train (2-30 minutes)."""
+
+    def __init__(self, what: str, total: int, log: Callable[[str], None], every_s: float = 30.0):
+        self.what, self.total, self.log, self.every_s = what, total, log, every_s
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        self.log(
+            f"  {self.what}: update {done}/{self.total} ({100 * done / self.total:.0f}%), "
+            f"loss {loss:.3f}, {now - self.started:.0f} s so far, ~{left:.0f} s left"
+        )
+
+
+def _build(staging: Path, settings: ToySettings, log: Callable[[str], None]) -> None:
+    from eopd_ray.toy.evaluate import evaluate_toy
+    from eopd_ray.toy.train import train_supervised
+
+    task = settings.task
+    train, held_out = task.split(settings.eval_fraction)
+    _write_prompts(staging / "train.jsonl", train)
+    _write_prompts(staging / "eval.jsonl", held_out)
+    tokenizer = build_tokenizer(
+        staging / "tokenizer", corpus=[task.alphabet], vocab_size=259
+    )  # 256 bytes + 3 specials: no merges, one token per character
+    for role, spec, steps, offset in (
+        ("teacher", settings.teacher, settings.teacher_steps, 1),
+        ("student", settings.student, settings.student_steps, 2),
+    ):
+        started = time.monotonic()
+        model_dir = build_causal_lm(staging / role, tokenizer, spec, seed=settings.seed + offset)
+
+        progress = Progress(role, steps, log)
+
+        def report(update: int, loss: float, progress=progress) -> None:
+            progress(update + 1, loss)
+
+        train_supervised(
+            model_dir,
+            task,
+            train,
+            steps=steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            seed=settings.seed + offset,
+            on_step=report,
+        )
+        log(f"  {role}: trained in {time.monotonic() - started:.0f} s")
+    shutil.rmtree(staging / "tokenizer")
+    baseline = {
+        "teacher": evaluate_toy(staging / "teacher", task, held_out, samples=settings.eval_samples),
+        "student": evaluate_toy(
+            staging / "student",
+            task,
+            held_out,
+            teacher_dir=staging / "teacher",
+            samples=settings.eval_samples,
+        ),
+    }
+    (staging / BASELINE_FILE).write_text(json.dumps(baseline, indent=2))
+    (staging / SETTINGS_FILE).write_text(json.dumps(settings.as_dict(), indent=2))
 
 
 def _point_current_at(root: Path, name: str) -> None:
@@ -200,6 +224,18 @@ def load_settings(prepared: str | Path) -> ToySettings:
     raw["teacher"] = TinyModelSpec(**raw["teacher"])
     raw["student"] = TinyModelSpec(**raw["student"])
     return ToySettings(**raw)
+
+
+def preparation_threads() -> int:
+    """Threads for preparing the toy models: every core from a terminal (`make run`: nothing
+    else runs yet), but inside a submitted Ray job the threads the job was given
+    (OMP_NUM_THREADS, 1 when unset): the head's machine runs other work, and on 2 busy cores
+    every-core threads measured 5-30x slower than one."""
+    from eopd_ray.locations import JOB_CONFIG_ENV
+
+    if os.environ.get(JOB_CONFIG_ENV):
+        return max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
+    return os.cpu_count() or 1
 
 
 def ensure_toy_for_config(cfg, settings: ToySettings | None = None, log=print) -> Path:
@@ -226,7 +262,7 @@ def ensure_toy_for_config(cfg, settings: ToySettings | None = None, log=print) -
     settings = settings or default_settings(kind)
     log(f"toy models: none at {student}; preparing them in {root / settings.key()} (~2-5 min)")
     previous = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # nothing else runs yet: use every core
+    torch.set_num_threads(preparation_threads())
     try:
         return prepare_toy(root, settings, log=log)
     finally:

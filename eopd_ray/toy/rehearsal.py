@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from eopd_ray.stopping import removed_if_stopped
+
 QWEN3_VOCAB_ROWS = 151936  # Qwen3's embedding rows (config.vocab_size)
 QWEN3_REGULAR_TOKENS = 151643  # ids 0..151642 are BPE tokens; the added tokens follow
 # Qwen3's added tokens, in id order from 151643 (the tool and think tags are not special).
@@ -412,7 +414,8 @@ def ensure_rehearsal_assets(root: str | Path, seed: int = 0) -> tuple[Path, Path
     staging.chmod(0o755)  # mkdtemp makes it private; the assets are ordinary files
     trash = None
     try:
-        _build(staging, seed)
+        with removed_if_stopped(staging):  # a SIGTERM during the build leaves nothing behind
+            _build(staging, seed)
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
         if _is_current(root, stamp):  # another process finished first
             return paths

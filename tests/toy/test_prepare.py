@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from eopd_ray.toy.chain import ChainTask
@@ -97,3 +98,65 @@ def test_a_toy_config_prepares_its_models_when_missing_then_finds_them(tmp_path)
     logs.clear()
     assert ensure_toy_for_config(cfg, QUICK, log=logs.append) == prepared.resolve()
     assert logs == []
+
+
+def test_sigterm_while_a_job_prepares_the_toy_models_stops_cleanly(tmp_path):
+    """Issue 26: `ray job stop` during the preparation printed nothing and left a `*.building`
+    directory behind. Now: the documented start-up line, exit 143, nothing half-built."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, EOPD_RAY_HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/distill.py", "--config", "jobs/configs/toy.yaml", "--no-progress"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prepared = tmp_path / "runs" / "toy" / "prepared"
+    deadline = time.monotonic() + 120
+    while not list(prepared.glob("*.building")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert list(prepared.glob("*.building")), "the preparation never started"
+    time.sleep(1.0)  # inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert "stopped during start-up (SIGTERM)" in err
+    assert not list(prepared.glob("*.building"))
+
+
+def test_preparation_progress_lines_come_at_least_every_30_s_with_an_estimate(monkeypatch):
+    from eopd_ray.toy import prepare
+
+    clock = [0.0]
+    monkeypatch.setattr(prepare.time, "monotonic", lambda: clock[0])
+    lines = []
+    progress = prepare.Progress("teacher", 1000, lines.append, every_s=30.0)
+    for update in range(1, 1001):
+        clock[0] = update * 0.1  # 100 s in all
+        progress(update, 1.0)
+    assert len(lines) == 4  # at 30, 60, 90 s and at the end
+    assert lines[0].startswith("  teacher: update 300/1000 (30%)") and "~70 s left" in lines[0]
+    assert "update 1000/1000 (100%)" in lines[-1]
+
+
+def test_a_job_prepares_with_the_threads_it_was_given(monkeypatch):
+    from eopd_ray.locations import JOB_CONFIG_ENV
+    from eopd_ray.toy.prepare import preparation_threads
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert preparation_threads() == (os.cpu_count() or 1)  # a terminal: every core
+    monkeypatch.setenv(JOB_CONFIG_ENV, "{}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert preparation_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert preparation_threads() == 1
