@@ -154,11 +154,28 @@ class Pipeline:
         # multi-process engine receives them as lists and fails half-way through a reload).
         rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         learner_env = {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {}
+        resumed_at = self._resume_from.step + 1 if self._resume_from else 0
         self.rollout = spawn(
-            "rollout", RolloutWorker, cfg, self._pg, 0, r, [(cfg, i) for i in range(r)], rollout_env
+            "rollout",
+            RolloutWorker,
+            cfg,
+            self._pg,
+            0,
+            r,
+            [(cfg, i) for i in range(r)],
+            rollout_env,
+            resumed_at,
         )
         self.teacher = spawn(
-            "teacher", TeacherWorker, cfg, self._pg, r, s, [(cfg, i) for i in range(s)]
+            "teacher",
+            TeacherWorker,
+            cfg,
+            self._pg,
+            r,
+            s,
+            [(cfg, i) for i in range(s)],
+            None,
+            resumed_at,
         )
         self.learner = spawn(
             "learner",
@@ -169,6 +186,7 @@ class Pipeline:
             n,
             [(cfg, i, n) for i in range(n)],
             learner_env,
+            resumed_at,
         )
         timeout = cfg.run.step_timeout_s
         # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.

@@ -57,14 +57,18 @@ class _Identified:
     """Mixed into every worker class made remote here."""
 
     ROLE = "worker"
+    FROM_STEP = 0  # > 0: this attempt resumed a run at that step
 
     def identity(self) -> WorkerIdentity:
         return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
 
     def __repr__(self) -> str:
         """What the dashboard's Actors page (Repr) and the worker log prefixes show."""
+        # Ray records it once, when the actor starts: say what holds from the start on.
         cfg = getattr(self, "cfg", None)
-        if hasattr(self, "version"):
+        if self.FROM_STEP:
+            state = f" resumed at step {self.FROM_STEP}"
+        elif hasattr(self, "version"):
             state = f" weights v{self.version}"
         elif hasattr(self, "step"):
             state = f" trained {self.step} steps"
@@ -237,8 +241,11 @@ def _failed(ref) -> bool:
         return True
 
 
-def actor_name(cfg: Config, role: str, rank: int) -> str:
-    return f"{cfg.run.id or cfg.run.name}/{role}-{rank}"
+def actor_name(cfg: Config, role: str, rank: int, from_step: int = 0) -> str:
+    """`<run id>/<role>-<rank>`; an attempt that resumed the run at step N adds `.from-N`, so
+    its actors are told apart from the dead ones of the attempt before."""
+    name = f"{cfg.run.id or cfg.run.name}/{role}-{rank}"
+    return f"{name}.from-{from_step}" if from_step else name
 
 
 def spawn(
@@ -250,11 +257,14 @@ def spawn(
     count: int,
     args: list[tuple],
     env: dict[str, str] | None = None,
+    from_step: int = 0,
 ) -> ActorGroup:
     """Create `count` actors of `cls` (a plain worker class) in bundles starting at
-    `first_bundle`; worker i is built with `args[i]`."""
+    `first_bundle`; worker i is built with `args[i]`. `from_step` > 0: this attempt resumes
+    the run at that step (names and Repr say so)."""
     resources = {"rollout": cfg.rollout, "teacher": cfg.teacher, "learner": cfg.learner}[role]
-    remote_cls = ray.remote(type(cls.__name__, (cls, _Identified), {"ROLE": role}))
+    attributes = {"ROLE": role, "FROM_STEP": from_step}
+    remote_cls = ray.remote(type(cls.__name__, (cls, _Identified), attributes))
     handles = []
     for i in range(count):
         handles.append(
@@ -270,7 +280,7 @@ def spawn(
                 # and the driver redoes their lost work. Learners hold optimizer state: no.
                 max_restarts=cfg.run.max_worker_restarts if role != "learner" else 0,
                 # Named for the dashboard and `ray list actors`: <run id>/<role>-<rank>.
-                name=actor_name(cfg, role, i),
+                name=actor_name(cfg, role, i, from_step),
             ).remote(*args[i])
         )
     pending = [WorkerIdentity(role, i, "?", 0) for i in range(count)]

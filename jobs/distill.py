@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline = Pipeline(cfg)
         try:
-            pipeline.start()
-            print(f"run {pipeline.run_id}: outputs in {pipeline.store.uri}", flush=True)
+            pipeline.start()  # logs "run <id>: outputs in <where>" first thing
             history = pipeline.run(progress="lines" if args.no_progress else "auto")
         finally:
             pipeline.shutdown()
