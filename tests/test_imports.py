@@ -26,16 +26,22 @@ PURE = [
 ]
 
 
-def test_pure_core_does_not_import_heavy_engines():
+def imported_by(modules: list[str], heavy: set[str]) -> str:
+    """Which of `heavy` importing `modules` pulls in, in a fresh interpreter."""
     code = (
         "import sys\n"
-        f"for m in {PURE!r}: __import__(m)\n"
-        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'vllm', 'deepspeed'})\n"
-        "print(','.join(heavy))\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        f"heavy = set({sorted(heavy)!r})\n"
+        "print(','.join(sorted({n.split('.')[0] for n in sys.modules} & heavy)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"pure modules pulled in: {proc.stdout.strip()}"
+    return proc.stdout.strip()
+
+
+def test_pure_core_does_not_import_heavy_engines():
+    pulled = imported_by(PURE, {"ray", "vllm", "deepspeed"})
+    assert pulled == "", f"pure modules pulled in: {pulled}"
 
 
 # What the GPU check (jobs/bench/gpu_check.py) runs on a machine with torch, transformers and
@@ -44,12 +50,5 @@ WORKERS = ["eopd_ray.teacher", "eopd_ray.learner", "eopd_ray.fused_head", "eopd_
 
 
 def test_teacher_and_learner_workers_import_without_ray_or_vllm():
-    code = (
-        "import sys\n"
-        f"for m in {WORKERS!r}: __import__(m)\n"
-        "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'vllm'})\n"
-        "print(','.join(heavy))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"worker modules pulled in: {proc.stdout.strip()}"
+    pulled = imported_by(WORKERS, {"ray", "vllm"})
+    assert pulled == "", f"worker modules pulled in: {pulled}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import short_tmpdir
-from .test_local_cluster import BIN, clean_clone, submit
+from .test_local_cluster import BIN, clean_clone, head_env, head_up, submit
 
 pytestmark = pytest.mark.slow
 
@@ -69,25 +69,11 @@ def test_a_head_comes_up_beside_an_embedded_ray_on_the_default_ports(tmp_path_fa
                 sock.bind(("127.0.0.1", port))
                 sock.listen()
                 listeners.append(sock)
-        up = subprocess.run(
-            ["bash", "cluster/local-head.sh", "up"],
-            cwd=clone,
-            env=base,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        up = head_up(clone, base)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "default port 8265 (DASHBOARD_PORT) is held by" in up.stdout
         assert "a test job ran" in up.stdout
-        exported = subprocess.run(
-            ["bash", "-c", 'eval "$(cluster/local-head.sh env)" && env -0'],
-            cwd=clone,
-            env=base,
-            capture_output=True,
-            check=True,
-        ).stdout.split(b"\0")
-        env = dict(line.decode().split("=", 1) for line in exported if b"=" in line)
+        env = head_env(clone, base)
         assert not env["RAY_ADDRESS"].endswith(":8265"), env["RAY_ADDRESS"]
         job = submit(
             env, clone, "--config", "jobs/configs/tiny.yaml", "run.steps=1", job_id="beside"

@@ -70,6 +70,30 @@ def clean_clone(dest: Path) -> Path:
     return dest
 
 
+def head_up(clone: Path, base: dict[str, str]) -> subprocess.CompletedProcess:
+    """`cluster/local-head.sh up` (what `make cluster-up` runs) in `clone`."""
+    return subprocess.run(
+        ["bash", "cluster/local-head.sh", "up"],
+        cwd=clone,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def head_env(clone: Path, base: dict[str, str]) -> dict[str, str]:
+    """The environment after `eval "$(cluster/local-head.sh env)"`."""
+    exported = subprocess.run(
+        ["bash", "-c", 'eval "$(cluster/local-head.sh env)" && env -0'],
+        cwd=clone,
+        env=base,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    return dict(line.decode().split("=", 1) for line in exported if b"=" in line)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, toy_prepared):
     """(environment after `eval "$(cluster/local-head.sh env)"`, the clone, HOME)."""
@@ -93,24 +117,10 @@ def cluster(tmp_path_factory, toy_prepared):
             f"--runtime-env-agent-port={runtime_env}"
         ),
     )
-    up = subprocess.run(
-        ["bash", "cluster/local-head.sh", "up"],
-        cwd=clone,
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    up = head_up(clone, base)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        exported = subprocess.run(
-            ["bash", "-c", 'eval "$(cluster/local-head.sh env)" && env -0'],
-            cwd=clone,
-            env=base,
-            capture_output=True,
-            check=True,
-        ).stdout.split(b"\0")
-        env = dict(line.decode().split("=", 1) for line in exported if b"=" in line)
+        env = head_env(clone, base)
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"]
         assert env["PATH"].startswith(str(BIN))
         env["METRICS_PORT"] = str(metrics)
