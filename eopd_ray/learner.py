@@ -208,6 +208,7 @@ class LearnerWorker:
         self.sender: WeightSender | None = None
         self.buckets: list[list[TensorMeta]] = []
         self._sent_checksum: int | None = None  # of the last sync's weights (rank 0)
+        self._gathered_checksum = 0  # of what _gathered_buckets has yielded so far
         self.step = 0
         self.metrics = WorkerMetrics("learner", rank, cfg.run.id)
         # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
@@ -597,38 +598,40 @@ class LearnerWorker:
         import deepspeed
 
         params = dict(self._named_parameters())
+        self._gathered_checksum = 0
         for index, bucket in enumerate(self.buckets):
             tensors = [params[m.name] for m in bucket]
-            if self.cfg.learner.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
-                    yield (
-                        index,
-                        [
-                            t.detach().to("cpu", getattr(torch, m.dtype)).clone()
-                            for t, m in zip(tensors, bucket, strict=True)
-                        ],
-                    )
-            else:
-                yield (
-                    index,
-                    [
-                        t.detach().to("cpu", getattr(torch, m.dtype))
-                        for t, m in zip(tensors, bucket, strict=True)
-                    ],
-                )
+            gather = (
+                deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+                if self.cfg.learner.zero_stage == 3
+                else contextlib.nullcontext()
+            )
+            with gather:
+                wire = [
+                    t.detach().to(getattr(torch, m.dtype))
+                    for t, m in zip(tensors, bucket, strict=True)
+                ]
+                # Checksummed where the weights are (the GPU: fast), before the copy to the host.
+                self._gathered_checksum += weights_checksum(wire)
+                out = [t.to("cpu") for t in wire]
+                if self.cfg.learner.zero_stage == 3:  # the gathered storage is freed on exit
+                    out = [
+                        c.clone() if c.data_ptr() == t.data_ptr() else c
+                        for c, t in zip(out, tensors, strict=True)
+                    ]
+                yield index, out
 
     def broadcast_weights(self) -> int:
         """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent."""
-        sent, checksum = 0, 0
+        sent = 0
         for index, tensors in self._gathered_buckets():
             if self.rank == 0:
                 assert self.sender is not None, "join_sync_group was not called on rank 0"
                 self.sender.send(index, tensors)
-                checksum += weights_checksum(tensors)
                 sent += 1
             if self.cfg.learner.zero_stage != 3 and self.rank != 0:
                 break  # nothing to gather on other ranks
-        self._sent_checksum = combine([checksum]) if self.rank == 0 else None
+        self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
         return sent
 
     def sent_weights_checksum(self) -> int | None:
@@ -641,10 +644,9 @@ class LearnerWorker:
         Under ZeRO-3 every rank must call it (the gathers are collective)."""
         if self.rank != 0 and self.cfg.learner.zero_stage != 3:
             return []
-        out, checksum = [], 0
+        out = []
         for index, tensors in self._gathered_buckets():
             names = [m.name for m in self.buckets[index]]
             out.append(list(zip(names, tensors, strict=True)))
-            checksum += weights_checksum(tensors) if self.rank == 0 else 0
-        self._sent_checksum = combine([checksum]) if self.rank == 0 else None
+        self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
         return out if self.rank == 0 else []

@@ -50,11 +50,11 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     size = flat.element_size()
     if size not in (2, 4):
         raise ValueError(f"weights_checksum takes 2- or 4-byte elements, not {flat.dtype}")
-    halves = flat.view(torch.int16).reshape(-1, size // 2).long() & 0xFFFF  # (n, 1 or 2)
+    bits = flat.view(torch.int16).reshape(-1, size // 2)  # (n, 1 or 2) 16-bit halves
     table = _table(flat.device)
     total = 0
-    for start in range(0, halves.shape[0], _CHUNK):
-        block = halves[start : start + _CHUNK]
+    for start in range(0, bits.shape[0], _CHUNK):  # int64 indices one chunk at a time
+        block = bits[start : start + _CHUNK].long() & 0xFFFF
         for half in range(block.shape[1]):
             total += int(table[half][block[:, half]].sum())
     return total & _MASK
