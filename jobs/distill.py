@@ -20,8 +20,8 @@ from eopd_ray.env import set_job_environment
 set_job_environment()  # before anything imports Ray
 
 from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.driver.locations import resolve_locations  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
-from eopd_ray.locations import resolve_locations  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from eopd_ray.locations import job_without_working_dir
+    from eopd_ray.driver.locations import job_without_working_dir
 
     if warning := job_without_working_dir():  # first thing: before it runs the wrong code long
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    from eopd_ray.stopping import exit_on_sigterm
+    from eopd_ray.driver.stopping import exit_on_sigterm
 
     exit_on_sigterm()  # start-up, model preparation included, ends at once on SIGTERM
     pipeline = None
     try:
         cfg = resolve_locations(load_config(args.config, args.overrides))
         build_models(cfg)
-        from eopd_ray.pipeline import Pipeline
+        from eopd_ray.driver.pipeline import Pipeline
 
         pipeline = Pipeline(cfg)
         try:

@@ -26,7 +26,7 @@ set_job_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 from eopd_ray.config import Config, config_from_dict, load_config  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
-from eopd_ray.evaluation import load_benchmark, report, score_benchmark  # noqa: E402
+from eopd_ray.evaluation.math_answers import load_benchmark, report, score_benchmark  # noqa: E402
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from eopd_ray.data import render_prompt
-    from eopd_ray.rollout import ENGINES, Sampling, prompt_seeds
+    from eopd_ray.core.prompts import render_prompt
+    from eopd_ray.roles.rollout import ENGINES, Sampling, prompt_seeds
 
     e = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eopd_ray.metrics import read_jsonl
-    from eopd_ray.plots import plot_run
+    from eopd_ray.evaluation.plots import plot_run
+    from eopd_ray.telemetry.step_metrics import read_jsonl
 
     parser = argparse.ArgumentParser(description="metrics.jsonl -> PNG curves")
     parser.add_argument("metrics", type=Path)

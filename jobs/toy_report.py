@@ -22,9 +22,9 @@ from eopd_ray.env import set_job_environment
 set_job_environment()
 
 from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.driver.locations import resolve_locations  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
-from eopd_ray.locations import resolve_locations  # noqa: E402
-from eopd_ray.storage import is_uri  # noqa: E402
+from eopd_ray.storage.run_storage import is_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from eopd_ray.metrics import read_jsonl
-    from eopd_ray.plots import plot_run
+    from eopd_ray.evaluation.plots import plot_run
+    from eopd_ray.telemetry.step_metrics import read_jsonl
     from eopd_ray.toy.evaluate import evaluate_toy
     from eopd_ray.toy.prepare import load_baseline, load_settings, read_prompts
     from eopd_ray.toy.report import comparison_table, write_report

@@ -4,7 +4,7 @@ their names and in the Repr the dashboard shows (issue 26)."""
 from __future__ import annotations
 
 from eopd_ray.config import config_from_dict
-from eopd_ray.workers import _Identified, actor_name
+from eopd_ray.driver.actors import _Identified, actor_name
 
 CFG = config_from_dict(
     {

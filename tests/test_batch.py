@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import BatchError
 
 

@@ -1,4 +1,4 @@
-"""Shard and micro-batch plans (eopd_ray.batching) on random ragged lengths."""
+"""Shard and micro-batch plans (eopd_ray.core.micro_batches) on random ragged lengths."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from eopd_ray.batching import (
+from eopd_ray.core.micro_batches import (
     balance_ranks,
     budget_micro_batches,
     count_micro_batches,
@@ -117,7 +117,7 @@ def test_rank_imbalance_of_a_ragged_step():
 
 
 def test_share_step_gives_each_rank_its_rows_and_the_imbalance():
-    from eopd_ray.batching import share_step
+    from eopd_ray.core.micro_batches import share_step
 
     lengths = ragged(32, 5)
     shares = share_step(lengths, 2, 2, micro_batch_size=4, max_tokens_per_micro_batch=8192)

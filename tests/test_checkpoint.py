@@ -13,9 +13,9 @@ import pytest
 import torch
 from faulty_fs import FaultyFS
 
-from eopd_ray import checkpoint
 from eopd_ray.config import config_from_dict
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage import checkpoint
+from eopd_ray.storage.run_storage import RunStorage
 
 BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
 
@@ -80,7 +80,7 @@ def test_a_writer_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
     code = (
         "import os\n"
         "from eopd_ray import checkpoint\n"
-        "from eopd_ray.storage import RunStorage\n"
+        "from eopd_ray.storage.run_storage import RunStorage\n"
         f"store = RunStorage({str(tmp_path)!r})\n"
         "rel = checkpoint.begin(store, 6)\n"
         "store.write_bytes(rel + '/learner/state.pt', b'half')\n"
@@ -131,7 +131,7 @@ def test_rng_states_round_trip(tmp_path, store):
 def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
     """Review finding 2: a transient error reading state.json made begin() delete the newest
     complete checkpoint, and begin_run start the run afresh (moving it to previous/)."""
-    from eopd_ray.run_dir import begin_run
+    from eopd_ray.storage.run_dir import begin_run
 
     root = tmp_path / "disk"
     root.mkdir()

@@ -156,7 +156,7 @@ def test_every_loss_name_the_config_accepts_exists_in_the_loss_module():
     from typing import get_args, get_type_hints
 
     from eopd_ray.config import LossConfig
-    from eopd_ray.loss import LOSSES
+    from eopd_ray.core.loss import LOSSES
 
     names = get_args(get_type_hints(LossConfig)["name"])
     assert set(names) == set(LOSSES)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eopd_ray.evaluation import load_benchmark
+from eopd_ray.evaluation.math_answers import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "convert_benchmarks.py"
 
@@ -86,7 +86,7 @@ def dapo_row(problem: str, answer: str, index: str) -> dict:
 
 def test_dapo_math_becomes_a_deduplicated_prompt_file_the_4b_recipe_reads(tmp_path):
     from eopd_ray.config import load_config
-    from eopd_ray.data import load_prompt_texts
+    from eopd_ray.core.prompts import load_prompt_texts
 
     two_lines = "Let $x$ be real.\n\nFind $x$ if $x + 1 = 3$."
     rows = [

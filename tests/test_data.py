@@ -9,7 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from eopd_ray.config import DataConfig
-from eopd_ray.data import DataError, PromptStream, load_prompt_texts, render_prompt, toy_prompts
+from eopd_ray.core.prompts import (
+    DataError,
+    PromptStream,
+    load_prompt_texts,
+    render_prompt,
+    toy_prompts,
+)
 
 
 def test_stream_covers_every_prompt_once_per_epoch_and_resumes_exactly():

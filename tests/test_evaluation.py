@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from eopd_ray.evaluation import (
+from eopd_ray.evaluation.math_answers import (
     BenchmarkError,
     Problem,
     extract_boxed,

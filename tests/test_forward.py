@@ -8,7 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eopd_ray.forward import pack, response_hidden_states, score_response_tokens, scoring_lm_head
+from eopd_ray.core.forward import (
+    pack,
+    response_hidden_states,
+    score_response_tokens,
+    scoring_lm_head,
+)
 
 K = 8
 

@@ -1,4 +1,4 @@
-"""The fused LM head + log-softmax + gather (eopd_ray/fused_head.py): against a float64 brute
+"""The fused LM head + log-softmax + gather (eopd_ray/core/fused_head.py): against a float64 brute
 force, and against today's path (head -> (N, V) logits -> loss) for every loss variant, tied and
 untied heads, padded and packed ragged rows: loss, every metric and the gradients with respect to
 the hidden states and the head weight within 1e-6 relative in fp32."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eopd_ray.fused_head import FusedLMHead, fused_head_logprobs, install_fused_head
-from eopd_ray.loss import LOSSES, LossInputs, StudentAtIds, loss_hyperparameters, loss_ids
+from eopd_ray.core.fused_head import FusedLMHead, fused_head_logprobs, install_fused_head
+from eopd_ray.core.loss import LOSSES, LossInputs, StudentAtIds, loss_hyperparameters, loss_ids
 
 TEMPERATURE = 0.7
 REL = 1e-6

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import load_config
-from eopd_ray.data import toy_prompts
-from eopd_ray.errors import ConfigError
-from eopd_ray.heldout import (
+from eopd_ray.core.prompts import toy_prompts
+from eopd_ray.driver.held_out import (
     HeldOutError,
     accuracy_metrics,
     arithmetic_held_out,
@@ -20,6 +19,7 @@ from eopd_ray.heldout import (
     load_held_out,
     summary_line,
 )
+from eopd_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"

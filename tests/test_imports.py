@@ -6,23 +6,23 @@ import subprocess
 import sys
 
 PURE = [
-    "eopd_ray.loss",
+    "eopd_ray.core.loss",
     "eopd_ray.config",
-    "eopd_ray.batch",
+    "eopd_ray.core.wire",
     "eopd_ray.errors",
-    "eopd_ray.config_yaml",
-    "eopd_ray.data",
-    "eopd_ray.metrics",
-    "eopd_ray.evaluation",
-    "eopd_ray.checkpoint",
-    "eopd_ray.forward",
-    "eopd_ray.weight_sync",
+    "eopd_ray.config.strict_yaml",
+    "eopd_ray.core.prompts",
+    "eopd_ray.telemetry.step_metrics",
+    "eopd_ray.evaluation.math_answers",
+    "eopd_ray.storage.checkpoint",
+    "eopd_ray.core.forward",
+    "eopd_ray.roles.weight_sync",
     "eopd_ray.env",
     "eopd_ray.toy.models",
-    "eopd_ray.invariants",
-    "eopd_ray.fused_head",
-    "eopd_ray.weight_checksum",
-    "eopd_ray.run_claim",
+    "eopd_ray.core.invariants",
+    "eopd_ray.core.fused_head",
+    "eopd_ray.core.weight_checksum",
+    "eopd_ray.storage.run_claim",
 ]
 
 
@@ -46,7 +46,12 @@ def test_pure_core_does_not_import_heavy_engines():
 
 # What the GPU check (jobs/bench/gpu_check.py) runs on a machine with torch, transformers and
 # DeepSpeed but no Ray or vLLM: the teacher and learner workers themselves.
-WORKERS = ["eopd_ray.teacher", "eopd_ray.learner", "eopd_ray.fused_head", "eopd_ray.ray_metrics"]
+WORKERS = [
+    "eopd_ray.roles.teacher",
+    "eopd_ray.roles.learner",
+    "eopd_ray.core.fused_head",
+    "eopd_ray.telemetry.ray_gauges",
+]
 
 
 def test_teacher_and_learner_workers_import_without_ray_or_vllm():

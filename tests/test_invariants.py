@@ -1,4 +1,4 @@
-"""eopd_ray.invariants: sane teacher scores pass; each violation names the step, the worker, the
+"""core.invariants: sane teacher scores pass; each violation names the step, the worker, the
 first offending row and position, the value and a likely cause; padding is never looked at."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pickle
 import pytest
 import torch
 
-from eopd_ray.batch import RolloutBatch, TeacherScores
+from eopd_ray.core.invariants import InvariantError, check_teacher_scores
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
-from eopd_ray.invariants import InvariantError, check_teacher_scores
 
 V, K = 50, 4
 
@@ -133,7 +133,7 @@ def test_real_teacher_scores_pass(tiny_pair):
     from transformers import AutoTokenizer
 
     from eopd_ray.config import config_from_dict
-    from eopd_ray.teacher import TeacherWorker
+    from eopd_ray.roles.teacher import TeacherWorker
 
     tok = AutoTokenizer.from_pretrained(tiny_pair[0])
     cfg = config_from_dict(
@@ -193,7 +193,7 @@ def test_a_top_k_one_position_off_its_entropy_is_caught():
         )
     assert "step 2, teacher[1]" in str(err.value) and "shifted by one" in str(err.value)
     # How often the rule sees it, position by position (the check stops at the first).
-    from eopd_ray.invariants import TOPK_ENTROPY_SLACK
+    from eopd_ray.core.invariants import TOPK_ENTROPY_SLACK
 
     shifted = shifted_top_k(scores)
     top = shifted.topk_logprobs.double()
@@ -226,7 +226,7 @@ def test_a_sampled_token_outside_the_top_k_cannot_beat_the_top_1():
 
 
 def test_weights_in_sync_passes_within_the_bound_and_names_the_stale_worker():
-    from eopd_ray.invariants import WeightsOutOfSync, check_weights_in_sync
+    from eopd_ray.core.invariants import WeightsOutOfSync, check_weights_in_sync
 
     learner = [-1.0, -2.0, -3.0]
     check_weights_in_sync(learner, [[-1.0, -2.0, -3.0000005]], ["rollout[0]"], 1e-3, "step 0")
@@ -247,7 +247,7 @@ def test_weights_in_sync_passes_within_the_bound_and_names_the_stale_worker():
 
 
 def test_weights_loaded_check_names_the_worker_that_holds_other_weights():
-    from eopd_ray.invariants import WeightsOutOfSync, check_weights_loaded
+    from eopd_ray.core.invariants import WeightsOutOfSync, check_weights_loaded
 
     workers = ["rollout-0", "rollout-1 (node 10.0.0.7)"]
     check_weights_loaded(0xABC, [(3, 0xABC), (3, 0xABC)], workers, 3, "step 2")
@@ -261,7 +261,7 @@ def test_weights_loaded_check_names_the_worker_that_holds_other_weights():
 
 
 def test_sampler_gap_check_catches_nan_and_large_gaps():
-    from eopd_ray.invariants import WeightsOutOfSync, check_sampler_gap
+    from eopd_ray.core.invariants import WeightsOutOfSync, check_sampler_gap
 
     check_sampler_gap(2e-4, 1e-3, step=3, worker="learner[0]")
     with pytest.raises(WeightsOutOfSync, match=r"step 3, learner\[1\]: opd/sampler_gap = nan"):
@@ -272,7 +272,7 @@ def test_sampler_gap_check_catches_nan_and_large_gaps():
 
 def test_gap_bound_follows_the_dtype_unless_set():
     from eopd_ray.config import config_from_dict
-    from eopd_ray.invariants import logprob_gap_bound, probe_sequence
+    from eopd_ray.core.invariants import logprob_gap_bound, probe_sequence
 
     base = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 4}}
     assert logprob_gap_bound(config_from_dict(base)) == 1e-3
@@ -280,7 +280,7 @@ def test_gap_bound_follows_the_dtype_unless_set():
     assert logprob_gap_bound(bf16) == 5e-2
     assert logprob_gap_bound(config_from_dict(base, ["sync.max_logprob_gap=0.2"])) == 0.2
     # The sampler gap has a bound of its own (review finding 7).
-    from eopd_ray.invariants import sampler_gap_bound
+    from eopd_ray.core.invariants import sampler_gap_bound
 
     assert sampler_gap_bound(config_from_dict(base)) == 1e-3
     assert sampler_gap_bound(bf16) == 3e-2

@@ -44,7 +44,7 @@ BF16_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
 # The learner's LM head runs fused with the loss by default (loss.fused_head, every case above,
 # ZeRO-3 gathering its partitioned weight); these run the head on full logits instead.
 LOGITS_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
-# Token-budget plans (eopd_ray.batching), each micro-batch cut to its own longest sequence:
+# Token-budget plans (core.micro_batches), each micro-batch cut to its own longest sequence:
 # "split" (budget 17, ranks by count) gives the ranks 3 and 4 micro-batches, so one splits;
 # "balanced" (budget 20, ranks by tokens) deals rows by length; "placeholder" (a hand plan)
 # leaves rank 1 with 3 sequences for 5 micro-batches: 2 zero-weight placeholders.
@@ -102,7 +102,7 @@ def _config(
 def _synthetic_batch(vocab: int, seed: int = 0):
     """8 sequences: ragged prompts (2-7 tokens) and responses (1-9 of T = 9), teacher scores with
     distinct top-K ids and entropies on both sides of tau = 0.8."""
-    from eopd_ray.batch import RolloutBatch, TeacherScores
+    from eopd_ray.core.wire import RolloutBatch, TeacherScores
 
     g = torch.Generator().manual_seed(seed)
     b, p, t = MINI_BATCH, 7, 9
@@ -139,7 +139,7 @@ def _synthetic_batch(vocab: int, seed: int = 0):
 def _budget_plan(batch, kind: str):
     """(the step's plan, the config's learner.max_tokens_per_micro_batch) for a BUDGET_PLANS
     kind."""
-    from eopd_ray.batching import equalize_counts, plan_step
+    from eopd_ray.core.micro_batches import equalize_counts, plan_step
 
     lengths = batch.sequence_lengths
     if kind == "placeholder":
@@ -190,8 +190,8 @@ def _checkpoint_round_trip(worker, cfg, after, root: Path, rank: int, port: int)
     import pyarrow.fs as pafs
     from transformers import AutoModelForCausalLM
 
-    from eopd_ray.learner import LearnerWorker
-    from eopd_ray.storage import RunStorage
+    from eopd_ray.roles.learner import LearnerWorker
+    from eopd_ray.storage.run_storage import RunStorage
 
     root.mkdir(parents=True, exist_ok=True)
     store = RunStorage("run", filesystem=pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()))
@@ -233,9 +233,9 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         torch.optim.AdamW = SGDAsAdamW  # this process only
         from transformers import AutoConfig
 
-        from eopd_ray.batching import rank_share
-        from eopd_ray.learner import LearnerWorker, deepspeed_config
-        from eopd_ray.metrics import reduce_learner_metrics
+        from eopd_ray.core.micro_batches import rank_share
+        from eopd_ray.roles.learner import LearnerWorker, deepspeed_config
+        from eopd_ray.telemetry.step_metrics import reduce_learner_metrics
 
         batch, scores = _synthetic_batch(AutoConfig.from_pretrained(student).vocab_size)
         shard, shard_scores, tokens = _shard(batch, scores, rank)
@@ -365,7 +365,7 @@ def _run_ranks(student: Path, dropout_student: Path, out_dir: Path, timeout_s: f
 
 
 def _tempered_logits(model, batch) -> torch.Tensor:
-    from eopd_ray.forward import pack, response_logits, rows_of
+    from eopd_ray.core.forward import pack, response_logits, rows_of
 
     ids, attention, positions = pack(
         rows_of(batch.prompt_ids, batch.prompt_mask),
@@ -379,7 +379,7 @@ def _reference_gradient(student: Path, batch, scores) -> dict[str, torch.Tensor]
     """float64 gradient of the eopd token-mean loss over the whole mini-batch, one process."""
     from transformers import AutoModelForCausalLM
 
-    from eopd_ray.loss import LossInputs, eopd_loss, student_logprobs_at
+    from eopd_ray.core.loss import LossInputs, eopd_loss, student_logprobs_at
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64)
     model.train()
@@ -512,7 +512,7 @@ def test_old_logprobs_are_recomputed_in_eval_mode(learner_run):
     """With dropout, pi_old is the eval-mode (sampler's) policy, the same at every call."""
     from transformers import AutoModelForCausalLM
 
-    from eopd_ray.loss import student_logprobs_at
+    from eopd_ray.core.loss import student_logprobs_at
 
     results, _, batch = learner_run
     got = results["dropout"]

@@ -1,10 +1,10 @@
-"""Where a submitted job runs and writes (eopd_ray/locations.py)."""
+"""Where a submitted job runs and writes (eopd_ray/driver/locations.py)."""
 
 from __future__ import annotations
 
 import json
 
-from eopd_ray.locations import JOB_CONFIG_ENV, job_without_working_dir
+from eopd_ray.driver.locations import JOB_CONFIG_ENV, job_without_working_dir
 
 
 def test_a_job_without_working_dir_is_warned_about_naming_its_directory(monkeypatch, tmp_path):

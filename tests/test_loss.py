@@ -1,7 +1,7 @@
 """The loss family against a float64 brute-force reference over the full vocabulary.
 
 The reference loops over tokens and writes each equation of method.md out in full, independently
-of eopd_ray.loss. Every test draws fresh random inputs (seeded per test for reproducibility).
+of eopd_ray.core.loss. Every test draws fresh random inputs (seeded per test for reproducibility).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eopd_ray.loss import (
+from eopd_ray.core.loss import (
     LOSSES,
     LossInputs,
     eopd_loss,

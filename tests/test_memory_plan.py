@@ -1,4 +1,4 @@
-"""learner.gradient_checkpointing: auto (eopd_ray/memory_plan.py): on where a micro-batch's
+"""learner.gradient_checkpointing: auto (eopd_ray/core/memory_plan.py): on where a micro-batch's
 activations would not fit the GPU, off elsewhere."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import ConfigError, config_from_dict, load_config
-from eopd_ray.memory_plan import ACTIVATION_BYTES, checkpointing_needed, micro_batch_tokens
+from eopd_ray.core.memory_plan import ACTIVATION_BYTES, checkpointing_needed, micro_batch_tokens
 
 GB = 1e9
 QWEN3_1_7B = {"layers": 28, "hidden": 2048, "parameters": 2.03e9}
@@ -47,7 +47,7 @@ def test_config_takes_auto_and_the_paper_recipe_uses_it():
 
 
 def test_auto_is_off_on_cpu():
-    from eopd_ray.learner import LearnerWorker
+    from eopd_ray.roles.learner import LearnerWorker
 
     base = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
     worker = LearnerWorker(config_from_dict(base, ["learner.gradient_checkpointing=auto"]), 0, 1)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from eopd_ray.metrics import JsonlSink, read_jsonl, reduce_learner_metrics
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.telemetry.step_metrics import JsonlSink, read_jsonl, reduce_learner_metrics
 
 
 def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():

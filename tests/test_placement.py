@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from eopd_ray.placement import describe_demand, wait_for_placement
+from eopd_ray.driver.placement import describe_demand, wait_for_placement
 
 
 def test_describe_demand_names_roles_totals_and_keys_to_change():
@@ -62,7 +62,7 @@ def local_ray():
 def test_wait_for_placement_warns_while_pending_and_returns_when_placed(local_ray, caplog):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    caplog.set_level(logging.WARNING, logger="eopd_ray.placement")
+    caplog.set_level(logging.WARNING, logger="eopd_ray.driver.placement")
 
     # 2 x 1 CPU on a 1-CPU Ray can never be placed.
     too_big = [("rollout", {"CPU": 1.0})] * 2
@@ -70,7 +70,7 @@ def test_wait_for_placement_warns_while_pending_and_returns_when_placed(local_ra
     assert wait_for_placement(pg, too_big, timeout_s=1.6, interval_s=0.5) is False
     remove_placement_group(pg)
 
-    warnings = [r for r in caplog.records if r.name == "eopd_ray.placement"]
+    warnings = [r for r in caplog.records if r.name == "eopd_ray.driver.placement"]
     assert len(warnings) >= 2, [r.getMessage() for r in warnings]
     for record in warnings:
         assert record.levelno == logging.WARNING
@@ -86,4 +86,4 @@ def test_wait_for_placement_warns_while_pending_and_returns_when_placed(local_ra
     # A slice long enough that a loaded machine still places it within the first one.
     assert wait_for_placement(pg, fits, timeout_s=30.0, interval_s=5.0) is True
     remove_placement_group(pg)
-    assert [r for r in caplog.records if r.name == "eopd_ray.placement"] == []
+    assert [r for r in caplog.records if r.name == "eopd_ray.driver.placement"] == []

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eopd_ray.plots import mean_band, plot_methods, plot_run
+from eopd_ray.evaluation.plots import mean_band, plot_methods, plot_run
 
 
 def rows_with_eval(values: dict[int, float], steps: int = 6) -> list[dict]:

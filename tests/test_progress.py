@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from eopd_ray.progress import StepProgress, format_duration
+from eopd_ray.driver.progress import StepProgress, format_duration
 
 METRICS = {"loss/total": 0.123456, "kl/reverse_sampled": 0.4567, "train/tokens_per_s": 1234.4}
 
@@ -27,7 +27,7 @@ class TtyStream(io.StringIO):
 
 
 def progress_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "eopd_ray.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "eopd_ray.driver.progress"]
 
 
 def run_steps(progress: StepProgress, clock: FakeClock, steps: range, step_s: float) -> None:
@@ -37,7 +37,7 @@ def run_steps(progress: StepProgress, clock: FakeClock, steps: range, step_s: fl
 
 
 def test_lines_first_last_and_at_most_one_per_interval(caplog):
-    caplog.set_level(logging.INFO, logger="eopd_ray.progress")
+    caplog.set_level(logging.INFO, logger="eopd_ray.driver.progress")
     clock = FakeClock()
     progress = StepProgress(0, 100, mode="lines", every_s=30.0, stream=io.StringIO(), clock=clock)
     run_steps(progress, clock, range(100), step_s=1.0)
@@ -56,7 +56,7 @@ def test_lines_first_last_and_at_most_one_per_interval(caplog):
 
 
 def test_line_content(caplog):
-    caplog.set_level(logging.INFO, logger="eopd_ray.progress")
+    caplog.set_level(logging.INFO, logger="eopd_ray.driver.progress")
     clock = FakeClock()
     progress = StepProgress(0, 300, mode="lines", stream=io.StringIO(), clock=clock)
     run_steps(progress, clock, range(12), step_s=1.2)  # the first step is logged at once
@@ -73,7 +73,7 @@ def test_line_content(caplog):
 
 
 def test_eta_uses_only_steps_run_by_this_process(caplog):
-    caplog.set_level(logging.INFO, logger="eopd_ray.progress")
+    caplog.set_level(logging.INFO, logger="eopd_ray.driver.progress")
     clock = FakeClock()
     clock.now = 5000.0  # a resumed run: steps 0..199 took place in an earlier process
     progress = StepProgress(200, 300, mode="lines", stream=io.StringIO(), clock=clock)
@@ -93,7 +93,7 @@ def test_format_duration(seconds, text):
 
 
 def test_missing_metrics_print_a_dash(caplog):
-    caplog.set_level(logging.INFO, logger="eopd_ray.progress")
+    caplog.set_level(logging.INFO, logger="eopd_ray.driver.progress")
     clock = FakeClock()
     progress = StepProgress(0, 10, mode="lines", stream=io.StringIO(), clock=clock)
     clock.now = 2.0
@@ -109,7 +109,7 @@ def test_missing_metrics_print_a_dash(caplog):
 
 
 def test_auto_draws_lines_off_a_tty_and_a_bar_on_one(caplog):
-    caplog.set_level(logging.INFO, logger="eopd_ray.progress")
+    caplog.set_level(logging.INFO, logger="eopd_ray.driver.progress")
     log_stream = io.StringIO()
     lines = StepProgress(0, 3, stream=log_stream)
     assert lines.mode == "lines"

@@ -14,8 +14,8 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from eopd_ray.run_claim import CLAIM, ClaimLost, RunClaim, RunDirectoryInUse
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage.run_claim import CLAIM, ClaimLost, RunClaim, RunDirectoryInUse
+from eopd_ray.storage.run_storage import RunStorage
 
 
 @pytest.fixture(params=["local", "object store"])
@@ -81,8 +81,8 @@ def test_a_second_driver_process_is_refused_until_the_first_is_gone(tmp_path):
     run = tmp_path / "run"
     code = (
         "import sys, time\n"
-        "from eopd_ray.run_claim import RunClaim\n"
-        "from eopd_ray.storage import RunStorage\n"
+        "from eopd_ray.storage.run_claim import RunClaim\n"
+        "from eopd_ray.storage.run_storage import RunStorage\n"
         f"claim = RunClaim.acquire(RunStorage({str(run)!r}), heartbeat_s=30.0)\n"
         "claim.set_run_id('first')\n"
         "claim.start()\n"

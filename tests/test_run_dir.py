@@ -6,11 +6,11 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 
-from eopd_ray import checkpoint
-from eopd_ray.checkpoint import CheckpointError
 from eopd_ray.config import config_from_dict, config_to_yaml
-from eopd_ray.run_dir import begin_run
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage import checkpoint
+from eopd_ray.storage.checkpoint import CheckpointError
+from eopd_ray.storage.run_dir import begin_run
+from eopd_ray.storage.run_storage import RunStorage
 
 BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
 
@@ -98,7 +98,7 @@ def s3_like(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
     from faulty_fs import FaultyFS
 
-    from eopd_ray import storage
+    from eopd_ray.storage import run_storage as storage
 
     root = tmp_path / "bucket"
     root.mkdir()

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from eopd_ray.seed_stats import describe, paired, t_cdf, t_quantile
+from eopd_ray.evaluation.seed_stats import describe, paired, t_cdf, t_quantile
 
 # Two-sided 95% critical values of Student's t (any statistics table).
 PUBLISHED_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 29: 2.045}

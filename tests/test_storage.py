@@ -8,7 +8,7 @@ import pickle
 import pyarrow.fs as pafs
 import pytest
 
-from eopd_ray.storage import RunStorage, StorageError, is_uri
+from eopd_ray.storage.run_storage import RunStorage, StorageError, is_uri
 
 
 @pytest.fixture(params=["local", "memory", "subtree"])
@@ -63,7 +63,7 @@ def test_local_storage_writes_in_place_and_shows_its_absolute_path(tmp_path):
 def test_paths_below_a_uri_with_a_query_keep_the_query_last():
     """Review finding 8: `s3://b/run?endpoint_override=...` was shown (and returned by the HF
     export) as `...&scheme=http/checkpoints/step-000001`."""
-    from eopd_ray import checkpoint
+    from eopd_ray.storage import checkpoint
 
     store = RunStorage("s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http")
     assert store.root == "bucket/run" and store.path("hf") == "bucket/run/hf"

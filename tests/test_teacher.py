@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eopd_ray.batch import RolloutBatch
 from eopd_ray.config import config_from_dict
-from eopd_ray.data import render_prompt
-from eopd_ray.teacher import TeacherWorker, VocabularyMismatch
+from eopd_ray.core.prompts import render_prompt
+from eopd_ray.core.wire import RolloutBatch
+from eopd_ray.roles.teacher import TeacherWorker, VocabularyMismatch
 
 
 def make_cfg(pair, **teacher):
@@ -189,7 +189,7 @@ def test_different_vocabularies_are_refused_at_start(tiny_pair, tmp_path):
 
 def test_start_up_checks_name_the_key_and_the_fix(tiny_pair, tmp_path):
     from eopd_ray.errors import EopdError
-    from eopd_ray.teacher import check_model_pair
+    from eopd_ray.roles.teacher import check_model_pair
 
     check_model_pair(make_cfg(tiny_pair))
     with pytest.raises(EopdError, match=r"model\.teacher_path = .*\(no config\.json\)"):

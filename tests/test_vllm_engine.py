@@ -17,9 +17,9 @@ _SCRIPT = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from eopd_ray.config import config_from_dict
-from eopd_ray.rollout import HfEngine, Sampling, VllmEngine
-from eopd_ray.weight_checksum import weights_checksum
-from eopd_ray.weight_sync import TensorMeta, plan_buckets
+from eopd_ray.roles.rollout import HfEngine, Sampling, VllmEngine
+from eopd_ray.core.weight_checksum import weights_checksum
+from eopd_ray.roles.weight_sync import TensorMeta, plan_buckets
 
 def check(path):
     cfg = config_from_dict({

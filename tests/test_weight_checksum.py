@@ -1,4 +1,4 @@
-"""eopd_ray.weight_checksum: exact against a pure-Python brute force, blind to order and to how
+"""eopd_ray.core.weight_checksum: exact against a pure-Python brute force, blind to order and to how
 tensors are fused or padded with zeros, and sees a single bf16 ulp (review finding 7: the probe
 could not tell an engine one version behind from a fresh one in bf16)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eopd_ray.weight_checksum import _table, combine, tensor_checksum, weights_checksum
+from eopd_ray.core.weight_checksum import _table, combine, tensor_checksum, weights_checksum
 
 
 def brute_force(tensors) -> int:

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from eopd_ray.weight_sync import TensorMeta, WeightReceiver, WeightSender, plan_buckets
+from eopd_ray.roles.weight_sync import TensorMeta, WeightReceiver, WeightSender, plan_buckets
 
 
 def metas(*sizes: int, dtype: str = "float32") -> list[TensorMeta]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eopd_ray.evaluation import pass_at_k
+from eopd_ray.evaluation.math_answers import pass_at_k
 from eopd_ray.toy.task import ToyTask, judge_answers
 
 # Tokens sampled beyond the longest correct answer and its EOS, so that a model that overshoots

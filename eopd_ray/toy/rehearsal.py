@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from eopd_ray.stopping import removed_if_stopped
+from eopd_ray.driver.stopping import removed_if_stopped
 
 QWEN3_VOCAB_ROWS = 151936  # Qwen3's embedding rows (config.vocab_size)
 QWEN3_REGULAR_TOKENS = 151643  # ids 0..151642 are BPE tokens; the added tokens follow

@@ -9,14 +9,14 @@ Three measurements, each on random-init models built in memory (nothing to downl
    torch AdamW) on the EOPD loss with synthetic teacher scores; student tokens per second and
    MFU = 6 N tokens / time / the card's dense bf16 peak (N = parameters that multiply);
 2. teacher: scoring tokens per second of a Qwen3-8B-shaped teacher in bf16 (one backbone pass,
-   LM head on response positions only, exact entropy and top-K: eopd_ray.forward's
+   LM head on response positions only, exact entropy and top-K: eopd_ray.core.forward's
    `score_response_tokens`, what the TeacherWorker runs);
 3. head + loss: time and peak memory of the LM head and the EOPD loss (forward + backward) from
    the hidden states at T = 8,192, V = 151,936, H = 2,048: bf16 logits with the plain or the
    memory-lean log-softmax, against the fused head (loss.fused_head: no logits at all);
 4. ragged learner: one optimizer update of the Qwen3-1.7B-shaped student over a ragged batch
    (log-normal response lengths, median cap / 6, ~4% at the 4,096 cap), fixed-count
-   micro-batches padded to the step's width vs token-budget micro-batches (eopd_ray.batching:
+   micro-batches padded to the step's width vs token-budget micro-batches (core.micro_batches:
    sorted, cut to their own longest, only real positions through the LM head) with the same
    worst-case size: seconds per update, peak memory, padded fraction;
 5. the real workers, without Ray: `TeacherWorker.score` of a Qwen3-8B-shaped teacher and
@@ -114,8 +114,8 @@ def synthetic_scores(b: int, t: int, v: int, k: int, device: str, gen):
 def learner_check(shape, device, b, prompt_len, t, steps, peak_tflops) -> dict:
     import torch
 
-    from eopd_ray.forward import response_logits
-    from eopd_ray.loss import LossInputs, eopd_loss
+    from eopd_ray.core.forward import response_logits
+    from eopd_ray.core.loss import LossInputs, eopd_loss
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -170,9 +170,9 @@ def ragged_learner_check(shape, device, num_seqs, cap, micro, repeats) -> dict:
 
     import torch
 
-    from eopd_ray.batching import budget_micro_batches, count_micro_batches
-    from eopd_ray.forward import response_logits
-    from eopd_ray.loss import LossInputs, eopd_loss
+    from eopd_ray.core.forward import response_logits
+    from eopd_ray.core.loss import LossInputs, eopd_loss
+    from eopd_ray.core.micro_batches import budget_micro_batches, count_micro_batches
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -243,7 +243,7 @@ def ragged_learner_check(shape, device, num_seqs, cap, micro, repeats) -> dict:
 def teacher_check(shape, device, b, prompt_len, t, repeats) -> dict:
     import torch
 
-    from eopd_ray.forward import score_response_tokens, scoring_lm_head
+    from eopd_ray.core.forward import score_response_tokens, scoring_lm_head
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -283,8 +283,8 @@ def loss_check(device, t, v, h, repeats) -> list[dict]:
     (loss.fused_head: no logits at all). Memory is the peak beyond the hidden states."""
     import torch
 
-    from eopd_ray.fused_head import fused_head_logprobs
-    from eopd_ray.loss import LossInputs, StudentAtIds, eopd_loss, loss_ids
+    from eopd_ray.core.fused_head import fused_head_logprobs
+    from eopd_ray.core.loss import LossInputs, StudentAtIds, eopd_loss, loss_ids
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device, torch.bfloat16)
@@ -361,7 +361,7 @@ def _rollout(b, prompt_len, t, v, seed):
     the teacher and the learners."""
     import torch
 
-    from eopd_ray.batch import RolloutBatch
+    from eopd_ray.core.wire import RolloutBatch
 
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, t // 8), t + 1, (b,), generator=gen)
@@ -385,11 +385,11 @@ def workers_check(student, teacher, device, b, prompt_len, t, budget, steps, pea
     import dataclasses
     import os
 
-    from eopd_ray.batching import rank_share, share_step
     from eopd_ray.config import config_from_dict
-    from eopd_ray.invariants import InvariantError, check_teacher_scores
-    from eopd_ray.learner import LearnerWorker
-    from eopd_ray.teacher import TeacherWorker
+    from eopd_ray.core.invariants import InvariantError, check_teacher_scores
+    from eopd_ray.core.micro_batches import rank_share, share_step
+    from eopd_ray.roles.learner import LearnerWorker
+    from eopd_ray.roles.teacher import TeacherWorker
     from eopd_ray.toy.models import build_tokenizer
 
     on_gpu = int(device.startswith("cuda"))

@@ -15,7 +15,7 @@ Configurations (same batch, same seeds):
   equal sequence counts, every micro-batch's LM head and loss run over the step's full padded
   response width;
 - `budget`: sequences sorted by length and grouped under `max_tokens_per_micro_batch`, each
-  micro-batch cut to its own longest sequence, ranks balanced by tokens (eopd_ray.batching).
+  micro-batch cut to its own longest sequence, ranks balanced by tokens (core.micro_batches).
   The budget equals the fixed layout's worst case (micro_batch_size x (longest prompt + cap)), so
   the peak memory a GPU must provision is the same.
 
@@ -47,8 +47,8 @@ set_job_environment()
 
 import torch  # noqa: E402
 
-from eopd_ray.batch import RolloutBatch, TeacherScores  # noqa: E402
-from eopd_ray.batching import share_step  # noqa: E402
+from eopd_ray.core.micro_batches import share_step  # noqa: E402
+from eopd_ray.core.wire import RolloutBatch, TeacherScores  # noqa: E402
 
 WORLD = 2
 CONFIGS = ("fixed", "budget")
@@ -155,7 +155,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
     """One learner rank: every configuration in turn (warm-up + timed steps), times to a file."""
     os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    from eopd_ray.learner import LearnerWorker
+    from eopd_ray.roles.learner import LearnerWorker
 
     jobs = torch.load(Path(work) / "jobs.pt", weights_only=False)
     results = {}
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     parser.add_argument("--out", type=Path, help="JSON results")
     args = parser.parse_args(argv)
-    from eopd_ray.teacher import TeacherWorker
+    from eopd_ray.roles.teacher import TeacherWorker
     from eopd_ray.toy.models import ensure_bench_models
 
     work = Path(tempfile.mkdtemp(prefix="ragged-"))

@@ -54,9 +54,9 @@ def build_teacher(root: Path, vocab: int, hidden: int, layers: int) -> Path:
 def measure(model_dir: Path, b: int, t: int, k: int, repeats: int) -> dict:
     import torch
 
-    from eopd_ray.batch import RolloutBatch
     from eopd_ray.config import config_from_dict
-    from eopd_ray.teacher import TeacherWorker
+    from eopd_ray.core.wire import RolloutBatch
+    from eopd_ray.roles.teacher import TeacherWorker
 
     cfg = config_from_dict(
         {

@@ -131,7 +131,7 @@ def config_for(name: str, out_dir: Path, steps: int, overrides: list[str]):
 
 def measure(cfg, warmup: int, steps: int) -> list[dict[str, float]]:
     """Wall time and stage times of `steps` steps after `warmup` untimed ones."""
-    from eopd_ray.pipeline import Pipeline
+    from eopd_ray.driver.pipeline import Pipeline
 
     pipeline = Pipeline(cfg)
     rows = []

@@ -40,7 +40,7 @@ from eopd_ray.env import set_job_environment  # noqa: E402
 
 set_job_environment()
 
-from eopd_ray.seed_stats import Summary, describe, paired  # noqa: E402
+from eopd_ray.evaluation.seed_stats import Summary, describe, paired  # noqa: E402
 
 METHODS = ("opd", "eopd", "eopd_all", "eopd_random")
 TASKS = {"graph": "toy.yaml", "chain": "toy_chain.yaml"}
@@ -98,7 +98,7 @@ def train(config: Path, method: str, seed: int, out: Path, overrides: list[str])
 
 def one_run(task: str, method: str, seed: int, ctx: dict, fresh: bool) -> dict:
     """Train (unless already done) and evaluate one (task, method, seed); returns its record."""
-    from eopd_ray.metrics import read_jsonl
+    from eopd_ray.telemetry.step_metrics import read_jsonl
     from eopd_ray.toy.evaluate import evaluate_toy
 
     out = run_dir(ctx["root"], task, method, seed)
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from eopd_ray.config import load_config
-    from eopd_ray.metrics import read_jsonl
-    from eopd_ray.plots import plot_methods
+    from eopd_ray.evaluation.plots import plot_methods
+    from eopd_ray.telemetry.step_metrics import read_jsonl
     from eopd_ray.toy.prepare import default_settings, load_baseline, prepare_toy, read_prompts
 
     # Evaluations run beside training processes: one thread each.

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.configs, args.variants, args.steps = ["tiny"], ["gkd_rkl"], 2
-    from eopd_ray.data import load_prompt_texts
+    from eopd_ray.core.prompts import load_prompt_texts
 
     python = ensure_trl_env(args.trl_env)
     results = []

@@ -4,7 +4,7 @@
 
 For each size, a Llama-shaped parameter list (fp32) is sent from this process (playing learner
 rank 0) to a rollout-side Ray actor that copies every received tensor into its own parameters
-(what the rollout engine's reload does), through both transports of eopd_ray.weight_sync:
+(what the rollout engine's reload does), through both transports of eopd_ray.roles.weight_sync:
 
 - `collective`: the product's WeightSender / WeightReceiver (gloo group, the buckets of
   `sync.bucket_bytes`, one flat broadcast per bucket, unflatten, copy into the parameters);
@@ -47,7 +47,7 @@ SIZES = (
 
 
 def llama_metas(hidden: int, layers: int, vocab: int):
-    from eopd_ray.weight_sync import TensorMeta
+    from eopd_ray.roles.weight_sync import TensorMeta
 
     inter = 4 * hidden
     metas = [TensorMeta("model.embed_tokens.weight", (vocab, hidden), "float32")]
@@ -80,7 +80,7 @@ def make_receiver_class():
     import ray
     import torch
 
-    from eopd_ray.weight_sync import WeightReceiver, _gloo_group
+    from eopd_ray.roles.weight_sync import WeightReceiver, _gloo_group
 
     @ray.remote(num_cpus=1)
     class Receiver:
@@ -125,7 +125,7 @@ def measure_size(label, hidden, layers, vocab, repeats, bucket_bytes):
     import ray
     import torch
 
-    from eopd_ray.weight_sync import WeightSender, _gloo_group, plan_buckets
+    from eopd_ray.roles.weight_sync import WeightSender, _gloo_group, plan_buckets
 
     metas = llama_metas(hidden, layers, vocab)
     buckets = plan_buckets(metas, bucket_bytes)

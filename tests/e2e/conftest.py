@@ -25,7 +25,7 @@ def local_ray():
     """A real Ray on 127.0.0.1 in its own temp dir (never someone else's cluster)."""
     import ray
 
-    from eopd_ray.workers import WORKER_ENV
+    from eopd_ray.driver.actors import WORKER_ENV
 
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("RAY_ADDRESS is set: these tests start their own local Ray")

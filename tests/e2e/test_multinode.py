@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import load_config
-from eopd_ray.metrics import read_jsonl
+from eopd_ray.telemetry.step_metrics import read_jsonl
 
 from .conftest import REPO, TINY, short_tmpdir, tiny_overrides
 
@@ -47,7 +47,7 @@ DRIVER = """
 import pathlib, runpy, sys, time
 from eopd_ray.env import set_job_environment
 set_job_environment()
-from eopd_ray.pipeline import Pipeline
+from eopd_ray.driver.pipeline import Pipeline
 
 flag, lose_at, script, *args = sys.argv[1:]
 train = Pipeline._train

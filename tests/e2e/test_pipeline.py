@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import load_config
-from eopd_ray.metrics import read_jsonl
-from eopd_ray.pipeline import Pipeline
-from eopd_ray.ray_metrics import metric_name
-from eopd_ray.rollout import Sampling
+from eopd_ray.driver.pipeline import Pipeline
+from eopd_ray.roles.rollout import Sampling
+from eopd_ray.telemetry.ray_gauges import metric_name
+from eopd_ray.telemetry.step_metrics import read_jsonl
 
 from .conftest import REPO, TINY, sharpened_copy, tiny_overrides
 
@@ -169,7 +169,7 @@ def test_learning_reduces_reverse_kl(local_ray, tiny_pair, tmp_path):
 def test_placement_failure_names_what_was_asked_and_what_the_cluster_has(
     local_ray, tiny_pair, tmp_path
 ):
-    from eopd_ray.workers import WorkerError
+    from eopd_ray.driver.actors import WorkerError
 
     cfg = load_config(
         TINY,
@@ -194,7 +194,7 @@ def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefet
     import os
     import signal
 
-    from eopd_ray import checkpoint
+    from eopd_ray.storage import checkpoint
 
     out = tmp_path / "run"
     cfg = load_config(

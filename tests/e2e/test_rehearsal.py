@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from eopd_ray.config import load_config
-from eopd_ray.invariants import sampler_gap_bound
-from eopd_ray.pipeline import Pipeline
+from eopd_ray.core.invariants import sampler_gap_bound
+from eopd_ray.driver.pipeline import Pipeline
 from eopd_ray.toy.rehearsal import ensure_rehearsal_for_config
 
 from .conftest import REPO
@@ -32,7 +32,7 @@ def _teacher_reference(cfg, prompt_ids: list[int], response_ids: list[int]) -> t
     the teacher's chat rendering of the prompt, EOS mapped, fp32 LM head, float64 softmax."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eopd_ray.data import render_prompt
+    from eopd_ray.core.prompts import render_prompt
 
     student_tok = AutoTokenizer.from_pretrained(cfg.model.student_path)
     teacher_tok = AutoTokenizer.from_pretrained(cfg.model.teacher_path)
@@ -51,7 +51,7 @@ def _teacher_reference(cfg, prompt_ids: list[int], response_ids: list[int]) -> t
 _VLLM_LOADS_EXPORT = r"""
 import json, sys
 from eopd_ray.config import config_from_dict
-from eopd_ray.rollout import HfEngine, VllmEngine
+from eopd_ray.roles.rollout import HfEngine, VllmEngine
 path, ids = sys.argv[1], json.loads(sys.argv[2])
 cfg = config_from_dict({
     "model": {"student_path": path, "teacher_path": path, "dtype": "bfloat16"},

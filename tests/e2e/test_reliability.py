@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import load_config
-from eopd_ray.invariants import InvariantError
-from eopd_ray.metrics import read_jsonl
-from eopd_ray.pipeline import Pipeline
-from eopd_ray.workers import WorkerError
+from eopd_ray.core.invariants import InvariantError
+from eopd_ray.driver.actors import WorkerError
+from eopd_ray.driver.pipeline import Pipeline
+from eopd_ray.telemetry.step_metrics import read_jsonl
 
 from .conftest import TINY, tiny_overrides
 
@@ -131,7 +131,7 @@ def test_dead_workers_rollout_and_teacher_recovered_learner_fails_fast(
         history += [pipeline.step(2), pipeline.step(3)]
         assert pipeline.num_recoveries == 2 and pipeline.version == 4
         # The restarted rollout worker holds exactly the current weights.
-        from eopd_ray.rollout import Sampling
+        from eopd_ray.roles.rollout import Sampling
 
         greedy = Sampling(temperature=0.0, max_new_tokens=8)
         refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], [0], greedy)
@@ -154,7 +154,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
         "import os, subprocess\n"
         "os.environ.pop('RAY_ADDRESS', None)\n"
         "from eopd_ray.config import config_from_dict\n"
-        "from eopd_ray.workers import connect\n"
+        "from eopd_ray.driver.actors import connect\n"
         "import ray\n"
         "connect(config_from_dict({'model': {'student_path': 's', 'teacher_path': 't'},"
         " 'data': {'toy_prompts': 8}}))\n"

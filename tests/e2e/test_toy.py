@@ -31,7 +31,7 @@ def test_prepared_teacher_is_far_better_than_the_student(prepared):
 
 
 def test_short_eopd_run_improves_the_student(local_ray, prepared, tmp_path):
-    from eopd_ray.pipeline import Pipeline
+    from eopd_ray.driver.pipeline import Pipeline
 
     cfg = load_config(
         TOY,

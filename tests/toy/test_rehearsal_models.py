@@ -154,8 +154,8 @@ def test_config_paths_point_at_the_default_asset_root():
 
 
 def test_prompts_load_and_pass_the_start_up_checks(assets):
-    from eopd_ray.data import load_prompt_texts, render_prompt, tokenize_prompts
-    from eopd_ray.teacher import check_model_pair
+    from eopd_ray.core.prompts import load_prompt_texts, render_prompt, tokenize_prompts
+    from eopd_ray.roles.teacher import check_model_pair
 
     (student, teacher, prompts), _ = assets
     cfg = _config(student, teacher, prompts)
@@ -176,7 +176,7 @@ def test_prompts_load_and_pass_the_start_up_checks(assets):
 def test_student_sometimes_stops_at_eos_and_sometimes_reaches_the_cap(assets):
     """The shaped LM, in bf16 as the run loads it: almost no mass on fillers and padding rows,
     a moderate EOS share; 16 samples of rollout.max_new_tokens end both ways."""
-    from eopd_ray.data import load_prompt_texts
+    from eopd_ray.core.prompts import load_prompt_texts
 
     (student, teacher, prompts), _ = assets
     cfg = _config(student, teacher, prompts)

@@ -5,7 +5,7 @@
 
 Every EOPD variant reads the student's distribution only through its full-vocabulary log-probs
 at J = 1 + K ids per position (the sampled token and the teacher's top-K) and, for a metric, its
-entropy (eopd_ray/loss.py). So the head, the log-softmax and the gather can run together,
+entropy (eopd_ray/core/loss.py). So the head, the log-softmax and the gather can run together,
 `chunk` positions at a time: the (chunk, V) fp32 logits of one chunk are the only vocabulary-wide
 tensor that ever exists, forward or backward, and no (N, V) logits or logits gradient is kept.
 The backward recomputes the logits a block of the vocabulary at a time (as many logits as one

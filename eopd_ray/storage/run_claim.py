@@ -31,7 +31,7 @@ import threading
 import time
 
 from eopd_ray.errors import EopdError
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage.run_storage import RunStorage
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ Three sources (`eval.source`, `auto` picks the first that applies):
 
 Every metric is a fraction in [0, 1]: `eval/avg@k` is the mean over prompts of the fraction of
 correct samples (all `eval.samples_per_problem` of them), `eval/pass@k` the unbiased estimate of
-"at least one of k correct" (eopd_ray.evaluation.pass_at_k). Imports neither Ray, vLLM nor
+"at least one of k correct" (evaluation.math_answers.pass_at_k). Imports neither Ray, vLLM nor
 DeepSpeed.
 """
 
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eopd_ray.batch import RolloutBatch
 from eopd_ray.config import Config, EvalConfig
-from eopd_ray.data import render_prompt, toy_prompts
+from eopd_ray.core.prompts import render_prompt, toy_prompts
+from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.errors import EopdError
-from eopd_ray.evaluation import load_benchmark, pass_at_k, score_benchmark
+from eopd_ray.evaluation.math_answers import load_benchmark, pass_at_k, score_benchmark
 
 Completions = Sequence[Sequence[str]]  # per prompt, the texts of its samples
 
@@ -64,7 +64,7 @@ class HeldOut:
         its share of the prompts, their indices, their seeds and the eval.* sampling. The seeds
         are fixed for the run and apart from the training streams: every evaluation sees the
         same sampling noise (the curve moves with the model), and a resumed run repeats them."""
-        from eopd_ray.rollout import Sampling, prompt_seeds
+        from eopd_ray.roles.rollout import Sampling, prompt_seeds
 
         sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
         seeds = prompt_seeds(f"eval/{e.seed}", range(len(self.prompts)))

@@ -27,7 +27,7 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from eopd_ray.config_yaml import parse_yaml, read_yaml_tree
+from eopd_ray.config.strict_yaml import parse_yaml, read_yaml_tree
 from eopd_ray.errors import ConfigError, ConfigIssue
 
 # Strict leaf types: YAML `"8"` is not an int, `1` is not a bool. Ints are accepted for floats.
@@ -151,10 +151,10 @@ class LearnerConfig:
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
     # Mean |log pi_sampler - log pi_old| per token (opd/sampler_gap, learner.old_logprobs:
     # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
-    # for bfloat16 (eopd_ray/invariants.py says how they were chosen).
+    # for bfloat16 (eopd_ray/core/invariants.py says how they were chosen).
     max_sampler_gap: PosFloat | None = None
     # Recompute activations in the backward (long sequences): true, false, or auto: on only
-    # where a micro-batch's activations would not fit the GPU (eopd_ray/memory_plan.py).
+    # where a micro-batch's activations would not fit the GPU (eopd_ray/core/memory_plan.py).
     gradient_checkpointing: Bool | Literal["auto"] = False
     seed: Int = 0
 
@@ -167,7 +167,7 @@ class LossConfig:
     fkl_coef: NonNegFloat = 1.0  # alpha
     jsd_beta: Fraction = 0.5  # only for name=jsd
     chunk_positions: NonNegInt = 256  # student log-softmax in chunks; 0 = plain full-tensor path
-    # The learner's LM head fused with the log-softmax and the gather (eopd_ray/fused_head.py):
+    # The learner's LM head fused with the log-softmax and the gather (eopd_ray/core/fused_head.py):
     # no (tokens, V) logits or logits gradient exist, chunk_positions (or 256) positions at a
     # time. Exact; false keeps the head + loss on full logits as the reference.
     fused_head: Bool = True
@@ -180,7 +180,7 @@ class SyncConfig:
     timeout_s: PosFloat = 300.0
     # Mean |log-prob gap| per token between a rollout engine and the learner on the probe after
     # every sync above which the run stops. None: 1e-3 for float32 models, 5e-2 for bfloat16
-    # (eopd_ray/invariants.py). Which version an engine holds is checked exactly (checksum).
+    # (eopd_ray/core/invariants.py). Which version an engine holds is checked exactly (checksum).
     max_logprob_gap: PosFloat | None = None
 
 
@@ -188,9 +188,9 @@ class SyncConfig:
 class RunConfig:
     name: Str = "eopd"
     # This run's id (actor names, metric tags, checkpoints). None: a new one for a fresh run,
-    # the stored one when resuming (eopd_ray/run_dir.py).
+    # the stored one when resuming (eopd_ray/storage/run_dir.py).
     id: Str | None = None
-    # A local directory (absolute, or relative: see eopd_ray/locations.py) or a pyarrow.fs URI
+    # A local directory (absolute, or relative: see driver/locations.py) or a pyarrow.fs URI
     # (s3://, gs://, hdfs://, file://) every process of the run can reach.
     output_dir: Str = "runs/eopd"
     steps: PosInt = 10
@@ -204,7 +204,7 @@ class RunConfig:
     # the checkpoint (refused otherwise); the metrics then carry run/config_changed = 1.
     allow_config_change: Bool = False
     # The driver claims run.output_dir (owner.json) and renews the claim this often; another
-    # driver refuses the directory until the claim is 4 x this old (eopd_ray/run_claim.py).
+    # driver refuses the directory until the claim is 4 x this old (eopd_ray/storage/run_claim.py).
     claim_heartbeat_s: PosFloat = 15.0
     export_hf: Bool = True  # write the student as a HF model to <output_dir>/hf at the end
     max_worker_restarts: NonNegInt = 3  # per rollout/teacher worker; learners never restart
@@ -225,7 +225,7 @@ class EvalConfig:
 
     benchmarks: list[Str] = field(default_factory=list)  # JSONL files (docs/evaluation.md)
     # During training: evaluate the current student every this many steps and after the last
-    # one, on the rollout workers (0: never). See eopd_ray/heldout.py.
+    # one, on the rollout workers (0: never). See eopd_ray/driver/held_out.py.
     every_steps: NonNegInt = 0
     # The held-out prompts used during training. auto: eval.benchmarks when set, else the toy
     # task's eval.jsonl beside model.student_path, else a held-out slice of data.toy_prompts.
@@ -602,7 +602,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config atomically (a synced temporary file, then a rename)."""
-    from eopd_ray.storage import RunStorage
+    from eopd_ray.storage.run_storage import RunStorage
 
     path = Path(path).resolve()
     RunStorage(str(path.parent)).write_text(path.name, config_to_yaml(cfg))

@@ -100,13 +100,13 @@ def keep_cpu_linear_weights() -> None:
 
 
 def engine_checksum(model: torch.nn.Module, dtype: str) -> int:
-    """eopd_ray.weight_checksum of the parameters one engine worker holds (`LLM.apply_model`),
+    """eopd_ray.core.weight_checksum of the parameters one engine worker holds (`LLM.apply_model`),
     each in the sync dtype (vLLM-CPU keeps some biases in fp32). Under tensor parallelism a
     rank holds shards of the split parameters (vLLM marks them with `output_dim`/`input_dim`)
     and a copy of the others: those count on rank 0 only, so the ranks' checksums add up."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    from eopd_ray.weight_checksum import weights_checksum
+    from eopd_ray.core.weight_checksum import weights_checksum
 
     rank = get_tensor_model_parallel_rank()
     wanted = getattr(torch, dtype)

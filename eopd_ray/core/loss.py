@@ -125,7 +125,7 @@ def loss_ids(response_ids: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torc
 @dataclass(frozen=True)
 class StudentAtIds:
     """The student's full-vocabulary log-probs at `loss_ids` (B, T, 1 + K), with gradient, and
-    its entropy (B, T): what the fused LM head (eopd_ray/fused_head.py) hands the loss instead
+    its entropy (B, T): what the fused LM head (eopd_ray/core/fused_head.py) hands the loss instead
     of (B, T, V) logits. Everything the variants compute follows from these two."""
 
     logprobs: torch.Tensor

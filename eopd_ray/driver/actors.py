@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eopd_ray.config import Config
+from eopd_ray.driver.placement import wait_for_placement
 from eopd_ray.errors import EopdError
-from eopd_ray.placement import wait_for_placement
 
 # Every Ray port listens on 127.0.0.1 for the embedded local instance (Ray 2.60 otherwise binds
 # to the machine's address even when told 127.0.0.1). Must be set before `import ray`.

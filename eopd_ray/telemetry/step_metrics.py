@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage.run_storage import RunStorage
 
 
 def reduce_learner_metrics(
@@ -24,7 +24,7 @@ def reduce_learner_metrics(
       micro-batches and ranks gives each mini-batch's loss; the step reports their mean.
     - `fkl/on_gated` is weighted by the gated tokens of each micro-batch; other means by its
       valid tokens. `learner/*` come from the updates' boundaries (mean).
-    - A zero-weight placeholder micro-batch (eopd_ray.batching) that ends an update on a rank
+    - A zero-weight placeholder micro-batch (core.micro_batches) that ends an update on a rank
       reports only `learner/*`: it counts no tokens and weighs in no mean.
     """
     rows = [m for rank in per_rank for m in rank]
@@ -59,7 +59,7 @@ class JsonlSink:
 
     def __init__(self, store: RunStorage, resume_from_step: int | None = None) -> None:
         """A resumed run keeps the rows of the steps before `resume_from_step` and appends, so no
-        step is missing or repeated; a new run starts an empty file (eopd_ray.run_dir has moved
+        step is missing or repeated; a new run starts an empty file (storage.run_dir has moved
         an earlier run's file to previous/)."""
         self.store = store
         self.path = (

@@ -2,7 +2,7 @@
 
 Under `ray job logs` stderr is no TTY, and a tqdm bar turns into one wrapped line per refresh
 (about 1,200 lines for 600 steps). `StepProgress` draws the bar only on a terminal; elsewhere it
-logs one plain line (logger `eopd_ray.progress`, INFO) at the first step, then at most one every
+logs one plain line (logger `eopd_ray.driver.progress`) at the first step, then at most one every
 `every_s` seconds, and at the last step:
 
     step 12/300 (4%) | loss 0.1234 | reverse KL 0.456 | 1234 tok/s | 1.2 s/step | ETA 5m40s

@@ -17,10 +17,10 @@ import logging
 import secrets
 import time
 
-from eopd_ray import checkpoint
-from eopd_ray.checkpoint import Checkpoint, CheckpointError
 from eopd_ray.config import Config
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage import checkpoint
+from eopd_ray.storage.checkpoint import Checkpoint, CheckpointError
+from eopd_ray.storage.run_storage import RunStorage
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray import checkpoint
-from eopd_ray.batch import RolloutBatch, TeacherScores
-from eopd_ray.batching import StepShares, share_step
-from eopd_ray.checkpoint import Checkpoint
 from eopd_ray.config import Config, config_to_yaml
-from eopd_ray.data import PromptStream, tokenize_prompts
-from eopd_ray.errors import EopdError
-from eopd_ray.heldout import load_held_out, summary_line
-from eopd_ray.invariants import (
+from eopd_ray.core.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
     check_weights_in_sync,
@@ -37,18 +30,10 @@ from eopd_ray.invariants import (
     logprob_gap_bound,
     probe_sequence,
 )
-from eopd_ray.learner import LearnerWorker
-from eopd_ray.locations import resolve_locations
-from eopd_ray.metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
-from eopd_ray.progress import StepProgress
-from eopd_ray.ray_metrics import RayMetricsSink
-from eopd_ray.rollout import RolloutWorker, prompt_seeds
-from eopd_ray.run_claim import RunClaim
-from eopd_ray.run_dir import begin_run
-from eopd_ray.stopping import StopOnSigterm, exit_on_sigterm
-from eopd_ray.storage import RunStorage
-from eopd_ray.teacher import TeacherWorker, check_model_pair
-from eopd_ray.workers import (
+from eopd_ray.core.micro_batches import StepShares, share_step
+from eopd_ray.core.prompts import PromptStream, tokenize_prompts
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
+from eopd_ray.driver.actors import (
     ActorGroup,
     WorkerError,
     connect,
@@ -56,6 +41,21 @@ from eopd_ray.workers import (
     spawn,
     wait_started,
 )
+from eopd_ray.driver.held_out import load_held_out, summary_line
+from eopd_ray.driver.locations import resolve_locations
+from eopd_ray.driver.progress import StepProgress
+from eopd_ray.driver.stopping import StopOnSigterm, exit_on_sigterm
+from eopd_ray.errors import EopdError
+from eopd_ray.roles.learner import LearnerWorker
+from eopd_ray.roles.rollout import RolloutWorker, prompt_seeds
+from eopd_ray.roles.teacher import TeacherWorker, check_model_pair
+from eopd_ray.storage import checkpoint
+from eopd_ray.storage.checkpoint import Checkpoint
+from eopd_ray.storage.run_claim import RunClaim
+from eopd_ray.storage.run_dir import begin_run
+from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.telemetry.ray_gauges import RayMetricsSink
+from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ class Pipeline:
         return scores
 
     def _learner_shares(self, batch: RolloutBatch) -> StepShares:
-        """Update u uses rows [u*M, (u+1)*M) of the step; eopd_ray.batching deals them to the
+        """Update u uses rows [u*M, (u+1)*M) of the step; core.micro_batches deals them to the
         ranks and cuts micro-batches; each rank gets its rows and its plan in shard rows."""
         lrn = self.cfg.learner
         return share_step(
@@ -566,7 +566,7 @@ class Pipeline:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The student after `step` (the weights the rollout workers hold since the sync) on the
-        held-out prompts, judged by the held-out set (eopd_ray/heldout.py)."""
+        held-out prompts, judged by the held-out set (eopd_ray/driver/held_out.py)."""
         held = self.held_out
         assert held is not None, "evaluate() needs eval.every_steps > 0"
         args = held.requests(self.cfg.eval, len(self.rollout))

@@ -48,14 +48,11 @@ from collections.abc import Iterator
 
 import torch
 
-from eopd_ray.batch import RolloutBatch, TeacherScores
-from eopd_ray.batching import count_micro_batches
 from eopd_ray.config import Config, total_updates
-from eopd_ray.errors import EopdError
-from eopd_ray.forward import pack, response_hidden_states, response_logits, rows_of
-from eopd_ray.fused_head import install_fused_head
-from eopd_ray.invariants import check_sampler_gap, sampler_gap_bound
-from eopd_ray.loss import (
+from eopd_ray.core.forward import pack, response_hidden_states, response_logits, rows_of
+from eopd_ray.core.fused_head import install_fused_head
+from eopd_ray.core.invariants import check_sampler_gap, sampler_gap_bound
+from eopd_ray.core.loss import (
     LOSSES,
     LossInputs,
     StudentAtIds,
@@ -63,10 +60,13 @@ from eopd_ray.loss import (
     loss_ids,
     student_logprobs_at,
 )
-from eopd_ray.ray_metrics import WorkerMetrics
-from eopd_ray.storage import RunStorage
-from eopd_ray.weight_checksum import combine, weights_checksum
-from eopd_ray.weight_sync import TensorMeta, WeightSender, plan_buckets
+from eopd_ray.core.micro_batches import count_micro_batches
+from eopd_ray.core.weight_checksum import combine, weights_checksum
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
+from eopd_ray.errors import EopdError
+from eopd_ray.roles.weight_sync import TensorMeta, WeightSender, plan_buckets
+from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
 # The only non-tensor types in DeepSpeed 0.19's ZeRO checkpoint files.
@@ -170,7 +170,7 @@ class ResponseLM(torch.nn.Module):
     """The module DeepSpeed wraps: forward(input_ids, attention_mask, positions) -> the response
     logits (B, T, V) of the Hugging Face causal LM `hf`, divided by the sampling temperature;
     with `ids`, the log-probs at those ids and the entropy from the fused head instead
-    (`loss.fused_head`, eopd_ray/fused_head.py: no logits are made)."""
+    (`loss.fused_head`, eopd_ray/core/fused_head.py: no logits are made)."""
 
     def __init__(self, hf: torch.nn.Module, temperature: float, chunk: int = 256) -> None:
         super().__init__()
@@ -277,13 +277,13 @@ class LearnerWorker:
         self.engine.checkpoint_engine.load = _safe_torch_load
 
     def _checkpointing(self, model: torch.nn.Module, on_gpu: bool) -> bool:
-        """`learner.gradient_checkpointing`, with `auto` decided by eopd_ray.memory_plan."""
+        """`learner.gradient_checkpointing`, with `auto` decided by eopd_ray.core.memory_plan."""
         setting = self.cfg.learner.gradient_checkpointing
         if setting != "auto":
             return setting
         if not on_gpu:
             return False
-        from eopd_ray.memory_plan import checkpointing_needed, micro_batch_tokens
+        from eopd_ray.core.memory_plan import checkpointing_needed, micro_batch_tokens
 
         return checkpointing_needed(
             micro_batch_tokens(self.cfg),
@@ -472,7 +472,7 @@ class LearnerWorker:
         plan: list[list[list[int]]] | None = None,
     ) -> list[dict[str, float]]:
         """All optimizer updates of one step on this rank's shard. `plan[u]` lists update u's
-        micro-batches as rows of the shard (the driver's eopd_ray.batching plan; [] = a
+        micro-batches as rows of the shard (the driver's eopd_ray.core.micro_batches plan; [] = a
         zero-weight placeholder keeping the ranks' collectives in step); None: fixed counts of
         contiguous rows. Returns one metrics dict per micro-batch (the driver reduces them over
         micro-batches and ranks)."""
@@ -635,7 +635,7 @@ class LearnerWorker:
         return sent
 
     def sent_weights_checksum(self) -> int | None:
-        """Rank 0: eopd_ray.weight_checksum of the weights of the last sync, as sent (in
+        """Rank 0: eopd_ray.core.weight_checksum of the weights of the last sync, as sent (in
         model.dtype); every rollout engine must read the same back. Other ranks: None."""
         return self._sent_checksum
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from eopd_ray.batch import RolloutBatch, TeacherScores
-from eopd_ray.batching import budget_micro_batches, count_micro_batches
 from eopd_ray.config import Config
-from eopd_ray.data import render_prompt
+from eopd_ray.core.forward import pack, rows_of, score_response_tokens, scoring_lm_head
+from eopd_ray.core.micro_batches import budget_micro_batches, count_micro_batches
+from eopd_ray.core.prompts import render_prompt
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
-from eopd_ray.forward import pack, rows_of, score_response_tokens, scoring_lm_head
-from eopd_ray.ray_metrics import WorkerMetrics
+from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
 class VocabularyMismatch(EopdError):

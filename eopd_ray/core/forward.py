@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from eopd_ray.fused_head import head_logits
+from eopd_ray.core.fused_head import head_logits
 
 
 def pack(
@@ -74,7 +74,7 @@ def scoring_lm_head(
     model: torch.nn.Module, vocab_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight (V, H) and bias (V,) or None, cut to `vocab_rows`, as the teacher
-    scores with them: logits always come out in fp32 (eopd_ray.fused_head.head_logits).
+    scores with them: logits always come out in fp32 (eopd_ray.core.fused_head.head_logits).
 
     On CUDA a 16-bit head stays as it is (a view, no copy): a bf16 GEMM that accumulates and
     writes fp32 (`torch.mm(..., out_dtype=torch.float32)`) is ~10x faster than an fp32 copy on

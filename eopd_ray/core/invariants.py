@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from eopd_ray.batch import RolloutBatch, TeacherScores
 from eopd_ray.config import Config
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
 
 # fp32 rounding allowances: an entropy may round this far below 0 / above ln(V) (nats), and a
@@ -272,7 +272,7 @@ def check_weights_loaded(
     what: str,
 ) -> None:
     """Every rollout worker's (version now, checksum read back from its engine) after a sync of
-    `version` whose weights the learner sent with checksum `sent` (eopd_ray.weight_checksum):
+    `version` whose weights the learner sent with checksum `sent` (eopd_ray.core.weight_checksum):
     each must have loaded exactly those weights and taken the version."""
     for worker, (now, loaded) in zip(workers, confirmed, strict=True):
         if now == version and loaded == sent:

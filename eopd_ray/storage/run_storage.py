@@ -72,7 +72,7 @@ class RunStorage:
         if not is_uri(self.location) and not os.path.isabs(self.location):
             raise StorageError(
                 f"run storage {self.location!r} is a relative path; resolve it first "
-                "(eopd_ray.locations.resolve_locations)"
+                "(eopd_ray.driver.locations.resolve_locations)"
             )
         try:
             self._fs, root = pafs.FileSystem.from_uri(self.location)

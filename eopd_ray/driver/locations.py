@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from eopd_ray.config import Config
-from eopd_ray.storage import is_uri
+from eopd_ray.storage.run_storage import is_uri
 
 log = logging.getLogger(__name__)
 

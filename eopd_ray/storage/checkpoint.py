@@ -1,6 +1,6 @@
 """Checkpoints: complete or absent, never half-written; resume from the newest complete one.
 
-Layout under `<run.output_dir>/checkpoints/` (any storage eopd_ray.storage reaches):
+Layout under `<run.output_dir>/checkpoints/` (any storage eopd_ray.storage.run_storage reaches):
 
     step-000012/           one checkpoint (after step 12)
       learner/             DeepSpeed state of every rank: weights, optimizer, LR scheduler
@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from eopd_ray.config import Config, config_from_dict, config_to_yaml, total_updates
-from eopd_ray.config_yaml import parse_yaml
+from eopd_ray.config.strict_yaml import parse_yaml
 from eopd_ray.errors import EopdError
-from eopd_ray.storage import RunStorage
+from eopd_ray.storage.run_storage import RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def prompts_fingerprint(prompts: list[list[int]]) -> str:
 
 
 def lr_schedule_shape(cfg: Config) -> dict:
-    """What eopd_ray.learner.lr_multiplier depends on; the run's length only for cosine."""
+    """What eopd_ray.roles.learner.lr_multiplier depends on; the run's length only for cosine."""
     lrn = cfg.learner
     return {
         "lr": lrn.lr,

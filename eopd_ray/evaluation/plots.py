@@ -64,7 +64,7 @@ def mean_band(
     (sample std) or "ci" (half-width of the 95% t interval of the mean)."""
     import numpy as np
 
-    from eopd_ray.seed_stats import t_quantile
+    from eopd_ray.evaluation.seed_stats import t_quantile
 
     per_seed = [{r["step"] + 1: r[key] for r in rows if key in r} for rows in seed_rows]
     steps = sorted(set.intersection(*(set(d) for d in per_seed)))

@@ -1,0 +1,3 @@
+"""Judging answers (math equivalence, Avg@k, Pass@k) and summarising results (seed
+statistics, plots).
+"""

@@ -1,0 +1,1 @@
+"""The three roles (rollout, teacher, learner) and how student weights move between them."""

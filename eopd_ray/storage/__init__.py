@@ -1,0 +1,3 @@
+"""Run storage: a local directory or any pyarrow.fs URI, checkpoints, run directories
+and the one-driver claim.
+"""
