@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from eopd_ray.config import Config, config_from_dict, config_to_yaml, load_config, save_config
+from eopd_ray.config import Config, config_from_dict, config_to_yaml, load_config
 from eopd_ray.errors import ConfigError
+from eopd_ray.storage.run_storage import RunStorage
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 16}}
@@ -130,7 +131,7 @@ def test_yaml_syntax_error_and_duplicate_keys_name_the_line(tmp_path):
 def test_resolved_yaml_reloads_identically(tmp_path):
     cfg = load_config(REPO / "jobs/configs/tiny.yaml", ["loss.name=jsd", "loss.jsd_beta=0.25"])
     out = tmp_path / "sub" / "config.yaml"
-    save_config(cfg, out)
+    RunStorage(str(out.parent)).write_text(out.name, config_to_yaml(cfg))
     again = load_config(out)
     assert again == cfg
     assert config_to_yaml(again) == out.read_text()

@@ -1,9 +1,11 @@
-"""The typed configuration: schema and defaults, loading with overrides, cross-field rules.
+"""The typed configuration: `schema` (the tree and its defaults), `loading` (files, overrides,
+one error listing every problem) and `rules` (what must hold across keys).
 
 Everything else imports from here (`from eopd_ray.config import Config, load_config`), not from
 the modules below, so the split between them stays an internal matter.
 """
 
+from eopd_ray.config.loading import config_from_dict, config_to_dict, config_to_yaml, load_config
 from eopd_ray.config.schema import (
     PAPER_SUFFIX,
     Config,
@@ -16,11 +18,6 @@ from eopd_ray.config.schema import (
     RunConfig,
     SyncConfig,
     TeacherConfig,
-    config_from_dict,
-    config_to_dict,
-    config_to_yaml,
-    load_config,
-    save_config,
     total_updates,
 )
 from eopd_ray.errors import ConfigError
@@ -42,6 +39,5 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
-    "save_config",
     "total_updates",
 ]
