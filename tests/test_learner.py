@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eopd_ray.config import config_from_dict
-from eopd_ray.roles.learner import deepspeed_config, lr_multiplier
+from eopd_ray.roles.learner_engine import deepspeed_config, lr_multiplier
 
 BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
 
@@ -67,7 +67,7 @@ def test_response_lm_returns_the_tempered_response_logits(tiny_pair):
     from transformers import AutoModelForCausalLM
 
     from eopd_ray.core.forward import pack, response_logits
-    from eopd_ray.roles.learner import ResponseLM
+    from eopd_ray.roles.learner_engine import ResponseLM
 
     student, _ = tiny_pair
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()

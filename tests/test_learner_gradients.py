@@ -234,7 +234,8 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         from transformers import AutoConfig
 
         from eopd_ray.core.micro_batches import rank_share
-        from eopd_ray.roles.learner import LearnerWorker, deepspeed_config
+        from eopd_ray.roles.learner import LearnerWorker
+        from eopd_ray.roles.learner_engine import deepspeed_config
         from eopd_ray.telemetry.step_metrics import reduce_learner_metrics
 
         batch, scores = _synthetic_batch(AutoConfig.from_pretrained(student).vocab_size)
@@ -379,7 +380,8 @@ def _reference_gradient(student: Path, batch, scores) -> dict[str, torch.Tensor]
     """float64 gradient of the eopd token-mean loss over the whole mini-batch, one process."""
     from transformers import AutoModelForCausalLM
 
-    from eopd_ray.core.loss import LossInputs, eopd_loss, student_logprobs_at
+    from eopd_ray.core.loss import LossInputs, eopd_loss
+    from eopd_ray.core.student_logprobs import student_logprobs_at
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64)
     model.train()
@@ -512,7 +514,7 @@ def test_old_logprobs_are_recomputed_in_eval_mode(learner_run):
     """With dropout, pi_old is the eval-mode (sampler's) policy, the same at every call."""
     from transformers import AutoModelForCausalLM
 
-    from eopd_ray.core.loss import student_logprobs_at
+    from eopd_ray.core.student_logprobs import student_logprobs_at
 
     results, _, batch = learner_run
     got = results["dropout"]

@@ -15,32 +15,13 @@ over the ranks). It then:
 Log-probs are those of the distribution the rollout sampled from: the student's logits are
 divided by `rollout.temperature` (pi_old and the loss alike).
 
-Every forward goes through `DeepSpeedEngine.forward` (the engine's module is `ResponseLM`, a thin
-wrapper whose forward returns the response logits): that is where DeepSpeed registers its
-backward hooks and where ZeRO-3 advances its micro-step counter. Calling the Hugging Face modules
-directly made ZeRO-3 overwrite its gradient partitions at every micro-batch instead of adding to
-them, so only the last micro-batch of an update counted. Parameter names for weight sync, export
-and the sync buckets are the Hugging Face ones (`ResponseLM.hf`'s, without the `hf.` prefix);
-DeepSpeed checkpoints store the wrapper's names (`hf.` + the HF name).
-
-bf16 (`model.dtype: bfloat16`): DeepSpeed's default accumulates the micro-batch gradients and
-all-reduces them in bf16. The config asks for fp32 accumulation and communication
-(`data_types.grad_accum_dtype: fp32`, `communication_data_type: fp32`); DeepSpeed 0.19.8 takes
-that with ZeRO-1 (its BF16_Optimizer: fp32 gradient buffer, fp32 master weights), ZeRO-2
-(fp32 gradient partitions) and ZeRO-3 (fp32 gradient partitions). Without ZeRO it refuses the
-mix (`_do_optimizer_sanity_check`: "unsupported mix of model_dtype and grad_accum_dtype"), so
-`zero_stage: 0` with bf16 runs as ZeRO-1 (`deepspeed_zero_stage`): the same update, with the
-fp32 master weights and optimizer state split over the ranks.
-
-Gloo on CPU, NCCL on GPU; ZeRO stage from `learner.zero_stage`; torch AdamW (DeepSpeed's own
-Adam would JIT-compile an op); constant or cosine LR with linear warm-up.
+The DeepSpeed engine and its settings are built in `learner_engine`; weights leave the rank
+(sync buckets, broadcast, HF export) through `learner_weights`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import shutil
 import socket
 import time
@@ -48,156 +29,22 @@ from collections.abc import Iterator
 
 import torch
 
-from eopd_ray.config import Config, total_updates
-from eopd_ray.core.forward import pack, response_hidden_states, response_logits, rows_of
-from eopd_ray.core.fused_head import install_fused_head
+from eopd_ray.config import Config
+from eopd_ray.core.forward import pack, rows_of
 from eopd_ray.core.invariants import check_sampler_gap, sampler_gap_bound
-from eopd_ray.core.loss import (
-    LOSSES,
-    LossInputs,
-    StudentAtIds,
-    loss_hyperparameters,
-    loss_ids,
-    student_logprobs_at,
-)
+from eopd_ray.core.loss import LOSSES, LossInputs, loss_hyperparameters
 from eopd_ray.core.micro_batches import count_micro_batches
-from eopd_ray.core.weight_checksum import combine, weights_checksum
+from eopd_ray.core.student_logprobs import StudentAtIds, loss_ids, student_logprobs_at
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
+from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
+from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.weight_sync import TensorMeta, WeightSender, plan_buckets
 from eopd_ray.storage.run_storage import RunStorage
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
-# The only non-tensor types in DeepSpeed 0.19's ZeRO checkpoint files.
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _safe_torch_load(path: str, map_location=None):
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def export_hf_model(gathered, buckets, rank: int, source_dir: str, directory: str) -> None:
-    """Write gathered buckets as `model-0000i-of-0000n.safetensors` plus the index, and copy the
-    source model's config, generation config and tokenizer files; rename into place at the end."""
-    import json
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")) if rank == 0 else None
-    weight_map, total = {}, 0
-    for index, tensors in gathered:
-        if tmp is None:
-            continue
-        name = f"model-{index + 1:05d}-of-{len(buckets):05d}.safetensors"
-        named = {m.name: t.contiguous() for m, t in zip(buckets[index], tensors, strict=True)}
-        save_file(named, tmp / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(named, name))
-        total += sum(t.numel() * t.element_size() for t in named.values())
-    if tmp is None:
-        return
-    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
-    for src in Path(source_dir).iterdir():
-        if src.is_file() and not src.name.startswith("model") and src.suffix != ".bin":
-            shutil.copy2(src, tmp / src.name)  # config, generation config, tokenizer files
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def _files_under(root) -> list[str]:
-    """Files below local directory `root`, as `/`-joined paths relative to it."""
-    from pathlib import Path
-
-    root = Path(root)
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def lr_multiplier(cfg: Config, update: int) -> float:
-    """LR / learner.lr at optimizer update `update` (0-based): linear warm-up, then constant or
-    cosine decay to learner.min_lr_ratio at the last update."""
-    lrn = cfg.learner
-    if update < lrn.warmup_steps:
-        return (update + 1) / lrn.warmup_steps
-    if lrn.lr_schedule == "constant":
-        return 1.0
-    total = max(1, total_updates(cfg) - lrn.warmup_steps)
-    progress = min(1.0, (update - lrn.warmup_steps) / total)
-    return lrn.min_lr_ratio + (1 - lrn.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def deepspeed_zero_stage(cfg: Config) -> int:
-    """The ZeRO stage the engine runs: `learner.zero_stage`, except bf16 without ZeRO, which runs
-    as ZeRO-1 (DeepSpeed 0.19.8 accumulates gradients in fp32 only under ZeRO; module docstring)."""
-    if cfg.model.dtype == "bfloat16" and cfg.learner.zero_stage == 0:
-        return 1
-    return cfg.learner.zero_stage
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    lrn = cfg.learner
-    per_rank = lrn.mini_batch_size // world_size
-    accumulation = per_rank // lrn.micro_batch_size
-    bf16 = cfg.model.dtype == "bfloat16"
-    config = {
-        "train_micro_batch_size_per_gpu": lrn.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": lrn.micro_batch_size * accumulation * world_size,
-        "zero_optimization": {"stage": deepspeed_zero_stage(cfg)},
-        "gradient_clipping": lrn.grad_clip,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
-        "steps_per_print": 2**31 - 1,
-    }
-    if bf16:  # DeepSpeed's bf16 default would accumulate and all-reduce gradients in bf16
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
-    return config
-
-
-class ResponseLM(torch.nn.Module):
-    """The module DeepSpeed wraps: forward(input_ids, attention_mask, positions) -> the response
-    logits (B, T, V) of the Hugging Face causal LM `hf`, divided by the sampling temperature;
-    with `ids`, the log-probs at those ids and the entropy from the fused head instead
-    (`loss.fused_head`, eopd_ray/core/fused_head.py: no logits are made)."""
-
-    def __init__(self, hf: torch.nn.Module, temperature: float, chunk: int = 256) -> None:
-        super().__init__()
-        self.hf = hf
-        self.temperature = temperature
-        self.chunk = chunk
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        positions: torch.Tensor,
-        temperature: float | None = None,
-        valid: torch.Tensor | None = None,
-        ids: torch.Tensor | None = None,
-    ):
-        """`temperature` None: the sampling temperature given at construction. `valid` (B, T):
-        only those positions, packed as (1, N, ...). `ids` (B, T, J) (packed: (1, N, J)):
-        return (log-probs at ids (.., J), entropy (..)) through the fused head."""
-        t = self.temperature if temperature is None else temperature
-        if ids is None:
-            return response_logits(self.hf, input_ids, attention_mask, positions, t, valid)
-        hidden = response_hidden_states(self.hf, input_ids, attention_mask, positions, valid)
-        return self.hf.get_output_embeddings()(hidden, ids=ids, temperature=t, chunk=self.chunk)
-
-
-class LearnerWorker:
+class LearnerWorker(LearnerWeights):
     """One data-parallel rank (one Ray actor each)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
@@ -224,75 +71,10 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the data-parallel group and build the DeepSpeed engine (all ranks at once)."""
-        import deepspeed
-        import deepspeed.ops
-        from transformers import AutoModelForCausalLM
-
-        on_gpu = self.cfg.learner.gpus_per_worker > 0
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",  # Ray gives each learner actor its own GPU(s): always device 0
-        )
-        # DeepSpeed would JIT-build a shared-memory allreduce (~45 s) on CPU; gloo alone is exact.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        torch.manual_seed(self.cfg.learner.seed + self.rank)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.model.student_path,
-            dtype=getattr(torch, self.cfg.model.dtype),
-            trust_remote_code=self.cfg.model.trust_remote_code,
-        )
-        model.config.use_cache = False
-        # The fused head replaces the head module before DeepSpeed wraps (and, under ZeRO-3,
-        # partitions) the model, keeping its parameters and their names.
-        self.fused = self.cfg.loss.fused_head and install_fused_head(model)
-        self.checkpointing = self._checkpointing(model, on_gpu)
-        if self.checkpointing:
-            model.gradient_checkpointing_enable()
-        lrn = self.cfg.learner
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=lrn.lr,
-            betas=(lrn.adam_beta1, lrn.adam_beta2),
-            eps=lrn.adam_eps,
-            weight_decay=lrn.weight_decay,
-            fused=on_gpu,  # one kernel per step on CUDA instead of a loop over tensors
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda update: lr_multiplier(self.cfg, update)
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=ResponseLM(
-                model, self.cfg.rollout.temperature, self.cfg.loss.chunk_positions or 256
-            ),
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(self.cfg, self.world_size),
+        self.engine, self.fused, self.checkpointing = build_engine(
+            self.cfg, self.rank, self.world_size, master_addr, master_port
         )
         self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
-        # DeepSpeed unpickles its checkpoint files; load them with weights_only=True instead.
-        self.engine.checkpoint_engine.load = _safe_torch_load
-
-    def _checkpointing(self, model: torch.nn.Module, on_gpu: bool) -> bool:
-        """`learner.gradient_checkpointing`, with `auto` decided by eopd_ray.core.memory_plan."""
-        setting = self.cfg.learner.gradient_checkpointing
-        if setting != "auto":
-            return setting
-        if not on_gpu:
-            return False
-        from eopd_ray.core.memory_plan import checkpointing_needed, micro_batch_tokens
-
-        return checkpointing_needed(
-            micro_batch_tokens(self.cfg),
-            model.config.num_hidden_layers,
-            model.config.hidden_size,
-            sum(p.numel() for p in model.parameters()),
-            self.world_size,
-            torch.cuda.get_device_properties(0).total_memory,
-        )
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -336,22 +118,6 @@ class LearnerWorker:
                 "set run.output_dir to a filesystem every node mounts (NFS, the KubeRay "
                 "checkpoint volume) or to a URI such as s3://bucket/run or gs://bucket/run"
             )
-
-    def export_hf(self, store: RunStorage, rel: str = "hf") -> None:
-        """The student as a Hugging Face model directory (sharded safetensors, one shard per sync
-        bucket, config and tokenizer) at `rel`, written atomically by rank 0. Every rank must
-        call it under ZeRO-3 (the gathers are collective)."""
-        target = store.local_path(rel) if store.is_local else store.staging(rel) / "hf"
-        export_hf_model(
-            self._gathered_buckets(),
-            self.buckets,
-            self.rank,
-            self.cfg.model.student_path,
-            str(target),
-        )
-        if self.rank == 0 and not store.is_local:
-            store.delete(rel)
-            store.publish(target, rel)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -570,83 +336,10 @@ class LearnerWorker:
         self.metrics.set("train/loss", sum(losses) / max(1, len(losses)))
         return results
 
-    # --- weight sync ---------------------------------------------------------------------------
 
-    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The Hugging Face names (those of the checkpoint files vLLM and export_hf use)."""
-        return list(self.engine.module.hf.named_parameters())
+def _files_under(root) -> list[str]:
+    """Files below local directory `root`, as `/`-joined paths relative to it."""
+    from pathlib import Path
 
-    def _parameter_metas(self) -> list[TensorMeta]:
-        metas = []
-        for name, p in self._named_parameters():
-            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 params report numel 0
-            metas.append(TensorMeta(name, shape, self.cfg.model.dtype))
-        return metas
-
-    def sync_buckets(self) -> list[list[TensorMeta]]:
-        return self.buckets
-
-    def join_sync_group(self, address: str, port: int, world_size: int) -> None:
-        """Rank 0 only: host the weight-broadcast group with the rollout workers."""
-        self.sender = WeightSender.connect(
-            address, port, world_size, self.buckets, self.cfg.sync.timeout_s
-        )
-
-    def _gathered_buckets(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        """Full parameters bucket by bucket. Under ZeRO-3 every rank must run this (each bucket
-        is an all-gather every rank joins); other stages hold full parameters on every rank."""
-        import deepspeed
-
-        params = dict(self._named_parameters())
-        self._gathered_checksum = 0
-        for index, bucket in enumerate(self.buckets):
-            tensors = [params[m.name] for m in bucket]
-            gather = (
-                deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
-                if self.cfg.learner.zero_stage == 3
-                else contextlib.nullcontext()
-            )
-            with gather:
-                wire = [
-                    t.detach().to(getattr(torch, m.dtype))
-                    for t, m in zip(tensors, bucket, strict=True)
-                ]
-                # Checksummed where the weights are (the GPU: fast), before the copy to the host.
-                self._gathered_checksum += weights_checksum(wire)
-                out = [t.to("cpu") for t in wire]
-                if self.cfg.learner.zero_stage == 3:  # the gathered storage is freed on exit
-                    out = [
-                        c.clone() if c.data_ptr() == t.data_ptr() else c
-                        for c, t in zip(out, tensors, strict=True)
-                    ]
-                yield index, out
-
-    def broadcast_weights(self) -> int:
-        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent."""
-        sent = 0
-        for index, tensors in self._gathered_buckets():
-            if self.rank == 0:
-                assert self.sender is not None, "join_sync_group was not called on rank 0"
-                self.sender.send(index, tensors)
-                sent += 1
-            if self.cfg.learner.zero_stage != 3 and self.rank != 0:
-                break  # nothing to gather on other ranks
-        self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
-        return sent
-
-    def sent_weights_checksum(self) -> int | None:
-        """Rank 0: eopd_ray.core.weight_checksum of the weights of the last sync, as sent (in
-        model.dtype); every rollout engine must read the same back. Other ranks: None."""
-        return self._sent_checksum
-
-    def weight_buckets(self) -> list[list[tuple[str, torch.Tensor]]]:
-        """Object-store transport: the buckets as (name, tensor) lists; empty except on rank 0.
-        Under ZeRO-3 every rank must call it (the gathers are collective)."""
-        if self.rank != 0 and self.cfg.learner.zero_stage != 3:
-            return []
-        out = []
-        for index, tensors in self._gathered_buckets():
-            names = [m.name for m in self.buckets[index]]
-            out.append(list(zip(names, tensors, strict=True)))
-        self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
-        return out if self.rank == 0 else []
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())

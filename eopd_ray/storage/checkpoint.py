@@ -235,7 +235,7 @@ def prompts_fingerprint(prompts: list[list[int]]) -> str:
 
 
 def lr_schedule_shape(cfg: Config) -> dict:
-    """What eopd_ray.roles.learner.lr_multiplier depends on; the run's length only for cosine."""
+    """What roles.learner_engine.lr_multiplier depends on; the run's length only for cosine."""
     lrn = cfg.learner
     return {
         "lr": lrn.lr,
