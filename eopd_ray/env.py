@@ -16,6 +16,14 @@ JOB_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
 }
 
+# What Ray's job supervisor hands a submitted job's entrypoint: its runtime env and metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def in_submitted_job() -> bool:
+    """Whether this process is the entrypoint of a `ray job submit` job."""
+    return bool(os.environ.get(JOB_CONFIG_ENV))
+
 
 def set_job_environment(**extra: str) -> None:
     """Apply the defaults (and `extra`) without overriding what the user already set."""

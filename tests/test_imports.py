@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+PACKAGE = Path(__file__).resolve().parents[1] / "eopd_ray"
+
+
+def modules_in(package: str) -> list[str]:
+    """Every module of eopd_ray/<package>, dotted."""
+    return sorted(
+        "eopd_ray." + p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        for p in (PACKAGE / package).glob("*.py")
+        if p.name != "__init__.py"
+    )
+
+
+# The core and the config (tests/test_layers.py reads their source for the same rule), plus
+# the run-storage, metrics and evaluation modules a CPU-only analysis script may use.
 PURE = [
-    "eopd_ray.core.loss",
-    "eopd_ray.config",
-    "eopd_ray.core.wire",
     "eopd_ray.errors",
-    "eopd_ray.config.strict_yaml",
-    "eopd_ray.core.prompts",
-    "eopd_ray.telemetry.step_metrics",
-    "eopd_ray.evaluation.math_answers",
-    "eopd_ray.storage.checkpoint",
-    "eopd_ray.core.forward",
-    "eopd_ray.roles.weight_sync",
     "eopd_ray.env",
+    "eopd_ray.building",
+    *modules_in("config"),
+    *modules_in("core"),
+    *modules_in("storage"),
+    *modules_in("evaluation"),
+    "eopd_ray.telemetry.step_metrics",
+    "eopd_ray.roles.weight_sync",
     "eopd_ray.toy.models",
-    "eopd_ray.core.invariants",
-    "eopd_ray.core.fused_head",
-    "eopd_ray.core.weight_checksum",
-    "eopd_ray.storage.run_claim",
 ]
 
 
@@ -49,7 +57,8 @@ def test_pure_core_does_not_import_heavy_engines():
 WORKERS = [
     "eopd_ray.roles.teacher",
     "eopd_ray.roles.learner",
-    "eopd_ray.core.fused_head",
+    "eopd_ray.roles.learner_engine",
+    "eopd_ray.roles.learner_weights",
     "eopd_ray.telemetry.ray_gauges",
 ]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from eopd_ray.driver.locations import JOB_CONFIG_ENV, job_without_working_dir
+from eopd_ray.driver.locations import job_without_working_dir
+from eopd_ray.env import JOB_CONFIG_ENV
 
 
 def test_a_job_without_working_dir_is_warned_about_naming_its_directory(monkeypatch, tmp_path):
