@@ -41,3 +41,7 @@ class ConfigError(EopdError):
 
 class BatchError(EopdError):
     """A wire-type batch (RolloutBatch, TeacherScores) has inconsistent shapes or dtypes."""
+
+
+class VersionMismatch(EopdError):
+    """A rollout batch was sampled with other weights than the driver expects."""

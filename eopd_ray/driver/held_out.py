@@ -28,7 +28,9 @@ DeepSpeed.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,10 @@ from typing import Any
 from eopd_ray.config import Config, EvalConfig
 from eopd_ray.core.prompts import render_prompt, toy_prompts
 from eopd_ray.core.wire import RolloutBatch
-from eopd_ray.errors import EopdError
+from eopd_ray.errors import EopdError, VersionMismatch
 from eopd_ray.evaluation.math_answers import load_benchmark, pass_at_k, score_benchmark
+
+log = logging.getLogger(__name__)
 
 Completions = Sequence[Sequence[str]]  # per prompt, the texts of its samples
 
@@ -262,3 +266,38 @@ def _arithmetic(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[st
         return accuracy_metrics(verdicts, k)
 
     return texts, judge
+
+
+class HeldOutEvaluation:
+    """Evaluation during training (`eval.every_steps`), part of `Pipeline`: the current student
+    on the rollout workers, judged by the run's `HeldOut` set."""
+
+    def evaluation_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return bool(every) and ((step + 1) % every == 0 or step == self.cfg.run.steps - 1)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The student after `step` (the weights the rollout workers hold since the sync) on the
+        held-out prompts, judged by the held-out set (eopd_ray/driver/held_out.py)."""
+        held = self.held_out
+        assert held is not None, "evaluate() needs eval.every_steps > 0"
+        args = held.requests(self.cfg.eval, len(self.rollout))
+        ranks = list(range(len(args)))
+
+        def generate() -> RolloutBatch:
+            refs = self.rollout.call_each_async("generate", args)
+            what = f"step {step} evaluation"
+            return RolloutBatch.concat(
+                self.rollout.get(refs, self.cfg.run.step_timeout_s, what, ranks=ranks)
+            )
+
+        started = time.perf_counter()
+        batch = self._recovering(self.rollout, generate, f"step {step} evaluation")
+        if batch.weight_version != self.version:
+            raise VersionMismatch(
+                f"step {step} evaluation: sampled with weight version {batch.weight_version}, "
+                f"the student is at {self.version}"
+            )
+        metrics = held.score(batch) | {"time/eval_s": time.perf_counter() - started}
+        log.info("step %d held-out evaluation: %s", step + 1, summary_line(metrics))
+        return metrics

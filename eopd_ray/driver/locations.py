@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from eopd_ray.config import Config
+from eopd_ray.env import JOB_CONFIG_ENV
 from eopd_ray.storage.run_storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ def in_job_working_dir(cwd: Path | None = None) -> bool:
     """True inside the copy Ray makes of a job's `--working-dir`."""
     parts = (cwd or Path.cwd()).resolve().parts
     return "runtime_resources" in parts and "working_dir_files" in parts
-
-
-# What Ray's job supervisor hands a submitted job's entrypoint: its runtime env and metadata.
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def job_without_working_dir(cwd: Path | None = None) -> str | None:

@@ -21,13 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray.config import Config, config_to_yaml
+from eopd_ray.config import Config
 from eopd_ray.core.invariants import (
     PROBE_TOKENS,
     check_teacher_scores,
-    check_weights_in_sync,
-    check_weights_loaded,
-    logprob_gap_bound,
     probe_sequence,
 )
 from eopd_ray.core.micro_batches import StepShares, share_step
@@ -36,23 +33,21 @@ from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.driver.actors import (
     ActorGroup,
     WorkerError,
-    connect,
-    create_placement_group,
-    spawn,
-    wait_started,
 )
-from eopd_ray.driver.held_out import load_held_out, summary_line
+from eopd_ray.driver.held_out import HeldOutEvaluation, load_held_out
 from eopd_ray.driver.locations import resolve_locations
 from eopd_ray.driver.progress import StepProgress
-from eopd_ray.driver.stopping import StopOnSigterm, exit_on_sigterm
-from eopd_ray.errors import EopdError
-from eopd_ray.roles.learner import LearnerWorker
-from eopd_ray.roles.rollout import RolloutWorker, prompt_seeds
-from eopd_ray.roles.teacher import TeacherWorker, check_model_pair
+from eopd_ray.driver.recovery import Recovery
+from eopd_ray.driver.run_checkpoints import RunCheckpoints
+from eopd_ray.driver.start_up import StartUp
+from eopd_ray.driver.stopping import StopOnSigterm
+from eopd_ray.driver.weight_versions import WeightVersions
+from eopd_ray.errors import VersionMismatch
+from eopd_ray.roles.rollout import prompt_seeds
+from eopd_ray.roles.teacher import check_model_pair
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
 from eopd_ray.storage.run_claim import RunClaim
-from eopd_ray.storage.run_dir import begin_run
 from eopd_ray.storage.run_storage import RunStorage
 from eopd_ray.telemetry.ray_gauges import RayMetricsSink
 from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
@@ -60,12 +55,8 @@ from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_l
 log = logging.getLogger(__name__)
 
 
-class VersionMismatch(EopdError):
-    """A rollout batch was sampled with other weights than the driver expects."""
-
-
 @dataclass
-class _Rollout:
+class PendingRollout:
     """A rollout in flight: its Ray refs, the weight version it must carry, and the prompt-stream
     position before its prompts were taken (to redo it, or to checkpoint as if not started)."""
 
@@ -95,7 +86,7 @@ def _timed(metrics: dict[str, float], key: str):
     metrics[key] = time.perf_counter() - start
 
 
-class Pipeline:
+class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluation):
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_locations(cfg)
         self.cfg = cfg
@@ -115,7 +106,7 @@ class Pipeline:
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
-        self._prefetched: _Rollout | None = None  # rollout.async_lag: the next step's rollout
+        self._prefetched: PendingRollout | None = None  # rollout.async_lag: the next step's rollout
         # vLLM scores a prompt of at most max_model_len - 1 tokens (one more is generated).
         self.probe_ids = probe_sequence(
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
@@ -128,172 +119,13 @@ class Pipeline:
         self.learner: ActorGroup | None = None
         self._pg = None
 
-    # --- set-up --------------------------------------------------------------------------------
-
     @property
     def run_id(self) -> str | None:
         return self.cfg.run.id
 
-    def start(self) -> None:
-        # The run directory before any worker: it decides the run id (actor names, metric tags)
-        # and whether this resumes; an earlier run's files move to previous/ first.
-        exit_on_sigterm()
-        connect(self.cfg)
-        exit_on_sigterm()  # again: ray.init installs its own handler
-        # One driver per run directory, before anything in it is read, moved or deleted.
-        self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
-        self.cfg, self._resume_from = begin_run(self.cfg, self.store)
-        self.claim.set_run_id(self.cfg.run.id)
-        self.claim.start()
-        self.store.write_text("config.yaml", config_to_yaml(self.cfg))
-        log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
-        cfg = self.cfg
-        self._pg = create_placement_group(cfg)
-        r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
-        # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
-        # multi-process engine receives them as lists and fails half-way through a reload).
-        rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        learner_env = {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {}
-        resumed_at = self._resume_from.step + 1 if self._resume_from else 0
-        self.rollout = spawn(
-            "rollout",
-            RolloutWorker,
-            cfg,
-            self._pg,
-            0,
-            r,
-            [(cfg, i) for i in range(r)],
-            rollout_env,
-            resumed_at,
-        )
-        self.teacher = spawn(
-            "teacher",
-            TeacherWorker,
-            cfg,
-            self._pg,
-            r,
-            s,
-            [(cfg, i) for i in range(s)],
-            None,
-            resumed_at,
-        )
-        self.learner = spawn(
-            "learner",
-            LearnerWorker,
-            cfg,
-            self._pg,
-            r + s,
-            n,
-            [(cfg, i, n) for i in range(n)],
-            learner_env,
-            resumed_at,
-        )
-        timeout = cfg.run.step_timeout_s
-        # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.
-        wait_started([self.learner], timeout)
-        addr, port = self.learner.get(
-            self.learner.call_async("free_address", ranks=[0]), timeout, "learner address"
-        )[0]
-        setup = self.learner.call_async("setup", addr, port)
-        wait_started([self.rollout, self.teacher], timeout)
-        self.learner.get(setup, timeout, "learner set-up")
-        if cfg.sync.transport == "collective":
-            self._join_sync_group()
-        self._check_learners_see_storage()
-        if self._resume_from is not None:
-            self._resume(self._resume_from)
-
-    def _check_learners_see_storage(self) -> None:
-        marker, token = ".storage-check", f"{self.cfg.run.id}/{time.time_ns()}"
-        self.store.write_text(marker, token)
-        self.learner.get(
-            self.learner.call_async("check_storage", self.store, marker, token),
-            self.cfg.run.step_timeout_s,
-            "checking the learners reach run.output_dir",
-        )
-        self.store.delete(marker)
-
-    def _resume(self, ckpt: Checkpoint) -> None:
-        """Continue from checkpoint `ckpt`: learner state on every rank, weights pushed to the
-        rollout workers, data position, RNG, step and version."""
-        self.config_changes = checkpoint.check_compatible(
-            self.cfg, ckpt, self.store, self.training_identity
-        )
-        for change in self.config_changes:
-            log.warning("resuming with run.allow_config_change: %s", change)
-        timeout = self.cfg.run.step_timeout_s
-        self.learner.get(
-            self.learner.call_async("load_checkpoint", self.store, ckpt.rel),
-            timeout,
-            f"loading {ckpt.uri}",
-        )
-        self._push_weights(ckpt.weight_version, "resume")
-        self.stream.load_state_dict(ckpt.stream)
-        checkpoint.restore_rng(ckpt)
-        self.start_step = ckpt.step + 1
-        log.info(
-            "resumed from %s: next step %d, weight version %d",
-            ckpt.uri,
-            self.start_step,
-            self.version,
-        )
-
-    def save_checkpoint(self, step: int) -> Checkpoint:
-        """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state)."""
-        self.claim.check(f"checkpoint after step {step}")
-        rel = checkpoint.begin(self.store, step)
-        written = self.learner.get(
-            self.learner.call_async("save_checkpoint", self.store, rel),
-            self.cfg.run.step_timeout_s,
-            f"checkpoint after step {step}",
-        )
-        # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
-        stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
-        self.claim.check(f"checkpoint after step {step}")
-        return checkpoint.commit(
-            self.store,
-            rel,
-            self.cfg,
-            step,
-            self.version,
-            stream,
-            learner_files=sorted({f for files in written for f in files}),
-            trained_on=self.training_identity,
-        )
-
-    @property
-    def training_identity(self) -> dict:
-        """The kept prompts and the LR schedule, recorded in every checkpoint."""
-        if self._identity is None:
-            self._identity = checkpoint.training_identity(self.cfg, self.prompts)
-        return self._identity
-
-    def export_hf(self) -> str:
-        """The current student as a Hugging Face model in <run.output_dir>/hf; returns where."""
-        self.learner.get(
-            self.learner.call_async("export_hf", self.store, "hf"),
-            self.cfg.run.step_timeout_s,
-            "HF export",
-        )
-        return self.store.show("hf")
-
-    def _join_sync_group(self) -> None:
-        timeout = self.cfg.sync.timeout_s
-        buckets = self.learner.get(
-            self.learner.call_async("sync_buckets", ranks=[0]), timeout, "sync plan"
-        )[0]
-        addr, port = self.learner.get(
-            self.learner.call_async("free_address", ranks=[0]), timeout, "sync address"
-        )[0]
-        world = 1 + len(self.rollout)
-        refs = self.learner.call_async("join_sync_group", addr, port, world, ranks=[0])
-        refs_r = self.rollout.call_async("join_sync_group", addr, port, world, buckets)
-        self.learner.get(refs, timeout, "joining the weight-sync group", ranks=[0])
-        self.rollout.get(refs_r, timeout, "joining the weight-sync group")
-
     # --- one step ------------------------------------------------------------------------------
 
-    def _launch_rollout(self, step: int) -> _Rollout:
+    def _launch_rollout(self, step: int) -> PendingRollout:
         """Hand the step's prompts to the rollout workers; returns without waiting."""
         cfg = self.cfg
         stream_state = self.stream.state_dict()
@@ -310,15 +142,15 @@ class Pipeline:
             for rank in range(workers)
         ]
         refs = self.rollout.call_each_async("generate", args)
-        return _Rollout(step, refs, self.version, stream_state)
+        return PendingRollout(step, refs, self.version, stream_state)
 
-    def _wait_rollout(self, pending: _Rollout) -> None:
+    def _wait_rollout(self, pending: PendingRollout) -> None:
         if pending.parts is None:
             pending.parts = self.rollout.get(
                 pending.refs, self.cfg.run.step_timeout_s, f"step {pending.step} rollout"
             )
 
-    def _collect_rollout(self, pending: _Rollout) -> RolloutBatch:
+    def _collect_rollout(self, pending: PendingRollout) -> RolloutBatch:
         self._wait_rollout(pending)
         batch = RolloutBatch.concat(pending.parts)
         if batch.weight_version != pending.expected_version:
@@ -328,21 +160,6 @@ class Pipeline:
                 "sync was lost"
             )
         return batch
-
-    def _rollout_with_recovery(self, step: int, pending: _Rollout | None) -> RolloutBatch:
-        """The step's batch: the prefetched one when there is one, else generated now. After a
-        rollout worker died it is generated again from the same prompts and seeds."""
-        stream_state = pending.stream_state if pending else self.stream.state_dict()
-
-        def rollout() -> RolloutBatch:
-            nonlocal pending
-            if pending is not None:  # first attempt: the prefetch; a redo generates afresh
-                launched, pending = pending, None
-                return self._collect_rollout(launched)
-            self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
-            return self._collect_rollout(self._launch_rollout(step))
-
-        return self._recovering(self.rollout, rollout, f"step {step} rollout")
 
     def _score(self, batch: RolloutBatch, step: int) -> TeacherScores:
         shards = batch.split(min(len(self.teacher), batch.num_sequences))
@@ -410,114 +227,6 @@ class Pipeline:
         metrics["train/rank_imbalance"] = shares.imbalance
         return metrics
 
-    def _sync(self, step: int) -> None:
-        """Send the new weights to every rollout worker; all must report version v + 1.
-        Rollout workers lost while the teacher or the learners worked (their node went down)
-        are first seen here: once Ray has restarted them, the sync is redone, to the same
-        version (the probe may have failed after the workers took v + 1)."""
-        new_version = self.version + 1
-        self._recovering(
-            self.rollout,
-            lambda: self._push_weights(new_version, f"step {step}"),
-            f"step {step} weight sync",
-            catch_up=False,  # the redone sync is the catch-up
-        )
-
-    def _push_weights(self, new_version: int, what: str) -> None:
-        timeout = self.cfg.sync.timeout_s
-        if self.cfg.sync.transport == "collective":
-            sends = self.learner.call_async("broadcast_weights")
-            receives = self.rollout.call_async("receive_weights", new_version)
-        else:
-            sends = self.learner.call_async("weight_buckets")
-            receives = self.rollout.call_async("load_weights", sends[0], new_version)
-        self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
-        self.learner.get(sends, timeout, f"{what} weight sync (send)")
-        # What every engine holds, read back and checksummed, against what the learner sent:
-        # a worker takes the new version number only when they are equal.
-        sent = self.learner.get(
-            self.learner.call_async("sent_weights_checksum", ranks=[0]),
-            timeout,
-            f"{what} weight sync (checksum)",
-            ranks=[0],
-        )[0]
-        confirmed = self.rollout.get(
-            self.rollout.call_async("confirm_weights", new_version, sent),
-            timeout,
-            f"{what} weight sync (confirm)",
-        )
-        check_weights_loaded(
-            sent, confirmed, [str(i) for i in self.rollout.identities], new_version, what
-        )
-        self.version = new_version
-        self._check_weights_in_sync(what)
-
-    def _check_weights_in_sync(self, what: str) -> None:
-        """Every rollout engine scores the probe sequence; the learner scores it too. Different
-        log-probs mean the engines do not hold the learner's weights: stop, naming the worker."""
-        timeout = self.cfg.sync.timeout_s
-        learner_refs = self.learner.call_async("token_logprobs", self.probe_ids)
-        rollout_refs = self.rollout.call_async("token_logprobs", self.probe_ids)
-        scored = self.rollout.get(rollout_refs, timeout, f"{what} weight-sync probe")
-        expected = self.learner.get(learner_refs, timeout, f"{what} weight-sync probe")[0]
-        check_weights_in_sync(
-            expected,
-            [lp for _, lp in scored],
-            [
-                f"{ident} (weight version {v})"
-                for ident, (v, _) in zip(self.rollout.identities, scored, strict=True)
-            ],
-            logprob_gap_bound(self.cfg),
-            what,
-        )
-
-    def _recovering(self, group: ActorGroup, work, what: str, catch_up: bool = True):
-        """Run `work()`; if a worker of `group` died, wait for Ray to restart it, bring it back
-        in sync (rollout: rejoin the weight group and, if `catch_up`, reload the current
-        weights), and redo the work, up to `run.max_worker_restarts` times."""
-        for attempt in range(self.cfg.run.max_worker_restarts + 1):
-            try:
-                return work()
-            except WorkerError as exc:
-                if not exc.died or attempt == self.cfg.run.max_worker_restarts:
-                    raise
-                log.warning("%s: %s; restarting and redoing it", what, exc)
-                group.refresh_identities(self.cfg.run.step_timeout_s)
-                if group is self.rollout:
-                    if self.cfg.sync.transport == "collective":
-                        self._join_sync_group()
-                    if catch_up:
-                        self._push_weights(self.version, f"{what} recovery")
-                self.num_recoveries += 1
-
-    def _prefetch_next(self, step: int) -> None:
-        """rollout.async_lag = 1: start step+1's rollout now, on the current weights, so that it
-        runs while this step trains."""
-        if self.cfg.rollout.async_lag and step + 1 < self.cfg.run.steps:
-            self._prefetched = self._launch_rollout(step + 1)
-
-    def _finish_prefetch(self, step: int) -> None:
-        """Wait for the prefetched rollout before the weight sync (a worker takes one call at a
-        time). If a rollout worker died, the prefetch is dropped rather than redone: the learner
-        has already moved past the weights it was launched on, so a redo would sample with newer
-        weights under the old version's label. Ray restarts the worker, the sync that follows
-        gives it the new weights, and the next step samples the same prompts on them."""
-        pending = self._prefetched
-        if pending is None:
-            return
-        try:
-            self._wait_rollout(pending)
-        except WorkerError as exc:
-            if not exc.died:
-                raise
-            log.warning("step %d rollout (prefetched): %s; dropping it", pending.step, exc)
-            self._prefetched = None
-            self.stream.load_state_dict(pending.stream_state)  # the next step takes its prompts
-            self.rollout.refresh_identities(self.cfg.run.step_timeout_s)
-            if self.cfg.sync.transport == "collective":
-                self._join_sync_group()
-            self.num_recoveries += 1
-
     def step(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         pending, self._prefetched = self._prefetched, None
@@ -556,38 +265,6 @@ class Pipeline:
         )
         if not self.cfg.rollout.async_lag:  # async: generation overlaps training, unobserved here
             metrics["rollout/tokens_per_s"] = tokens / metrics["time/rollout_s"]
-        return metrics
-
-    # --- evaluation during training --------------------------------------------------------------
-
-    def evaluation_due(self, step: int) -> bool:
-        every = self.cfg.eval.every_steps
-        return bool(every) and ((step + 1) % every == 0 or step == self.cfg.run.steps - 1)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """The student after `step` (the weights the rollout workers hold since the sync) on the
-        held-out prompts, judged by the held-out set (eopd_ray/driver/held_out.py)."""
-        held = self.held_out
-        assert held is not None, "evaluate() needs eval.every_steps > 0"
-        args = held.requests(self.cfg.eval, len(self.rollout))
-        ranks = list(range(len(args)))
-
-        def generate() -> RolloutBatch:
-            refs = self.rollout.call_each_async("generate", args)
-            what = f"step {step} evaluation"
-            return RolloutBatch.concat(
-                self.rollout.get(refs, self.cfg.run.step_timeout_s, what, ranks=ranks)
-            )
-
-        started = time.perf_counter()
-        batch = self._recovering(self.rollout, generate, f"step {step} evaluation")
-        if batch.weight_version != self.version:
-            raise VersionMismatch(
-                f"step {step} evaluation: sampled with weight version {batch.weight_version}, "
-                f"the student is at {self.version}"
-            )
-        metrics = held.score(batch) | {"time/eval_s": time.perf_counter() - started}
-        log.info("step %d held-out evaluation: %s", step + 1, summary_line(metrics))
         return metrics
 
     # --- the run -------------------------------------------------------------------------------
@@ -634,17 +311,3 @@ class Pipeline:
             for sink in sinks:
                 sink.close()
         return history
-
-    def shutdown(self) -> None:
-        import ray
-
-        if self.claim is not None:
-            self.claim.release()
-
-        for group in (self.rollout, self.teacher, self.learner):
-            for handle in group.handles if group else []:
-                ray.kill(handle)
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self._pg)

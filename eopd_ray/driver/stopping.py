@@ -13,9 +13,8 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+
+from eopd_ray.building import directories_being_built
 
 
 class StopOnSigterm:
@@ -36,26 +35,11 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# Directories being built during start-up (toy models, rehearsal assets): a stop removes them,
-# so no half-built one is left for the next start to trip over.
-_BUILDING: set[Path] = set()
-
-
-@contextmanager
-def removed_if_stopped(path: Path) -> Iterator[Path]:
-    """While inside, a SIGTERM during start-up deletes `path` before the driver exits."""
-    _BUILDING.add(Path(path))
-    try:
-        yield Path(path)
-    finally:
-        _BUILDING.discard(Path(path))
-
-
 def _stop_start_up(signum, frame) -> None:
     # Exit at once: nothing is trained yet, and a Python exception cannot interrupt a blocking
     # ray.get (Ray's job stop kills the driver 3 s after SIGTERM). The workers and the placement
     # group belong to this driver: Ray removes them when it exits.
-    for path in list(_BUILDING):
+    for path in directories_being_built():
         shutil.rmtree(path, ignore_errors=True)
     sys.stderr.write(
         "stopped during start-up (SIGTERM): no step ran, nothing to resume; submit the command "
