@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from eopd_ray.core.fused_head import FusedLMHead, fused_head_logprobs, install_fused_head
-from eopd_ray.core.loss import LOSSES, LossInputs, StudentAtIds, loss_hyperparameters, loss_ids
+from eopd_ray.core.loss import LOSSES, LossInputs, loss_hyperparameters
+from eopd_ray.core.student_logprobs import StudentAtIds, loss_ids
 
 TEMPERATURE = 0.7
 REL = 1e-6

@@ -21,8 +21,8 @@ from eopd_ray.core.loss import (
     jsd_loss,
     loss_hyperparameters,
     opd_loss,
-    student_logprobs_at,
 )
+from eopd_ray.core.student_logprobs import student_logprobs_at
 
 EPS, TAU, ALPHA, BETA = 0.2, 0.8, 1.0, 0.5
 

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eopd_ray.driver.stopping import removed_if_stopped
+from eopd_ray.building import removed_if_stopped
+from eopd_ray.env import in_submitted_job
 from eopd_ray.errors import EopdError
 from eopd_ray.toy.chain import ChainTask
 from eopd_ray.toy.models import TinyModelSpec, build_causal_lm, build_tokenizer
@@ -231,9 +232,7 @@ def preparation_threads() -> int:
     else runs yet), but inside a submitted Ray job the threads the job was given
     (OMP_NUM_THREADS, 1 when unset): the head's machine runs other work, and on 2 busy cores
     every-core threads measured 5-30x slower than one."""
-    from eopd_ray.driver.locations import JOB_CONFIG_ENV
-
-    if os.environ.get(JOB_CONFIG_ENV):
+    if in_submitted_job():
         return max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
     return os.cpu_count() or 1
 

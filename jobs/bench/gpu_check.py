@@ -284,7 +284,8 @@ def loss_check(device, t, v, h, repeats) -> list[dict]:
     import torch
 
     from eopd_ray.core.fused_head import fused_head_logprobs
-    from eopd_ray.core.loss import LossInputs, StudentAtIds, eopd_loss, loss_ids
+    from eopd_ray.core.loss import LossInputs, eopd_loss
+    from eopd_ray.core.student_logprobs import StudentAtIds, loss_ids
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device, torch.bfloat16)

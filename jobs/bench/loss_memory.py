@@ -26,7 +26,7 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[4])
 from eopd_ray.core.loss import LossInputs, eopd_loss
 from eopd_ray.core.fused_head import fused_head_logprobs
-from eopd_ray.core.loss import StudentAtIds, loss_ids
+from eopd_ray.core.student_logprobs import StudentAtIds, loss_ids
 T, V, chunk, H = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
 fused = H > 0
 torch.manual_seed(0)

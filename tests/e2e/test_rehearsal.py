@@ -66,7 +66,7 @@ print(json.dumps({"gap": sum(abs(x - y) for x, y in zip(a, b)) / len(a)}))
 
 def _held_out_benchmarks(tmp_path) -> list[str]:
     """Two benchmark files of problems the rehearsal never trains on (another seed)."""
-    from eopd_ray.toy.rehearsal import rehearsal_problems
+    from eopd_ray.toy.rehearsal_text import rehearsal_problems
 
     problems = rehearsal_problems(16, seed=1)
     paths = []

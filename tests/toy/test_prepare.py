@@ -150,7 +150,7 @@ def test_preparation_progress_lines_come_at_least_every_30_s_with_an_estimate(mo
 
 
 def test_a_job_prepares_with_the_threads_it_was_given(monkeypatch):
-    from eopd_ray.driver.locations import JOB_CONFIG_ENV
+    from eopd_ray.env import JOB_CONFIG_ENV
     from eopd_ray.toy.prepare import preparation_threads
 
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)

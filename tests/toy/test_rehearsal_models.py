@@ -12,13 +12,13 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eopd_ray.config import load_config
-from eopd_ray.toy.rehearsal import (
+from eopd_ray.toy.rehearsal import ensure_rehearsal_assets
+from eopd_ray.toy.rehearsal_text import (
     END_THINK_ID,
     ENDOFTEXT_ID,
     IM_END_ID,
     IM_START_ID,
     THINK_ID,
-    ensure_rehearsal_assets,
 )
 
 REPO = Path(__file__).resolve().parents[2]
