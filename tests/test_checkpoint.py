@@ -79,7 +79,7 @@ def test_a_writer_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
     write(store, c, 5, b"good")
     code = (
         "import os\n"
-        "from eopd_ray import checkpoint\n"
+        "from eopd_ray.storage import checkpoint\n"
         "from eopd_ray.storage.run_storage import RunStorage\n"
         f"store = RunStorage({str(tmp_path)!r})\n"
         "rel = checkpoint.begin(store, 6)\n"
