@@ -27,6 +27,7 @@ set_job_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
 from eopd_ray.config import Config, config_from_dict, load_config  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
 from eopd_ray.evaluation.math_answers import load_benchmark, report, score_benchmark  # noqa: E402
+from eopd_ray.storage.sources import local_file, local_model_dir, pin_model  # noqa: E402
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -62,8 +63,15 @@ def evaluation_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Avg@k / Pass@k on math benchmarks.")
-    parser.add_argument("--model", required=True, help="HF model directory to evaluate")
-    parser.add_argument("--benchmarks", nargs="+", required=True, help="benchmark JSONL files")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model to evaluate: a HF model directory, a hub id (org/name[@revision]) or a "
+        "pyarrow.fs URI (s3://...)",
+    )
+    parser.add_argument(
+        "--benchmarks", nargs="+", required=True, help="benchmark JSONL files (paths or URIs)"
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", help="config whose eval.*/rollout.* settings to use")
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
@@ -71,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = evaluation_config(args)
-        benchmarks = {Path(p).stem: load_benchmark(p) for p in args.benchmarks}
+        # A hub id is pinned to the commit evaluated; hub ids and URIs are fetched once per node.
+        spec = pin_model(args.model, "--model")
+        model_dir = local_model_dir(spec, "--model")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student_path=model_dir))
+        benchmarks = {
+            Path(p.split("?")[0]).stem: load_benchmark(local_file(p, "--benchmarks"))
+            for p in args.benchmarks
+        }
     except EopdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     e = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(
-        args.model, trust_remote_code=cfg.model.trust_remote_code
+        model_dir, trust_remote_code=cfg.model.trust_remote_code
     )
     engine = ENGINES[cfg.rollout.engine](cfg, seed=e.seed)
     sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(out / f"{name}.samples.jsonl", "\n".join(lines) + "\n")
         print(f"{name}: Avg@{e.k} {score.avg_at_k:.2f}  Pass@{e.k} {score.pass_at_k:.2f}")
     data, table = report(scores)
-    data["model"] = args.model
+    data["model"] = spec
     data["settings"] = dataclasses.asdict(e)
     write_atomic(out / "results.json", json.dumps(data, indent=2) + "\n")
     write_atomic(out / "results.md", table)

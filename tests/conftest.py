@@ -30,3 +30,12 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     from eopd_ray.toy.models import build_tiny_pair
 
     return build_tiny_pair(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 endpoint (moto's server on a loopback port) for the module's tests."""
+    from s3_endpoint import S3Endpoint
+
+    with S3Endpoint() as endpoint:
+        yield endpoint

@@ -24,8 +24,10 @@ def cfg(tmp_path, **run):
     return config_from_dict({**BASE, "run": {"output_dir": str(tmp_path), "id": "r1", **run}})
 
 
-@pytest.fixture(params=["local", "object store"])
+@pytest.fixture(params=["local", "object store", "s3"])
 def store(request, tmp_path):
+    if request.param == "s3":  # a real S3 endpoint (moto's server)
+        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
     if request.param == "local":
         return RunStorage(str(tmp_path))
     return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
@@ -235,3 +237,28 @@ def test_resuming_with_a_moved_cosine_schedule_is_refused(tmp_path, store):
     )
     identity = checkpoint.training_identity(longer, PROMPTS)
     assert checkpoint.check_compatible(longer, ckpt, store, identity) == []
+
+
+def test_an_endpoint_that_stops_mid_checkpoint_loses_nothing(s3, tmp_path):
+    """S3 answering 503 from the middle of the learners' upload on (after pyarrow's retries): an
+    error naming the URI (pyarrow's copy_files alone would have reported success), the newest
+    complete checkpoint stays the resume point, and the next attempt at that step starts clean."""
+    from eopd_ray.storage.run_storage import StorageError
+
+    store = RunStorage(s3.uri(f"runs/{tmp_path.name}"))
+    c = cfg(tmp_path)
+    write(store, c, 0, b"good")
+    rel = checkpoint.begin(store, 1)
+    local = store.staging(f"{rel}/learner")
+    for rank in range(6):
+        (local / f"rank-{rank}.pt").write_bytes(random.randbytes(2048))
+    with s3.outage(after_uploads=2), pytest.raises(StorageError) as err:
+        store.publish(local, f"{rel}/learner")
+    assert store.show(f"{rel}/learner") in str(err.value)
+    uploaded = [k for k in s3.keys(f"runs/{tmp_path.name}/{rel}") if k.endswith(".pt")]
+    assert 0 < len(uploaded) < 6, uploaded  # it did stop half-way
+    newest = checkpoint.latest(store)
+    assert newest.step == 0 and store.read_bytes(f"{newest.rel}/learner/state.pt") == b"good"
+    write(store, c, 1)
+    assert [k.step for k in checkpoint.complete_checkpoints(store)] == [0, 1]
+    assert store.listdir(f"{checkpoint.step_dir(1)}/learner") == ["state.pt"]

@@ -18,8 +18,10 @@ from eopd_ray.storage.run_claim import CLAIM, ClaimLost, RunClaim, RunDirectoryI
 from eopd_ray.storage.run_storage import RunStorage
 
 
-@pytest.fixture(params=["local", "object store"])
+@pytest.fixture(params=["local", "object store", "s3"])
 def store(request, tmp_path):
+    if request.param == "s3":  # a real S3 endpoint (moto's server)
+        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
     if request.param == "local":
         return RunStorage(str(tmp_path / "run"))
     return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())

@@ -19,8 +19,10 @@ def cfg(resume: str, **run):
     return config_from_dict({**BASE, "run": {"output_dir": "/unused", "resume": resume, **run}})
 
 
-@pytest.fixture(params=["local", "object store"])
+@pytest.fixture(params=["local", "object store", "s3"])
 def store(request, tmp_path):
+    if request.param == "s3":  # a real S3 endpoint (moto's server)
+        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
     if request.param == "local":
         return RunStorage(str(tmp_path / "run"))
     return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())

@@ -11,8 +11,10 @@ import pytest
 from eopd_ray.storage.run_storage import RunStorage, StorageError, is_uri
 
 
-@pytest.fixture(params=["local", "memory", "subtree"])
+@pytest.fixture(params=["local", "memory", "subtree", "s3"])
 def store(request, tmp_path):
+    if request.param == "s3":  # a real S3 endpoint (moto's server)
+        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
     if request.param == "local":
         return RunStorage(str(tmp_path / "run"))
     if request.param == "memory":

@@ -77,14 +77,17 @@ class _Identified:
         return f"{self.ROLE}-{getattr(self, 'rank', '?')}{state} [{cfg.run.id if cfg else '?'}]"
 
 
+# Credentials (HF_TOKEN, AWS_*) are NOT passed here: a runtime env is shown in the dashboard.
+# Workers read them from their own environment (the pod's, or the local Ray's, inherited).
 WORKER_ENV = {
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_NO_USAGE_STATS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also silences transformers' weight-loading bars
     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
 }
+if "HF_HUB_OFFLINE" in os.environ:  # the driver's choice (hub ids: download or cache only)
+    WORKER_ENV["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
 
 
 def _threads(resources) -> dict[str, str]:

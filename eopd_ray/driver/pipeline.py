@@ -48,7 +48,9 @@ from eopd_ray.roles.teacher import check_model_pair
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
 from eopd_ray.storage.run_claim import RunClaim
+from eopd_ray.storage.run_dir import config_to_resume
 from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.storage.sources import pin_models, with_local_paths
 from eopd_ray.telemetry.ray_gauges import RayMetricsSink
 from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
 
@@ -89,9 +91,13 @@ def _timed(metrics: dict[str, float], key: str):
 class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluation):
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_locations(cfg)
-        self.cfg = cfg
-        check_model_pair(cfg)
         self.store = RunStorage(cfg.run.output_dir)
+        # Hub ids pinned to a commit (a resumed run's own), so every worker loads the same weights.
+        cfg = pin_models(cfg, lambda: config_to_resume(cfg, self.store))
+        self.cfg = cfg
+        # This node's copies of hub or object-store models and data; workers make their own.
+        local = with_local_paths(cfg)
+        check_model_pair(local)
         self._resume_from: Checkpoint | None = None
         self.claim: RunClaim | None = None
         self._identity: dict | None = None
@@ -101,8 +107,8 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         self.start_step = 0
         self.stopped_early = False
         self.num_recoveries = 0
-        self.prompts, self.num_skipped_prompts = tokenize_prompts(cfg)
-        self.held_out = load_held_out(cfg)  # eval.every_steps: before any worker starts
+        self.prompts, self.num_skipped_prompts = tokenize_prompts(local)
+        self.held_out = load_held_out(local)  # eval.every_steps: before any worker starts
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
@@ -111,7 +117,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         self.probe_ids = probe_sequence(
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
         )
-        self.vocab_rows, hidden = _student_shape(cfg)  # vocab rows bound the entropy: ln V
+        self.vocab_rows, hidden = _student_shape(local)  # vocab rows bound the entropy: ln V
         # Attention work per token relative to the linear layers' grows as L / (6 * hidden).
         self.attention_weight = 1.0 / (6 * hidden)
         self.rollout: ActorGroup | None = None

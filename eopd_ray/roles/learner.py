@@ -41,6 +41,7 @@ from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.weight_sync import TensorMeta, WeightSender, plan_buckets
 from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
@@ -48,6 +49,7 @@ class LearnerWorker(LearnerWeights):
     """One data-parallel rank (one Ray actor each)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
+        cfg = with_local_models(cfg)  # hub ids and URIs: downloaded once per node
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
         self.fused = False  # loss.fused_head, once setup has installed it

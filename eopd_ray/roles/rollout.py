@@ -29,6 +29,7 @@ import torch
 from eopd_ray.config import Config
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.roles.weight_sync import WeightReceiver
+from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
@@ -239,6 +240,7 @@ class RolloutWorker:
     """Holds a student engine; samples responses and loads new weights (one Ray actor each)."""
 
     def __init__(self, cfg: Config, rank: int) -> None:
+        cfg = with_local_models(cfg)  # hub ids and URIs: downloaded once per node
         self.cfg, self.rank = cfg, rank
         self.engine = ENGINES[cfg.rollout.engine](cfg, seed=cfg.rollout.seed + rank)
         self.version = 0

@@ -30,6 +30,7 @@ from eopd_ray.core.micro_batches import budget_micro_batches, count_micro_batche
 from eopd_ray.core.prompts import render_prompt
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
+from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
@@ -101,6 +102,7 @@ class TeacherWorker:
     def __init__(self, cfg: Config, rank: int) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        cfg = with_local_models(cfg)  # hub ids and URIs: downloaded once per node
         self.cfg, self.rank = cfg, rank
         remote = cfg.model.trust_remote_code
         self.student_tokenizer = AutoTokenizer.from_pretrained(

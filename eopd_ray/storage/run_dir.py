@@ -120,3 +120,9 @@ def move_previous_run(store: RunStorage) -> str | None:
 
 def _with_id(cfg: Config, run_id: str) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, id=run_id))
+
+
+def config_to_resume(cfg: Config, store: RunStorage) -> Config | None:
+    """The config of the checkpoint `run.resume: auto` would continue from (None: a fresh run)."""
+    ckpt = checkpoint.latest(store) if cfg.run.resume == "auto" else None
+    return checkpoint.saved_config(store, f"{ckpt.rel}/{CONFIG}") if ckpt else None

@@ -35,14 +35,32 @@ SERVER_COPY_MAX_BYTES = 5 * 2**30
 STREAM_CHUNK_BYTES = 64 * 2**20
 
 
-class StorageError(EopdError):
-    """The run's storage location cannot be opened or written; names it and how to fix it."""
+class StorageError(EopdError, OSError):
+    """The run's storage location cannot be opened or written; names it and how to fix it.
+    Also an OSError, so code that handles a failed read or write still sees one."""
 
 
 def is_uri(location: str) -> bool:
     """`s3://...`, `gs://...`, `file:///...`, `mock://...`: a scheme before `://`."""
     scheme, sep, _ = location.partition("://")
     return bool(sep) and scheme.replace("+", "").replace("-", "").isalnum()
+
+
+# Query parameters of a pyarrow URI that carry secrets: never shown in a message or a log.
+SECRET_PARAMETERS = ("access_key", "secret_key", "session_token", "credential")
+
+
+def redacted(uri: str) -> str:
+    """`uri` with the values of secret query parameters replaced by `***`."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        secret = eq and any(s in name.lower() for s in SECRET_PARAMETERS)
+        parts.append(f"{name}=***" if secret else part)
+    return f"{base}?{'&'.join(parts)}"
 
 
 class RunStorage:
@@ -108,7 +126,7 @@ class RunStorage:
         joined to its path and its query (`?endpoint_override=...&scheme=http`) kept last."""
         if self._given is None and self.is_local:
             return self.path(rel)
-        base, sep, query = self.location.partition("?")
+        base, sep, query = redacted(self.location).partition("?")
         joined = f"{base.rstrip('/')}/{rel}" if rel else base
         return f"{joined}{sep}{query}"
 
@@ -155,8 +173,11 @@ class RunStorage:
         parent = posixpath.dirname(rel)
         self.makedirs(parent)
         if not self.is_local:
-            with self.fs.open_output_stream(self.path(rel)) as fh:
-                fh.write(data)
+            try:
+                with self.fs.open_output_stream(self.path(rel)) as fh:
+                    fh.write(data)
+            except OSError as exc:
+                raise StorageError(f"writing {self.show(rel)} failed ({exc})") from None
             return
         target = self.local_path(rel)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -246,14 +267,40 @@ class RunStorage:
         local = Path(local)
         if self.is_local and local.resolve() == self.local_path(rel).resolve():
             return
-        self.makedirs(rel)
-        pafs.copy_files(
-            str(local),
-            self.path(rel),
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=self.fs,
-        )
+        try:
+            self.makedirs(rel)
+            pafs.copy_files(
+                str(local),
+                self.path(rel),
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+            # pyarrow 26's copy_files only logs ("Error ignored when destroying file") an upload
+            # that fails when its stream closes: check that every file arrived, whole.
+            missing = self._not_uploaded(local, rel)
+        except OSError as exc:
+            raise StorageError(
+                f"uploading {local} to {self.show(rel)} failed ({exc}); the storage refused or "
+                "stopped answering after the client's retries: nothing there is marked complete"
+            ) from None
+        if missing:
+            raise StorageError(
+                f"uploading {local} to {self.show(rel)}: {len(missing)} file(s) did not arrive "
+                f"whole ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the "
+                "storage stopped answering? nothing there is marked complete"
+            )
         shutil.rmtree(local, ignore_errors=True)
+
+    def _not_uploaded(self, local: Path, rel: str) -> list[str]:
+        """Files under `local` that `rel` lacks or holds with another size."""
+        root = self.path(rel).rstrip("/") + "/"
+        found = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
+        sizes = {f.path[len(root) :]: f.size for f in found if f.type == pafs.FileType.File}
+        return sorted(
+            p.relative_to(local).as_posix()
+            for p in local.rglob("*")
+            if p.is_file() and sizes.get(p.relative_to(local).as_posix()) != p.stat().st_size
+        )
 
     def upload_file(self, local: Path, rel: str) -> None:
         """One local file to `rel` (e.g. metrics.jsonl kept locally and appended to)."""
@@ -265,10 +312,14 @@ class RunStorage:
         if self.is_local:
             return self.local_path(rel)
         local = Path(tempfile.mkdtemp(dir=self._scratch(), prefix="fetch-"))
-        pafs.copy_files(
-            self.path(rel),
-            str(local),
-            source_filesystem=self.fs,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
+        try:
+            pafs.copy_files(
+                self.path(rel),
+                str(local),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        except OSError as exc:
+            shutil.rmtree(local, ignore_errors=True)
+            raise StorageError(f"downloading {self.show(rel)} failed ({exc})") from None
         return local

@@ -1,0 +1,271 @@
+"""Where models and data come from: a local path, a Hugging Face hub id, or an object-store URI.
+
+    spec = pin_model("Qwen/Qwen3-1.7B-Base")     # -> "Qwen/Qwen3-1.7B-Base@<commit>" (driver)
+    local_model_dir(spec)                        # a local directory on this node (any process)
+    local_file("s3://bucket/aime24.jsonl?endpoint_override=127.0.0.1:9000&scheme=http")
+
+Three ways to give `model.student_path` / `model.teacher_path` (and `jobs/evaluate.py --model`):
+
+- a local directory, as it is (on a cluster: on a volume every node mounts);
+- a hub id `org/name`, optionally pinned `org/name@revision`: `huggingface_hub.snapshot_download`
+  into the Hugging Face cache of each node (`HF_HOME` / `HF_HUB_CACHE`; `HF_TOKEN` and
+  `HF_HUB_OFFLINE` are honoured as everywhere in the HF stack). The driver pins an unpinned id
+  to the commit it resolves, so every worker and a resumed run load the same weights;
+- any `pyarrow.fs` URI (`s3://`, `gs://`, `hdfs://`, ...; query parameters such as
+  `endpoint_override` are pyarrow's): copied once per node into `EOPD_CACHE` (default
+  `~/.cache/eopd-ray`).
+
+Every worker on a node resolves the same spec; a file lock makes the first one download and the
+others wait and reuse it. A download goes to a temporary directory renamed into place only when
+every file has the size the store lists, with a manifest beside it; a copy whose manifest does
+not match the store's listing (a partial or outdated copy) is never used, it is fetched again.
+
+Imports neither Ray, vLLM nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from filelock import FileLock
+
+from eopd_ray.config import Config
+from eopd_ray.errors import EopdError
+from eopd_ray.storage.run_storage import is_uri, redacted
+
+MANIFEST = ".eopd-manifest.json"
+# `org/name` or `org/name@revision`: one slash, no scheme (a URI) and no leading `.` or `/`.
+log = logging.getLogger(__name__)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+class SourceError(EopdError):
+    """A model or data file cannot be found or fetched; names it, where it looked, what to do."""
+
+
+def kind_of(spec: str) -> str:
+    """ "uri", "local" or "hub". An existing local path wins over a hub id of the same shape."""
+    if is_uri(spec):
+        return "uri"
+    if not _HUB_ID.match(spec) or Path(spec.split("@")[0]).exists():
+        return "local"
+    return "hub"
+
+
+def split_hub_id(spec: str) -> tuple[str, str | None]:
+    repo, _, revision = spec.partition("@")
+    return repo, revision or None
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+
+def hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_snapshot(spec: str, key: str) -> Path:
+    """The snapshot directory of hub id `spec` in this node's HF cache, downloaded if needed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, revision = split_hub_id(spec)
+    cache = hub_cache_dir()
+    lock_dir = cache / ".eopd-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / (repo.replace("/", "--") + ".lock"))):
+        try:
+            return Path(snapshot_download(repo, revision=revision))
+        except LocalEntryNotFoundError:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+            why = "HF_HUB_OFFLINE is set (no download)" if offline else "the hub is out of reach"
+            pin = f" --revision {revision}" if revision else ""
+            raise SourceError(
+                f"{key} = {spec!r}: not in the Hugging Face cache {cache} and {why}. Download it "
+                f"beforehand on every node (`hf download {repo}{pin}` with the same HF_HOME), put "
+                "the cache on a volume the nodes share, or give a local directory or an "
+                "object-store URI instead"
+            ) from None
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise SourceError(
+                f"{key} = {spec!r}: cannot fetch it from the Hugging Face hub ({exc}); check the "
+                "id and revision, and HF_TOKEN for a gated or private model"
+            ) from None
+
+
+def pin_model(spec: str, key: str = "model") -> str:
+    """A hub id pinned to the commit this node resolves (`org/name@<sha>`); other specs as given."""
+    if kind_of(spec) != "hub":
+        return spec
+    repo, _ = split_hub_id(spec)
+    pinned = f"{repo}@{_hub_snapshot(spec, key).name}"  # the snapshot directory is the commit
+    if pinned != spec:
+        log.info("%s = %s: pinned to %s", key, spec, pinned)
+    return pinned
+
+
+# ----------------------------------------------------------------------------- object stores
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EOPD_CACHE") or Path.home() / ".cache" / "eopd-ray")
+
+
+def _listing(fs: pafs.FileSystem, path: str) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of a file or of every file below a directory."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return {posix_name(path): [info.size, info.mtime_ns or 0]}
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    root = path.rstrip("/") + "/"
+    return {
+        f.path[len(root) :]: [f.size, f.mtime_ns or 0]
+        for f in found
+        if f.type == pafs.FileType.File
+    }
+
+
+def posix_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _matches(local: Path, listing: dict[str, list[int]]) -> bool:
+    """A complete copy of exactly this listing: the manifest and every file's size agree."""
+    try:
+        if json.loads((local / MANIFEST).read_text()) != listing:
+            return False
+    except (OSError, ValueError):
+        return False
+    return all(
+        (local / rel).is_file() and (local / rel).stat().st_size == size
+        for rel, (size, _) in listing.items()
+    )
+
+
+def fetch_uri(uri: str, key: str = "source") -> Path:
+    """A node-local copy of the file or directory at `uri`: a directory holding the file(s)."""
+    shown = redacted(uri)  # what messages may show: no credentials from the query
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        listing = _listing(fs, path)
+    except FileNotFoundError:
+        raise SourceError(f"{key} = {shown!r}: nothing there (no such file or directory)") from None
+    except (OSError, ValueError) as exc:
+        raise SourceError(
+            f"{key} = {shown!r}: cannot list it ({exc}); check the URI, its endpoint and the "
+            "credentials (the standard environment variables, e.g. AWS_ACCESS_KEY_ID)"
+        ) from None
+    if not listing:
+        raise SourceError(f"{key} = {shown!r}: an empty directory")
+    base = uri.split("?")[0].rstrip("/")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_root() / "objects" / f"{posix_name(base)}-{digest}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _matches(target, listing):
+            return target
+        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        try:
+            is_file = fs.get_file_info(path).type == pafs.FileType.File
+            for rel in listing:
+                src = path if is_file else f"{path.rstrip('/')}/{rel}"
+                dst = partial / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(
+                    src,
+                    str(dst),
+                    source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
+            (partial / MANIFEST).write_text(json.dumps(listing, sort_keys=True))
+            if not _matches(partial, listing):
+                raise OSError("the copied sizes differ from the store's listing")
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            total = sum(size for size, _ in listing.values())
+            log.info(
+                "%s: downloaded %d file(s), %.1f MB, to %s", key, len(listing), total / 1e6, target
+            )
+        except (OSError, ValueError) as exc:
+            raise SourceError(
+                f"{key} = {shown!r}: download to {target} failed ({exc}); nothing partial is kept, "
+                "the next start downloads it again"
+            ) from None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------- for the config
+
+
+def local_model_dir(spec: str, key: str = "model") -> str:
+    """`spec` as a local model directory on this node (downloading it once per node)."""
+    kind = kind_of(spec)
+    if kind == "uri":
+        return str(fetch_uri(spec, key))
+    if kind == "hub":
+        return str(_hub_snapshot(spec, key))
+    return spec
+
+
+def local_file(spec: str, key: str = "file") -> str:
+    """A data file (prompts, a benchmark) as a local path on this node."""
+    if not is_uri(spec):
+        return spec
+    return str(fetch_uri(spec, key) / posix_name(spec.split("?")[0]))
+
+
+def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None) -> Config:
+    """`cfg` with hub ids pinned to a commit: for an id without a revision, the commit the run
+    being resumed (`resumed()`: its config, or None) used for the same repository, else the one
+    resolved now. Local paths and URIs are left as they are."""
+    m = cfg.model
+    paths = {}
+    for name in ("student_path", "teacher_path"):
+        spec = getattr(m, name)
+        if kind_of(spec) != "hub":
+            continue
+        pinned = resumed()
+        before = getattr(pinned.model, name) if pinned is not None else ""
+        if split_hub_id(spec)[1] is None and split_hub_id(before)[0] == spec and "@" in before:
+            spec = before  # resume with the weights the run started with
+        paths[name] = pin_model(spec, f"model.{name}")
+    if not paths:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **paths))
+
+
+def with_local_models(cfg: Config) -> Config:
+    """`cfg` with both models as local directories on this node (what a worker loads)."""
+    m = cfg.model
+    model = dataclasses.replace(
+        m,
+        student_path=local_model_dir(m.student_path, "model.student_path"),
+        teacher_path=local_model_dir(m.teacher_path, "model.teacher_path"),
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def with_local_paths(cfg: Config) -> Config:
+    """`cfg` with its models, prompt file and benchmark files local to this node (the driver)."""
+    d, e = cfg.data, cfg.eval
+    data = dataclasses.replace(d, train_path=local_file(d.train_path, "data.train_path"))
+    benchmarks = [local_file(b, "eval.benchmarks") for b in e.benchmarks]
+    return dataclasses.replace(
+        with_local_models(cfg), data=data, eval=dataclasses.replace(e, benchmarks=benchmarks)
+    )
