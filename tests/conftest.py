@@ -8,6 +8,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+# The S3 tests talk to moto's server on a loopback port (tests/s3_endpoint.py). Set before any
+# Ray starts, so its workers reach the endpoint with these dummy credentials too.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Models fetched from object stores go to a scratch cache of this test session, not ~/.cache.
+if "EOPD_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["EOPD_CACHE"] = tempfile.mkdtemp(prefix="eopd-cache-")
 
 from pathlib import Path
 

@@ -54,14 +54,18 @@ def cross_field_issues(cfg: Config, skip: Iterable[str] = ()) -> list[ConfigIssu
 @rule("model.student_path")
 def the_student_is_given(cfg: Config) -> str | None:
     if not cfg.model.student_path:
-        return "required: set it to the student's HF model directory"
+        return (
+            "required: the student as a HF model directory, a hub id (org/name[@revision]) or a URI"
+        )
     return None
 
 
 @rule("model.teacher_path")
 def the_teacher_is_given(cfg: Config) -> str | None:
     if not cfg.model.teacher_path:
-        return "required: set it to the teacher's HF model directory"
+        return (
+            "required: the teacher as a HF model directory, a hub id (org/name[@revision]) or a URI"
+        )
     return None
 
 

@@ -44,7 +44,8 @@ def export_hf_model(gathered, buckets, rank: int, source_dir: str, directory: st
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
     for src in Path(source_dir).iterdir():
-        if src.is_file() and not src.name.startswith("model") and src.suffix != ".bin":
+        # Not the weights, and not hidden files (a cache's bookkeeping, an editor's swap file).
+        if src.is_file() and not src.name.startswith(("model", ".")) and src.suffix != ".bin":
             shutil.copy2(src, tmp / src.name)  # config, generation config, tokenizer files
     if out.exists():
         shutil.rmtree(out)

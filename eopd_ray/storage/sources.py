@@ -17,8 +17,9 @@ Three ways to give `model.student_path` / `model.teacher_path` (and `jobs/evalua
 
 Every worker on a node resolves the same spec; a file lock makes the first one download and the
 others wait and reuse it. A download goes to a temporary directory renamed into place only when
-every file has the size the store lists, with a manifest beside it; a copy whose manifest does
-not match the store's listing (a partial or outdated copy) is never used, it is fetched again.
+every file has the size the store lists, and a manifest (the listing) is written beside it last;
+a copy whose manifest or sizes do not match the store's listing (partial, damaged or outdated)
+is never used: it is fetched again.
 
 Imports neither Ray, vLLM nor DeepSpeed.
 """
@@ -43,7 +44,6 @@ from eopd_ray.config import Config
 from eopd_ray.errors import EopdError
 from eopd_ray.storage.run_storage import is_uri, redacted
 
-MANIFEST = ".eopd-manifest.json"
 # `org/name` or `org/name@revision`: one slash, no scheme (a URI) and no leading `.` or `/`.
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -143,10 +143,15 @@ def posix_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def manifest_of(local: Path) -> Path:
+    """Beside the copy, not in it: a model directory is copied on as a whole (the HF export)."""
+    return local.with_name(local.name + ".manifest.json")
+
+
 def _matches(local: Path, listing: dict[str, list[int]]) -> bool:
     """A complete copy of exactly this listing: the manifest and every file's size agree."""
     try:
-        if json.loads((local / MANIFEST).read_text()) != listing:
+        if json.loads(manifest_of(local).read_text()) != listing:
             return False
     except (OSError, ValueError):
         return False
@@ -191,11 +196,18 @@ def fetch_uri(uri: str, key: str = "source") -> Path:
                     source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem(),
                 )
-            (partial / MANIFEST).write_text(json.dumps(listing, sort_keys=True))
-            if not _matches(partial, listing):
-                raise OSError("the copied sizes differ from the store's listing")
+            short = [
+                f"{rel}: {(partial / rel).stat().st_size if (partial / rel).exists() else 'none'}"
+                f" of {size} bytes"
+                for rel, (size, _) in listing.items()
+                if not (partial / rel).is_file() or (partial / rel).stat().st_size != size
+            ]
+            if short:
+                raise OSError(f"copied files differ from the store's listing: {short[:3]}")
+            manifest_of(target).unlink(missing_ok=True)  # stale until the copy is in place
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
+            manifest_of(target).write_text(json.dumps(listing, sort_keys=True))
             total = sum(size for size, _ in listing.values())
             log.info(
                 "%s: downloaded %d file(s), %.1f MB, to %s", key, len(listing), total / 1e6, target
