@@ -229,3 +229,24 @@ def test_the_driver_localizes_models_prompts_and_benchmarks(s3, node_cache, tiny
     assert Path(local.data.train_path).read_text().startswith('{"prompt"')
     assert Path(local.eval.benchmarks[0]).name == "tiny_bench.jsonl"
     assert pin_models(cfg) == cfg  # URIs and local paths are not pinned
+
+
+def test_the_driver_pins_hub_ids_before_any_worker_starts(hub_cache, tiny_pair, tmp_path):
+    """Pipeline() (no Ray yet): the config every worker and config.yaml get names the commit."""
+    from eopd_ray.driver.pipeline import Pipeline
+
+    student, teacher = tiny_pair
+    add_to_hub_cache(hub_cache, "tiny-org/student", student, commit("s"))
+    add_to_hub_cache(hub_cache, "tiny-org/teacher", teacher, commit("t"))
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": "tiny-org/student", "teacher_path": "tiny-org/teacher"},
+            "data": {"toy_prompts": 8, "max_prompt_tokens": 64},
+            "rollout": {"max_model_len": 128, "max_new_tokens": 16},
+            "run": {"output_dir": str(tmp_path / "run"), "steps": 1},
+        }
+    )
+    pipeline = Pipeline(cfg)
+    assert pipeline.cfg.model.student_path == f"tiny-org/student@{commit('s')}"
+    assert pipeline.cfg.model.teacher_path == f"tiny-org/teacher@{commit('t')}"
+    assert len(pipeline.prompts) == 8  # tokenized with the cached student's tokenizer
