@@ -47,8 +47,8 @@ def test_config_takes_auto_and_the_paper_recipe_uses_it():
 
 
 def test_auto_is_off_on_cpu():
-    from eopd_ray.roles.learner import LearnerWorker
+    from eopd_ray.roles.learner_engine import gradient_checkpointing_on
 
     base = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
-    worker = LearnerWorker(config_from_dict(base, ["learner.gradient_checkpointing=auto"]), 0, 1)
-    assert worker._checkpointing(model=None, on_gpu=False) is False
+    cfg = config_from_dict(base, ["learner.gradient_checkpointing=auto"])
+    assert gradient_checkpointing_on(cfg, model=None, on_gpu=False, world_size=1) is False

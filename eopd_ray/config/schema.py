@@ -192,7 +192,17 @@ class RunConfig:
     # driver refuses the directory until the claim is 4 x this old (eopd_ray/storage/run_claim.py).
     claim_heartbeat_s: PosFloat = 15.0
     export_hf: Bool = True  # write the student as a HF model to <output_dir>/hf at the end
-    max_worker_restarts: NonNegInt = 3  # per rollout/teacher worker; learners never restart
+    # After SIGTERM the driver is gone within this: it finishes the step and checkpoints when
+    # that fits, else abandons the step (the newest complete checkpoint is the resume point).
+    # Under Kubernetes' default 30 s grace period; `ray job stop` waits RAY_JOB_STOP_WAIT_TIME_S.
+    stop_grace_s: PosFloat = 25.0
+    max_worker_restarts: NonNegInt = 3  # per rollout/teacher worker (Ray restarts it)
+    # Learner losses per run the driver recovers from (a new learner group from the newest
+    # checkpoint, as Ray Train's FailureConfig.max_failures); -1: no limit, 0: fail at once.
+    max_failures: Annotated[int, Strict(), Field(ge=-1)] = 3
+    # A worker whose heartbeat (every 2 s, from a thread of its own) stops this long is declared
+    # lost, killed and recovered like a dead one: far sooner than step_timeout_s / sync.timeout_s.
+    worker_timeout_s: PosFloat = 60.0
     # Stream the workers' own logs (vLLM, DeepSpeed) to the driver; they are always kept in the
     # Ray session's log directory. Worker errors reach the driver either way.
     worker_logs: Bool = False

@@ -7,9 +7,11 @@ cluster cannot host it the error names what was asked for and what the cluster h
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +34,57 @@ _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 class WorkerError(EopdError):
     """A worker failed or did not answer in time; names the worker and how to go on.
-    `died` is True when the worker's process is gone (a restartable role can be recovered)."""
+    `died` is True when the worker's process is gone (a restartable role can be recovered);
+    `role` is the role of the worker(s) concerned."""
 
-    def __init__(self, message: str, died: bool = False) -> None:
+    def __init__(self, message: str, died: bool = False, role: str | None = None) -> None:
         super().__init__(message)
-        self.died = died
+        self.died, self.role = died, role
 
     def __reduce__(self):
-        return (type(self), (str(self), self.died))
+        return (type(self), (str(self), self.died, self.role))
+
+
+# A worker's heartbeat: a counter it bumps in Ray's internal KV from a thread of its own, so it
+# beats while its main thread computes or waits in a collective, and stops when the process is
+# stopped (SIGSTOP), frozen or gone. The driver judges a worker by whether the counter moves,
+# on its own clock (nodes' clocks may differ).
+HEARTBEAT_S = 2.0
+HEARTBEATS = "eopd-heartbeat"  # the KV namespace
+
+
+def _beat(key: str) -> None:
+    from ray.experimental import internal_kv
+
+    count = 0
+    while True:
+        count += 1
+        with contextlib.suppress(Exception):  # the GCS restarting, the driver gone: keep trying
+            internal_kv._internal_kv_put(key, str(count), overwrite=True, namespace=HEARTBEATS)
+        time.sleep(HEARTBEAT_S)
+
+
+class Heartbeats:
+    """The driver's view of its workers' heartbeats: which ones stopped beating."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._seen: dict[str, tuple[bytes | None, float]] = {}  # name -> (count, when it moved)
+
+    def silent_for(self, name: str) -> float:
+        """Seconds since `name`'s counter last moved (0 until it has beaten once)."""
+        from ray.experimental import internal_kv
+
+        value = internal_kv._internal_kv_get(name, namespace=HEARTBEATS)
+        now = time.monotonic()
+        last, since = self._seen.get(name, (None, now))
+        if value is None or value != last:
+            self._seen[name] = (value, now)
+            return 0.0
+        return now - since
+
+    def silent(self, names: list[str]) -> list[str]:
+        return [n for n in names if self.silent_for(n) > self.timeout_s]
 
 
 @dataclass(frozen=True)
@@ -60,6 +105,11 @@ class _Identified:
     FROM_STEP = 0  # > 0: this attempt resumed a run at that step
 
     def identity(self) -> WorkerIdentity:
+        """Answered once the worker is built; from then on it beats (`Heartbeats`)."""
+        if not getattr(self, "_beating", False):
+            self._beating = True
+            name = ray.get_runtime_context().get_actor_name()
+            threading.Thread(target=_beat, args=(name,), daemon=True, name="heartbeat").start()
         return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
 
     def __repr__(self) -> str:
@@ -169,8 +219,17 @@ def create_placement_group(cfg: Config):
 class ActorGroup:
     """The workers of one role; calls fan out to all of them (or to chosen ones)."""
 
-    def __init__(self, role: str, handles: list[Any], identities: list[WorkerIdentity]) -> None:
+    def __init__(
+        self,
+        role: str,
+        handles: list[Any],
+        identities: list[WorkerIdentity],
+        names: list[str] | None = None,
+        worker_timeout_s: float | None = None,
+    ) -> None:
         self.role, self.handles, self.identities = role, handles, identities
+        self.names = names or []  # actor names: their heartbeat keys
+        self.heartbeats = Heartbeats(worker_timeout_s) if worker_timeout_s and names else None
         self.num_calls = 0  # remote calls made, for tests that bound the calls per step
         self.starting: list = []  # the identity calls spawn() made, for wait_started()
 
@@ -193,10 +252,32 @@ class ActorGroup:
         ]
 
     def get(self, refs: list, timeout_s: float, what: str, ranks: list[int] | None = None) -> list:
-        """ray.get with a timeout; failures and timeouts name the worker."""
+        """ray.get with a timeout; failures and timeouts name the worker. While waiting, a
+        worker whose heartbeat stopped for `run.worker_timeout_s` (SIGSTOP, a frozen node) is
+        killed (Ray restarts a restartable role) and reported as died, so the step's recovery
+        takes over instead of waiting out `timeout_s`; so is a failure of any one worker."""
         ranks = list(range(len(refs))) if ranks is None else ranks
+        deadline = time.monotonic() + timeout_s
+        checked: set = set()  # ready refs already looked at (each result is fetched once more)
         try:
-            return ray.get(refs, timeout=timeout_s)
+            while True:
+                left = deadline - time.monotonic()
+                ready, pending = ray.wait(
+                    refs, num_returns=len(refs), timeout=max(0.0, min(HEARTBEAT_S, left))
+                )
+                if not pending:
+                    return ray.get(refs)  # raises the first failure
+                # One worker's failure ends the wait: the others may be waiting on it.
+                for ref in ready:
+                    if ref not in checked:
+                        checked.add(ref)
+                        if _failed(ref):
+                            ray.get(ref)
+                if left <= 0:
+                    raise ray.exceptions.GetTimeoutError()
+                self._kill_silent(
+                    [r for r, ref in zip(ranks, refs, strict=True) if ref in pending], what
+                )
         except ray.exceptions.GetTimeoutError:
             _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
             late = [
@@ -206,7 +287,8 @@ class ActorGroup:
             ]
             raise WorkerError(
                 f"{what}: no answer from {', '.join(late)} within {timeout_s}s "
-                "(run.step_timeout_s / sync.timeout_s); raise it if the step is legitimately slow"
+                "(run.step_timeout_s / sync.timeout_s); raise it if the step is legitimately slow",
+                role=self.role,
             ) from None
         except ray.exceptions.RayError as exc:
             failed = [
@@ -215,7 +297,26 @@ class ActorGroup:
             raise WorkerError(
                 f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}",
                 died=isinstance(exc, _GONE),
+                role=self.role,
             ) from exc
+
+    def _kill_silent(self, ranks: list[int], what: str) -> None:
+        """Kill the workers among `ranks` whose heartbeat stopped; raise WorkerError(died)."""
+        if self.heartbeats is None:
+            return
+        silent = [r for r in ranks if self.names[r] in self.heartbeats.silent([self.names[r]])]
+        if not silent:
+            return
+        for r in silent:
+            ray.kill(self.handles[r], no_restart=False)  # Ray restarts a restartable role
+        who = ", ".join(str(self.identities[r]) for r in silent)
+        raise WorkerError(
+            f"{what}: {who} stopped answering (no heartbeat for over "
+            f"{self.heartbeats.timeout_s:g}s, run.worker_timeout_s: stopped, frozen or its node "
+            "unreachable): killed",
+            died=True,
+            role=self.role,
+        )
 
     def refresh_identities(self, timeout_s: float) -> None:
         """Wait until every worker answers (restarted ones included) and record their pids."""
@@ -244,11 +345,13 @@ def _failed(ref) -> bool:
         return True
 
 
-def actor_name(cfg: Config, role: str, rank: int, from_step: int = 0) -> str:
+def actor_name(cfg: Config, role: str, rank: int, from_step: int = 0, attempt: int = 0) -> str:
     """`<run id>/<role>-<rank>`; an attempt that resumed the run at step N adds `.from-N`, so
-    its actors are told apart from the dead ones of the attempt before."""
+    its actors are told apart from the dead ones of the attempt before; a group restarted
+    within the run (`attempt` > 0: the learners after a loss) adds `.restart-<attempt>`."""
     name = f"{cfg.run.id or cfg.run.name}/{role}-{rank}"
-    return f"{name}.from-{from_step}" if from_step else name
+    name = f"{name}.from-{from_step}" if from_step else name
+    return f"{name}.restart-{attempt}" if attempt else name
 
 
 def spawn(
@@ -261,6 +364,7 @@ def spawn(
     args: list[tuple],
     env: dict[str, str] | None = None,
     from_step: int = 0,
+    attempt: int = 0,
 ) -> ActorGroup:
     """Create `count` actors of `cls` (a plain worker class) in bundles starting at
     `first_bundle`; worker i is built with `args[i]`. `from_step` > 0: this attempt resumes
@@ -283,11 +387,12 @@ def spawn(
                 # and the driver redoes their lost work. Learners hold optimizer state: no.
                 max_restarts=cfg.run.max_worker_restarts if role != "learner" else 0,
                 # Named for the dashboard and `ray list actors`: <run id>/<role>-<rank>.
-                name=actor_name(cfg, role, i, from_step),
+                name=actor_name(cfg, role, i, from_step, attempt),
             ).remote(*args[i])
         )
     pending = [WorkerIdentity(role, i, "?", 0) for i in range(count)]
-    group = ActorGroup(role, handles, pending)
+    names = [actor_name(cfg, role, i, from_step, attempt) for i in range(count)]
+    group = ActorGroup(role, handles, pending, names, cfg.run.worker_timeout_s)
     group.starting = group.call_async("identity")  # answered once the worker is built
     return group
 

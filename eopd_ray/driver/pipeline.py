@@ -106,12 +106,17 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         self.version = 0
         self.start_step = 0
         self.stopped_early = False
+        self.step_in_flight: int | None = None
+        self.last_checkpoint: Checkpoint | None = None  # the newest complete one: the resume point
         self.num_recoveries = 0
+        self.learner_failures = 0  # learner groups replaced (run.max_failures)
         self.prompts, self.num_skipped_prompts = tokenize_prompts(local)
         self.held_out = load_held_out(local)  # eval.every_steps: before any worker starts
         self.stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
+        # Where a learner restart with no checkpoint yet goes back to.
+        self._initial_stream, self._initial_rng = self.stream.state_dict(), checkpoint.rng_state()
         self._prefetched: PendingRollout | None = None  # rollout.async_lag: the next step's rollout
         # vLLM scores a prompt of at most max_model_len - 1 tokens (one more is generated).
         self.probe_ids = probe_sequence(
@@ -228,7 +233,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
             # Learner ranks hold optimizer state: fail fast and say where to resume from.
             ckpt = checkpoint.latest(self.store)
             where = f"resume from {ckpt.uri} (run.resume=auto)" if ckpt else "no checkpoint yet"
-            raise WorkerError(f"{exc}; {where}") from exc
+            raise WorkerError(f"{exc}; {where}", died=exc.died, role=exc.role) from exc
         metrics = reduce_learner_metrics(per_rank_metrics, num_updates)
         metrics["train/rank_imbalance"] = shares.imbalance
         return metrics
@@ -275,6 +280,20 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
 
     # --- the run -------------------------------------------------------------------------------
 
+    def _abandoned_message(self) -> str:
+        """What the driver says when SIGTERM's grace period ends before the step could finish."""
+        last, grace = self.last_checkpoint, self.cfg.run.stop_grace_s
+        where = (
+            f"resumes at step {last.step + 1} from {last.uri}"
+            if last
+            else "starts at step 0 (no checkpoint was complete)"
+        )
+        return (
+            f"SIGTERM: step {self.step_in_flight} could not finish and checkpoint within "
+            f"run.stop_grace_s = {grace:g}s: abandoned. The next run (the same command, "
+            f"run.resume=auto) {where}"
+        )
+
     def run(self, progress: str = "auto") -> list[dict[str, float]]:
         """Steps from `start_step` (0, or after the resumed checkpoint) to `run.steps`, with
         checkpoints every `run.checkpoint_every` steps, at the end and on SIGTERM. `progress`:
@@ -287,28 +306,39 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
             RayMetricsSink(run.name, run.id),
         ]
         history = []
-        stop = StopOnSigterm()
+        stop = StopOnSigterm(run.stop_grace_s, self._abandoned_message)
         shown = StepProgress(self.start_step, run.steps, mode=progress, every_s=run.log_every_s)
         try:
-            for step in range(self.start_step, run.steps):
-                metrics = self.step(step)
-                if self.evaluation_due(step):
-                    metrics.update(self.evaluate(step))
-                if self.config_changes:  # resumed with run.allow_config_change
-                    metrics["run/config_changed"] = 1.0
-                self.claim.check(f"step {step}")
-                for sink in sinks:
-                    sink.write(step, metrics)
-                history.append(metrics)
-                shown.update(step, metrics)
-                last = step == run.steps - 1
-                periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
-                if last or periodic or stop.requested:
-                    self.save_checkpoint(step)
+            step = self.start_step
+            while step < run.steps:
+                self.step_in_flight = step
+                try:
+                    metrics = self.step(step)
+                    if self.evaluation_due(step):
+                        metrics.update(self.evaluate(step))
+                    if self.config_changes:  # resumed with run.allow_config_change
+                        metrics["run/config_changed"] = 1.0
+                    self.claim.check(f"step {step}")
+                    for sink in sinks:  # before the checkpoint: a resume drops rows past it
+                        sink.write(step, metrics)
+                    history.append(metrics)
+                    shown.update(step, metrics)
+                    last = step == run.steps - 1
+                    periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
+                    if last or periodic or stop.requested:
+                        self.save_checkpoint(step)
+                except WorkerError as exc:
+                    if not (exc.died and exc.role == "learner"):
+                        raise
+                    step = self._restart_learners(step, exc)
+                    sinks[0].rewind(step)  # the steps after the checkpoint are trained again
+                    del history[step - self.start_step :]
+                    continue
                 if stop.requested:
                     log.warning("SIGTERM: checkpoint after step %d written; stopping", step)
                     self.stopped_early = True
                     break
+                step += 1
             if run.export_hf and history and not self.stopped_early:
                 self.export_hf()
         finally:

@@ -6,17 +6,22 @@ sync and redoes the work, with the same prompts and seeds, so nothing is lost or
     _prefetch_next / _finish_prefetch   rollout.async_lag: the next step's rollout, dropped (not
                                         redone) when its worker died
 
-Learner ranks hold optimizer state and are not restarted (docs/reliability.md). Part of
-`Pipeline` (its base class).
+A lost learner rank (`_restart_learners`): the learner group is replaced and the run goes back
+to its newest complete checkpoint, up to `run.max_failures` times. Part of `Pipeline` (its base
+class).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
+
+import ray
 
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.driver.actors import ActorGroup, WorkerError
+from eopd_ray.storage import checkpoint
 
 if TYPE_CHECKING:
     from eopd_ray.driver.pipeline import PendingRollout
@@ -35,7 +40,8 @@ class Recovery:
             try:
                 return work()
             except WorkerError as exc:
-                if not exc.died or attempt == self.cfg.run.max_worker_restarts:
+                other_role = exc.role is not None and exc.role != group.role
+                if not exc.died or other_role or attempt == self.cfg.run.max_worker_restarts:
                     raise
                 log.warning("%s: %s; restarting and redoing it", what, exc)
                 group.refresh_identities(self.cfg.run.step_timeout_s)
@@ -88,3 +94,64 @@ class Recovery:
             if self.cfg.sync.transport == "collective":
                 self._join_sync_group()
             self.num_recoveries += 1
+
+    def _restart_learners(self, step: int, exc: WorkerError) -> int:
+        """A learner rank was lost during `step`. The whole learner group is replaced (a
+        DeepSpeed group cannot take in a new rank): new ranks load the newest complete
+        checkpoint (the initial weights when there is none), the rollout workers get those
+        weights (checked as after any sync), and the prompt stream and the driver's RNG go back
+        to that checkpoint. Returns the step to go on from; the caller rewinds the metrics."""
+        run = self.cfg.run
+        self.learner_failures += 1
+        ckpt = checkpoint.latest(self.store)
+        where = f"the newest checkpoint is {ckpt.uri}" if ckpt else "no checkpoint yet"
+        if 0 <= run.max_failures < self.learner_failures:
+            raise WorkerError(
+                f"{exc}; learner lost {self.learner_failures} times, run.max_failures = "
+                f"{run.max_failures}: stopping ({where}; submit again to resume from it)",
+                died=exc.died,
+                role=exc.role,
+            ) from exc
+        started = time.monotonic()
+        from_step = ckpt.step + 1 if ckpt else 0
+        log.warning(
+            "step %d: %s; restarting the learner group from %s (learner loss %d of "
+            "run.max_failures = %d)",
+            step,
+            exc,
+            ckpt.uri if ckpt else "the initial weights",
+            self.learner_failures,
+            run.max_failures,
+        )
+        for handle in self.learner.handles:
+            ray.kill(handle)
+        self._prefetched = None  # sampled with weights the run is going back from
+        self.learner = self._spawn_learners(from_step, attempt=self.learner_failures)
+        self.learner.get(self._set_up_learners_async(), run.step_timeout_s, "learner restart")
+        if self.cfg.sync.transport == "collective":
+            self._join_sync_group()
+        self._check_learners_see_storage()
+        if ckpt is not None:
+            self.learner.get(
+                self.learner.call_async("load_checkpoint", self.store, ckpt.rel),
+                run.step_timeout_s,
+                f"loading {ckpt.uri}",
+            )
+            self.stream.load_state_dict(ckpt.stream)
+            checkpoint.restore_rng(ckpt)
+        else:
+            self.stream.load_state_dict(self._initial_stream)
+            checkpoint.set_rng_state(self._initial_rng)
+        self._recovering(
+            self.rollout,
+            lambda: self._push_weights(ckpt.weight_version if ckpt else 0, "learner restart"),
+            "learner restart weight sync",
+            catch_up=False,
+        )
+        self.num_recoveries += 1
+        log.warning(
+            "learner group restarted in %.1fs; going on from step %d",
+            time.monotonic() - started,
+            from_step,
+        )
+        return from_step

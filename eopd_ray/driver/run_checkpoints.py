@@ -35,6 +35,7 @@ class RunCheckpoints:
         self.stream.load_state_dict(ckpt.stream)
         checkpoint.restore_rng(ckpt)
         self.start_step = ckpt.step + 1
+        self.last_checkpoint = ckpt
         log.info(
             "resumed from %s: next step %d, weight version %d",
             ckpt.uri,
@@ -54,7 +55,7 @@ class RunCheckpoints:
         # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
         stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
         self.claim.check(f"checkpoint after step {step}")
-        return checkpoint.commit(
+        self.last_checkpoint = checkpoint.commit(
             self.store,
             rel,
             self.cfg,
@@ -64,6 +65,7 @@ class RunCheckpoints:
             learner_files=sorted({f for files in written for f in files}),
             trained_on=self.training_identity,
         )
+        return self.last_checkpoint
 
     @property
     def training_identity(self) -> dict:

@@ -42,11 +42,10 @@ class StartUp:
         log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
         cfg = self.cfg
         self._pg = create_placement_group(cfg)
-        r, s, n = cfg.rollout.num_workers, cfg.teacher.num_workers, cfg.learner.num_workers
+        r, s = cfg.rollout.num_workers, cfg.teacher.num_workers
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
         # multi-process engine receives them as lists and fails half-way through a reload).
         rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        learner_env = {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {}
         resumed_at = self._resume_from.step + 1 if self._resume_from else 0
         self.rollout = spawn(
             "rollout",
@@ -70,24 +69,10 @@ class StartUp:
             None,
             resumed_at,
         )
-        self.learner = spawn(
-            "learner",
-            LearnerWorker,
-            cfg,
-            self._pg,
-            r + s,
-            n,
-            [(cfg, i, n) for i in range(n)],
-            learner_env,
-            resumed_at,
-        )
+        self.learner = self._spawn_learners(resumed_at)
         timeout = cfg.run.step_timeout_s
         # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.
-        wait_started([self.learner], timeout)
-        addr, port = self.learner.get(
-            self.learner.call_async("free_address", ranks=[0]), timeout, "learner address"
-        )[0]
-        setup = self.learner.call_async("setup", addr, port)
+        setup = self._set_up_learners_async()
         wait_started([self.rollout, self.teacher], timeout)
         self.learner.get(setup, timeout, "learner set-up")
         if cfg.sync.transport == "collective":
@@ -95,6 +80,33 @@ class StartUp:
         self._check_learners_see_storage()
         if self._resume_from is not None:
             self._resume(self._resume_from)
+
+    def _spawn_learners(self, from_step: int, attempt: int = 0):
+        """The learner group, in its bundles of the placement group (after rollout and teacher)."""
+        cfg = self.cfg
+        n = cfg.learner.num_workers
+        return spawn(
+            "learner",
+            LearnerWorker,
+            cfg,
+            self._pg,
+            cfg.rollout.num_workers + cfg.teacher.num_workers,
+            n,
+            [(cfg, i, n) for i in range(n)],
+            {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {},
+            from_step,
+            attempt,
+        )
+
+    def _set_up_learners_async(self) -> list:
+        """Wait until the learners are built, then start their DeepSpeed set-up (all ranks at
+        once: rank 0 hosts the rendezvous); returns the set-up calls."""
+        timeout = self.cfg.run.step_timeout_s
+        wait_started([self.learner], timeout)
+        addr, port = self.learner.get(
+            self.learner.call_async("free_address", ranks=[0]), timeout, "learner address"
+        )[0]
+        return self.learner.call_async("setup", addr, port)
 
     def _check_learners_see_storage(self) -> None:
         marker, token = ".storage-check", f"{self.cfg.run.id}/{time.time_ns()}"

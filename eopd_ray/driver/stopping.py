@@ -3,7 +3,11 @@
 Before the first step (`exit_on_sigterm`, installed first thing by jobs/distill.py): exit at
 once with a plain message, nothing to save; directories being built then (`removed_if_stopped`)
 are deleted first.
-During the loop (`StopOnSigterm`): finish the current step, checkpoint, stop.
+During the loop (`StopOnSigterm`): finish the current step, checkpoint, stop, all within
+`run.stop_grace_s` of the signal (Kubernetes kills a pod 30 s after SIGTERM by default, `ray job
+stop` after RAY_JOB_STOP_WAIT_TIME_S). When the step in flight and its checkpoint cannot finish
+in time, the step is abandoned a few seconds before the grace ends: the driver says which step
+the next run resumes at (after the newest complete checkpoint) and exits with 143.
 """
 
 from __future__ import annotations
@@ -13,24 +17,53 @@ import shutil
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 from eopd_ray.building import directories_being_built
+
+# Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit.
+ABANDON_MARGIN_S = 3.0
 
 
 class StopOnSigterm:
     """SIGTERM (what `ray job stop` and Kubernetes send) asks the loop to checkpoint after the
-    current step and stop, instead of dying mid-step."""
+    current step and stop, instead of dying mid-step. With `grace_s`, a watchdog abandons the
+    step if the driver is still running `grace_s - ABANDON_MARGIN_S` after the signal: it prints
+    `abandoned()` (where the next run resumes) and exits with 143."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float | None = None, abandoned: Callable[[], str] = str) -> None:
         self.requested = False
+        self.grace_s, self.abandoned = grace_s, abandoned
+        self.signalled_at: float | None = None
         self._previous = None
+        self._watchdog: threading.Timer | None = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if self.requested:
+            return
+        self.requested, self.signalled_at = True, time.monotonic()
+        if self.grace_s is not None:
+            wait = max(self.grace_s - ABANDON_MARGIN_S, self.grace_s / 2)
+            self._watchdog = threading.Timer(wait, self._abandon)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _abandon(self) -> None:
+        try:
+            message = self.abandoned()
+        except Exception as exc:  # the message must not keep the driver alive past the grace
+            message = f"SIGTERM: stopping without a clean stop ({exc})"
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        _stop_embedded_ray()
+        os._exit(143)
 
     def restore(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 

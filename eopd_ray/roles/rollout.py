@@ -147,8 +147,16 @@ class VllmEngine:
     def load_weights(self, buckets: Buckets, version: int) -> None:
         """Every bucket of one sync inside ONE start/finish bracket (vllm_transfer.py: why)."""
         self.llm.start_weight_update()
-        for bucket in buckets:
-            self.llm.update_weights({"update_info": {"named_tensors": bucket}})
+        try:
+            for bucket in buckets:
+                self.llm.update_weights({"update_info": {"named_tensors": bucket}})
+        except BaseException:
+            # A sync abandoned half-way (a peer lost in the broadcast): close the bracket, or
+            # every later sync is refused ("a weight update is already active"). The engine now
+            # holds a mix; its checksum no longer matches any version, so the worker keeps its
+            # old version number and the next sync (the redo) loads everything again.
+            self.llm.finish_weight_update(weight_version=f"{version}-abandoned")
+            raise
         self.llm.finish_weight_update(weight_version=str(version))
         # Cached KV blocks were computed with the old weights: never reuse them.
         self.llm.reset_prefix_cache()

@@ -116,7 +116,7 @@ def commit(
         "weight_version": weight_version,
         "run_id": cfg.run.id,
         "stream": stream,
-        "rng": {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()},
+        "rng": rng_state(),
         "learner_files": sorted(learner_files),
         "trained_on": trained_on or {},
     }
@@ -311,10 +311,18 @@ def check_compatible(
     return changed
 
 
-def restore_rng(ckpt: Checkpoint) -> None:
-    state = ckpt.rng
+def rng_state() -> dict:
+    """The driver's random states, as a checkpoint records them (JSON)."""
+    return {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
     random.setstate(_tupled(state["python"]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
+    set_rng_state(ckpt.rng)
 
 
 def _jsonable(value):

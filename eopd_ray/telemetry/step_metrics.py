@@ -84,6 +84,19 @@ class JsonlSink:
         os.fsync(self._fh.fileno())
         self._publish()
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows of `step` and later: the run went back to the checkpoint before it
+        (a learner group restarted), and those steps are trained again."""
+        self._fh.close()
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if r["step"] < step)
+        )
+        os.replace(tmp, self.path)
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._publish()
+
     def _publish(self) -> None:
         if not self.store.is_local:
             self.store.upload_file(self.path, self.NAME)
