@@ -150,7 +150,10 @@ up() {
     RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token --generate >/dev/null
     # --block keeps every Ray process in one process group that `down` can stop, without
     # `ray stop` (which would stop every Ray cluster of this user on the machine).
+    # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` gives a driver this long after SIGTERM before
+    # SIGKILL (Ray's default: 3 s); above the driver's run.stop_grace_s (25 s) it can checkpoint.
     PATH="$VENV_BIN:$PATH" RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+        RAY_JOB_STOP_WAIT_TIME_S=${RAY_JOB_STOP_WAIT_TIME_S:-30} \
         setsid "$VENV_BIN/ray" start --head --block \
         --node-ip-address=127.0.0.1 \
         --port="$GCS_PORT" \

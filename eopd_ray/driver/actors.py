@@ -50,6 +50,8 @@ class WorkerError(EopdError):
 # stopped (SIGSTOP), frozen or gone. The driver judges a worker by whether the counter moves,
 # on its own clock (nodes' clocks may differ).
 HEARTBEAT_S = 2.0
+# After one worker of a call fails: how long to let the others resolve before judging the group.
+PEER_DEATH_WAIT_S = 5.0
 HEARTBEATS = "eopd-heartbeat"  # the KV namespace
 
 
@@ -291,12 +293,17 @@ class ActorGroup:
                 role=self.role,
             ) from None
         except ray.exceptions.RayError as exc:
+            # A worker's error is often the echo of a peer's death (a collective whose peer is
+            # gone fails at once, before Ray reports the death): give the others a moment to
+            # resolve, and call the group's loss a death if any worker died.
+            ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_WAIT_S)
             failed = [
                 str(self.identities[r]) for r, ref in zip(ranks, refs, strict=True) if _failed(ref)
             ]
+            died = isinstance(exc, _GONE) or any(_died(ref) for ref in refs)
             raise WorkerError(
                 f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}",
-                died=isinstance(exc, _GONE),
+                died=died,
                 role=self.role,
             ) from exc
 
@@ -333,6 +340,17 @@ class ActorGroup:
                 if not exc.died or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+
+def _died(ref) -> bool:
+    """Whether `ref` failed because its worker's process is gone."""
+    try:
+        ray.get(ref, timeout=0)
+    except _GONE:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def _failed(ref) -> bool:
