@@ -262,3 +262,21 @@ def test_an_endpoint_that_stops_mid_checkpoint_loses_nothing(s3, tmp_path):
     write(store, c, 1)
     assert [k.step for k in checkpoint.complete_checkpoints(store)] == [0, 1]
     assert store.listdir(f"{checkpoint.step_dir(1)}/learner") == ["state.pt"]
+
+
+def test_a_background_upload_reports_its_failure_with_the_uri(s3, tmp_path):
+    """The learners' background checkpoint upload (the next step trains meanwhile): its
+    failure surfaces when the driver commits, naming the URI; nothing is marked complete."""
+    from eopd_ray.storage.run_storage import BackgroundUpload, StorageError
+
+    store = RunStorage(s3.uri(f"runs/{tmp_path.name}"))
+    rel = checkpoint.begin(store, 0)
+    local = store.staging(f"{rel}/learner")
+    for rank in range(4):
+        (local / f"rank-{rank}.pt").write_bytes(random.randbytes(2048))
+    with s3.outage(after_uploads=1):
+        upload = BackgroundUpload(store, local, f"{rel}/learner")
+        with pytest.raises(StorageError) as err:
+            upload.join()
+    assert store.show(f"{rel}/learner") in str(err.value)
+    assert checkpoint.latest(store) is None

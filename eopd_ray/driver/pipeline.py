@@ -108,6 +108,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         self.stopped_early = False
         self.step_in_flight: int | None = None
         self.last_checkpoint: Checkpoint | None = None  # the newest complete one: the resume point
+        self._uploading: tuple | None = None  # a checkpoint whose learner files are going up
         self.num_recoveries = 0
         self.learner_failures = 0  # learner groups replaced (run.max_failures)
         self.prompts, self.num_skipped_prompts = tokenize_prompts(local)
@@ -325,8 +326,12 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
                     shown.update(step, metrics)
                     last = step == run.steps - 1
                     periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
+                    # A periodic checkpoint on an object store goes up while the next step
+                    # runs; the last one, and one on SIGTERM, are complete before going on.
+                    complete_now = last or stop.requested or run.checkpoint_upload == "blocking"
+                    self.commit_uploaded_checkpoint(wait=complete_now)
                     if last or periodic or stop.requested:
-                        self.save_checkpoint(step)
+                        self.save_checkpoint(step, wait=complete_now)
                 except WorkerError as exc:
                     if not (exc.died and exc.role == "learner"):
                         raise
@@ -339,6 +344,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
                     self.stopped_early = True
                     break
                 step += 1
+            self.commit_uploaded_checkpoint(wait=True)
             if run.export_hf and history and not self.stopped_early:
                 self.export_hf()
         finally:

@@ -126,6 +126,7 @@ class Recovery:
         for handle in self.learner.handles:
             ray.kill(handle)
         self._prefetched = None  # sampled with weights the run is going back from
+        self._uploading = None  # never committed: its files may be incomplete
         self.learner = self._spawn_learners(from_step, attempt=self.learner_failures)
         self.learner.get(self._set_up_learners_async(), run.step_timeout_s, "learner restart")
         if self.cfg.sync.transport == "collective":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from eopd_ray.errors import EopdError
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
 
@@ -43,27 +44,59 @@ class RunCheckpoints:
             self.version,
         )
 
-    def save_checkpoint(self, step: int) -> Checkpoint:
-        """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state)."""
+    def save_checkpoint(self, step: int, wait: bool = True) -> Checkpoint | None:
+        """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state).
+        On an object store with `wait=False` the learners upload in the background while the
+        next step runs, and the checkpoint is committed (`state.json`) once every rank's upload
+        is through (`commit_uploaded_checkpoint`); returns None then. At most one upload is in
+        flight: an earlier one is finished and committed first."""
+        self.commit_uploaded_checkpoint(wait=True)
         self.claim.check(f"checkpoint after step {step}")
         rel = checkpoint.begin(self.store, step)
+        background = not wait and not self.store.is_local
         written = self.learner.get(
-            self.learner.call_async("save_checkpoint", self.store, rel),
+            self.learner.call_async("save_checkpoint", self.store, rel, background),
             self.cfg.run.step_timeout_s,
             f"checkpoint after step {step}",
         )
         # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
         stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
+        self._uploading = (rel, step, self.version, stream, written, checkpoint.rng_state())
+        if background:
+            return None
+        return self.commit_uploaded_checkpoint(wait=True)
+
+    def commit_uploaded_checkpoint(self, wait: bool) -> Checkpoint | None:
+        """Commit the checkpoint whose learner files are going up, once they all are: at once
+        when `wait`, else only if every rank's upload has finished. A failed upload stops the
+        run with its URI (nothing of it is marked complete)."""
+        if self._uploading is None:
+            return None
+        rel, step, version, stream, written, rng = self._uploading
+        what = f"checkpoint after step {step} (upload)"
+        timeout = self.cfg.run.step_timeout_s
+        if wait:
+            self.learner.get(self.learner.call_async("wait_uploaded"), timeout, what)
+        else:
+            states = self.learner.get(self.learner.call_async("upload_state"), timeout, what)
+            if "running" in states:
+                return None
+            failed = [s for s in states if s not in ("done", "none")]
+            if failed:
+                self._uploading = None
+                raise EopdError(f"{what}: {failed[0]}")
+        self._uploading = None
         self.claim.check(f"checkpoint after step {step}")
         self.last_checkpoint = checkpoint.commit(
             self.store,
             rel,
             self.cfg,
             step,
-            self.version,
+            version,
             stream,
             learner_files=sorted({f for files in written for f in files}),
             trained_on=self.training_identity,
+            rng=rng,
         )
         return self.last_checkpoint
 

@@ -40,7 +40,7 @@ from eopd_ray.errors import EopdError
 from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.weight_sync import TensorMeta, WeightSender, plan_buckets
-from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.storage.run_storage import BackgroundUpload, RunStorage
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
@@ -62,6 +62,7 @@ class LearnerWorker(LearnerWeights):
         self.metrics = WorkerMetrics("learner", rank, cfg.run.id)
         # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
         self._early_old: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._upload: BackgroundUpload | None = None  # a checkpoint going up (object stores)
 
     def free_address(self) -> tuple[str, int]:
         """This node's address and a free port (rank 0 hosts the rendezvous)."""
@@ -80,16 +81,38 @@ class LearnerWorker(LearnerWeights):
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, store: RunStorage, rel: str) -> list[str]:
+    def save_checkpoint(self, store: RunStorage, rel: str, background: bool = False) -> list[str]:
         """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) to `rel`/learner
         on the run's storage: in place on a shared disk, else through node-local scratch space
-        that each rank uploads itself (no shared mount needed). Returns the files this rank
-        wrote, relative to `rel` (the driver's commit checks they are all there)."""
+        that each rank uploads itself (no shared mount needed). With `background` (an object
+        store), the upload runs in a thread while the next step trains; `upload_state` tells
+        how it goes. Returns the files this rank wrote, relative to `rel` (the driver's commit
+        checks they are all there)."""
+        self.wait_uploaded()  # at most one upload in flight
         local = store.staging(rel)
         self.engine.save_checkpoint(str(local), tag="learner", client_state={"step": self.step})
         written = _files_under(local)  # on a shared disk also other ranks' files: all real
-        store.publish(local, rel)
+        if background and not store.is_local:
+            self._upload = BackgroundUpload(store, local, rel)
+        else:
+            store.publish(local, rel)
         return written
+
+    def upload_state(self) -> str:
+        """ "none", "running", "done", or the error of the background upload (then cleared)."""
+        upload = self._upload
+        if upload is None:
+            return "none"
+        if upload.running:
+            return "running"
+        self._upload = None
+        return "done" if upload.error is None else str(upload.error)
+
+    def wait_uploaded(self) -> None:
+        """Block until the background upload (if any) ends; raise its error."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.join()
 
     def load_checkpoint(self, store: RunStorage, rel: str) -> int:
         """Restore every rank's state from the checkpoint at `rel`; returns the steps trained."""

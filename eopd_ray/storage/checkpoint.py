@@ -95,6 +95,7 @@ def commit(
     stream: dict[str, int],
     learner_files: list[str],
     trained_on: dict | None = None,
+    rng: dict | None = None,
 ) -> Checkpoint:
     """Write the driver's part into `rel` (the learners have written theirs: `learner_files`,
     relative to `rel`), `state.json` last, and drop checkpoints beyond `run.keep_checkpoints`.
@@ -116,7 +117,7 @@ def commit(
         "weight_version": weight_version,
         "run_id": cfg.run.id,
         "stream": stream,
-        "rng": rng_state(),
+        "rng": rng or rng_state(),  # as they were at the step (a background upload ends later)
         "learner_files": sorted(learner_files),
         "trained_on": trained_on or {},
     }

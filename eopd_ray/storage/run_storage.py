@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -323,3 +324,30 @@ class RunStorage:
             shutil.rmtree(local, ignore_errors=True)
             raise StorageError(f"downloading {self.show(rel)} failed ({exc})") from None
         return local
+
+
+class BackgroundUpload:
+    """`store.publish(local, rel)` in a thread of its own: a checkpoint uploaded while the next
+    step trains. `join()` waits and raises the upload's error (a StorageError naming the URI)."""
+
+    def __init__(self, store: RunStorage, local: Path, rel: str) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(store, local, rel), daemon=True, name=f"upload {rel}"
+        )
+        self._thread.start()
+
+    def _run(self, store: RunStorage, local: Path, rel: str) -> None:
+        try:
+            store.publish(local, rel)
+        except BaseException as exc:  # reported by join() / upload_state()
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error

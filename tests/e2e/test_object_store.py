@@ -34,20 +34,29 @@ def config(s3, models: tuple[str, str], *extra: str):
             "run.steps=3",
             "run.checkpoint_every=1",
             "run.resume=auto",
+            "run.stop_grace_s=300",  # never abandon a step inside the test process
             *extra,
         ],
     )
 
 
-def test_models_checkpoints_resume_export_and_evaluation_on_s3(
-    local_ray, s3, tiny_pair, tmp_path, monkeypatch
-):
+def run_through(pipeline: Pipeline) -> Pipeline:
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # the driver installs its own; put ours back
+    try:
+        pipeline.start()
+        pipeline.run(progress="lines")
+    finally:
+        pipeline.shutdown()
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return pipeline
+
+
+def test_models_checkpoints_resume_export_and_evaluation_on_s3(local_ray, s3, tiny_pair, tmp_path):
     models = (
         s3.upload_dir(tiny_pair[0], "models/student"),
         s3.upload_dir(tiny_pair[1], "models/teacher"),
     )
     assert {kind_of(m) for m in models} == {"uri"}
-    on_sigterm = signal.getsignal(signal.SIGTERM)  # the driver installs its own; put ours back
     first = Pipeline(config(s3, models))
     step = first.step
 
@@ -57,24 +66,13 @@ def test_models_checkpoints_resume_export_and_evaluation_on_s3(
         return step(n)
 
     first.step = step_then_sigterm
-    try:
-        first.start()
-        first.run(progress="lines")
-    finally:
-        first.shutdown()
-        signal.signal(signal.SIGTERM, on_sigterm)
+    run_through(first)
     store = RunStorage(s3.uri("run"))
     assert first.stopped_early
     assert checkpoint.latest(store).step == 0
     assert not store.exists("hf")
 
-    second = Pipeline(config(s3, models))
-    try:
-        second.start()
-        second.run(progress="lines")
-    finally:
-        second.shutdown()
-        signal.signal(signal.SIGTERM, on_sigterm)
+    second = run_through(Pipeline(config(s3, models)))
     assert second.start_step == 1 and second.cfg.run.id == first.cfg.run.id
     rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]  # each step once, across the stop
