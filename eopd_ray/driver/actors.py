@@ -7,7 +7,6 @@ cluster cannot host it the error names what was asked for and what the cluster h
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eopd_ray.config import Config
+from eopd_ray.driver.heartbeats import HEARTBEAT_S, Heartbeats, beat
 from eopd_ray.driver.placement import wait_for_placement
 from eopd_ray.errors import EopdError
 
@@ -45,48 +45,8 @@ class WorkerError(EopdError):
         return (type(self), (str(self), self.died, self.role))
 
 
-# A worker's heartbeat: a counter it bumps in Ray's internal KV from a thread of its own, so it
-# beats while its main thread computes or waits in a collective, and stops when the process is
-# stopped (SIGSTOP), frozen or gone. The driver judges a worker by whether the counter moves,
-# on its own clock (nodes' clocks may differ).
-HEARTBEAT_S = 2.0
 # After one worker of a call fails: how long to let the others resolve before judging the group.
 PEER_DEATH_WAIT_S = 5.0
-HEARTBEATS = "eopd-heartbeat"  # the KV namespace
-
-
-def _beat(key: str) -> None:
-    from ray.experimental import internal_kv
-
-    count = 0
-    while True:
-        count += 1
-        with contextlib.suppress(Exception):  # the GCS restarting, the driver gone: keep trying
-            internal_kv._internal_kv_put(key, str(count), overwrite=True, namespace=HEARTBEATS)
-        time.sleep(HEARTBEAT_S)
-
-
-class Heartbeats:
-    """The driver's view of its workers' heartbeats: which ones stopped beating."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._seen: dict[str, tuple[bytes | None, float]] = {}  # name -> (count, when it moved)
-
-    def silent_for(self, name: str) -> float:
-        """Seconds since `name`'s counter last moved (0 until it has beaten once)."""
-        from ray.experimental import internal_kv
-
-        value = internal_kv._internal_kv_get(name, namespace=HEARTBEATS)
-        now = time.monotonic()
-        last, since = self._seen.get(name, (None, now))
-        if value is None or value != last:
-            self._seen[name] = (value, now)
-            return 0.0
-        return now - since
-
-    def silent(self, names: list[str]) -> list[str]:
-        return [n for n in names if self.silent_for(n) > self.timeout_s]
 
 
 @dataclass(frozen=True)
@@ -111,7 +71,7 @@ class _Identified:
         if not getattr(self, "_beating", False):
             self._beating = True
             name = ray.get_runtime_context().get_actor_name()
-            threading.Thread(target=_beat, args=(name,), daemon=True, name="heartbeat").start()
+            threading.Thread(target=beat, args=(name,), daemon=True, name="heartbeat").start()
         return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
 
     def __repr__(self) -> str:

@@ -116,9 +116,9 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     """One run, three faults: rollout-1 stopped (SIGSTOP) while it generates step 1 and the
     teacher stopped while it scores step 2 (hung, not dead: found by their heartbeat within
     run.worker_timeout_s, killed, restarted, the work redone), then learner-1 killed while it
-    trains step 3 (the learner group replaced, back to the checkpoint after step 1, steps 2-3
-    trained again). Every step is in metrics.jsonl once; the restarted rollout worker holds
-    exactly the current weights."""
+    trains step 3 (ZeRO-3: partitioned state; the learner group replaced, back to the checkpoint
+    after step 1, steps 2-3 trained again, step 2 exactly as the first time). Every step is in
+    metrics.jsonl once; the restarted rollout worker holds exactly the current weights."""
     out = tmp_path / "run"
     timeout_s = 6.0
     cfg = load_config(
@@ -130,10 +130,19 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
             "run.checkpoint_every=2",
             "run.export_hf=false",
             f"run.worker_timeout_s={timeout_s}",
+            "learner.zero_stage=3",
         ),
     )
     pipeline = Pipeline(cfg)
     launch, score, train = pipeline._launch_rollout, pipeline._score, pipeline._train
+    step = pipeline.step
+    calls: list[tuple[int, dict]] = []
+
+    def recorded_step(n):
+        metrics = step(n)
+        calls.append((n, metrics))
+        return metrics
+
     faults: dict[str, tuple[int, float]] = {}  # role -> (pid, when)
 
     def fault(role: str, rank: int, sig: int) -> None:
@@ -161,6 +170,7 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     pipeline._launch_rollout = launch_then_stop_rollout
     pipeline._score = stop_teacher_then_score
     pipeline._train = kill_learner_then_train
+    pipeline.step = recorded_step
     caplog.set_level("WARNING", logger="eopd_ray.driver.recovery")
     try:
         pipeline.start()
@@ -182,6 +192,12 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     assert len(history) == 5 and pipeline.learner_failures == 1
     assert pipeline.num_recoveries == 3
     assert [h["rollout/weight_version"] for h in history] == [0, 1, 2, 3, 4]
+    # Step 2 ran twice: before the learner loss and after going back to step 1's checkpoint;
+    # the same prompts, seeds, weights and optimizer state give the same numbers.
+    first, again = [m for n, m in calls if n == 2]
+    for key, value in first.items():
+        if not any(v in key for v in VOLATILE):
+            assert again[key] == value, (key, again[key], value)
     messages = [(r.created, r.getMessage()) for r in caplog.records]
     for role in ("rollout", "teacher"):
         found = [
