@@ -213,11 +213,19 @@ class ActorGroup:
             getattr(h, method).remote(*a) for h, a in zip(handles, per_worker_args, strict=True)
         ]
 
-    def get(self, refs: list, timeout_s: float, what: str, ranks: list[int] | None = None) -> list:
+    def get(
+        self,
+        refs: list,
+        timeout_s: float,
+        what: str,
+        ranks: list[int] | None = None,
+        watch: bool = True,
+    ) -> list:
         """ray.get with a timeout; failures and timeouts name the worker. While waiting, a
         worker whose heartbeat stopped for `run.worker_timeout_s` (SIGSTOP, a frozen node) is
         killed (Ray restarts a restartable role) and reported as died, so the step's recovery
-        takes over instead of waiting out `timeout_s`; so is a failure of any one worker."""
+        takes over instead of waiting out `timeout_s`; so is a failure of any one worker.
+        `watch=False` while workers are (re)starting: they beat only once built."""
         ranks = list(range(len(refs))) if ranks is None else ranks
         deadline = time.monotonic() + timeout_s
         checked: set = set()  # ready refs already looked at (each result is fetched once more)
@@ -237,9 +245,10 @@ class ActorGroup:
                             ray.get(ref)
                 if left <= 0:
                     raise ray.exceptions.GetTimeoutError()
-                self._kill_silent(
-                    [r for r, ref in zip(ranks, refs, strict=True) if ref in pending], what
-                )
+                if watch:
+                    self._kill_silent(
+                        [r for r, ref in zip(ranks, refs, strict=True) if ref in pending], what
+                    )
         except ray.exceptions.GetTimeoutError:
             _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
             late = [
@@ -294,6 +303,7 @@ class ActorGroup:
                     self.call_async("identity"),
                     timeout_s,
                     f"waiting for {self.role} workers to restart",
+                    watch=False,
                 )
                 return
             except WorkerError as exc:  # calls fail while an actor is still restarting
@@ -379,4 +389,6 @@ def wait_started(groups: list[ActorGroup], timeout_s: float) -> None:
     """Wait until every worker of `groups` is built (they build concurrently: vLLM, the teacher
     and DeepSpeed start at the same time) and record who and where each one is."""
     for group in groups:
-        group.identities = group.get(group.starting, timeout_s, f"starting {group.role} workers")
+        group.identities = group.get(
+            group.starting, timeout_s, f"starting {group.role} workers", watch=False
+        )

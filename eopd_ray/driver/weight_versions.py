@@ -4,12 +4,20 @@ driver checks that each engine holds exactly what was sent before it counts the 
     _sync(step)              push version v + 1, redone after a rollout worker restarted
     _push_weights(v, what)   send, receive, compare checksums (confirm), probe log-probs
 
+A rollout worker lost in the middle of a collective broadcast leaves the others waiting in it:
+`_abandon_broadcast` frees them, and the sync is redone once Ray has restarted the workers.
+
 Part of `Pipeline` (its base class).
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import ray
+
 from eopd_ray.core.invariants import check_weights_in_sync, check_weights_loaded, logprob_gap_bound
+from eopd_ray.driver.actors import WorkerError
 
 
 class WeightVersions:
@@ -36,7 +44,12 @@ class WeightVersions:
         else:
             sends = self.learner.call_async("weight_buckets")
             receives = self.rollout.call_async("load_weights", sends[0], new_version)
-        self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
+        try:
+            self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
+        except WorkerError as exc:
+            if exc.died and self.cfg.sync.transport == "collective":
+                self._abandon_broadcast(sends, receives)
+            raise
         self.learner.get(sends, timeout, f"{what} weight sync (send)")
         # What every engine holds, read back and checksummed, against what the learner sent:
         # a worker takes the new version number only when they are equal.
@@ -56,6 +69,22 @@ class WeightVersions:
         )
         self.version = new_version
         self._check_weights_in_sync(what)
+
+    def _abandon_broadcast(self, sends: list, receives: list) -> None:
+        """A rollout worker was lost in the middle of a collective broadcast: the others would
+        wait in it for a peer that is gone, up to `sync.timeout_s`. The rollout workers still
+        inside it are killed (Ray restarts them; the redone sync reloads every engine), which
+        ends the learner's send too; every call's outcome is collected, so no "Unhandled error"
+        is left behind for Ray to log."""
+        _, inside = ray.wait(receives, num_returns=len(receives), timeout=0)
+        for rank, ref in enumerate(receives):
+            if ref in inside:
+                ray.kill(self.rollout.handles[rank], no_restart=False)
+        calls = sends + receives
+        ray.wait(calls, num_returns=len(calls), timeout=self.cfg.run.worker_timeout_s)
+        for ref in calls:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=0)
 
     def _check_weights_in_sync(self, what: str) -> None:
         """Every rollout engine scores the probe sequence; the learner scores it too. Different

@@ -113,15 +113,23 @@ class LearnerWeights:
                 yield index, out
 
     def broadcast_weights(self) -> int:
-        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent."""
-        sent = 0
+        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent.
+        A failed send (a rollout worker lost mid-broadcast) stops the sending but not the
+        gathering: under ZeRO-3 every rank must join every bucket's gather, or the other ranks
+        would wait in it and refuse the redone sync; the error is raised at the end."""
+        sent, failed = 0, None
         for index, tensors in self._gathered_buckets():
-            if self.rank == 0:
+            if self.rank == 0 and failed is None:
                 assert self.sender is not None, "join_sync_group was not called on rank 0"
-                self.sender.send(index, tensors)
-                sent += 1
+                try:
+                    self.sender.send(index, tensors)
+                    sent += 1
+                except RuntimeError as exc:  # gloo: the connection to a peer is gone
+                    failed = exc
             if self.cfg.learner.zero_stage != 3 and self.rank != 0:
                 break  # nothing to gather on other ranks
+        if failed is not None:
+            raise failed
         self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
         return sent
 

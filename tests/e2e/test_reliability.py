@@ -113,12 +113,14 @@ def test_nan_teacher_stops_the_run_before_training_with_the_teacher_named(
 
 
 def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path, caplog):
-    """One run, three faults: rollout-1 stopped (SIGSTOP) while it generates step 1 and the
+    """One run, four faults: rollout-1 stopped (SIGSTOP) while it generates step 1 and the
     teacher stopped while it scores step 2 (hung, not dead: found by their heartbeat within
     run.worker_timeout_s, killed, restarted, the work redone), then learner-1 killed while it
     trains step 3 (ZeRO-3: partitioned state; the learner group replaced, back to the checkpoint
     after step 1, steps 2-3 trained again, step 2 exactly as the first time). Every step is in
-    metrics.jsonl once; the restarted rollout worker holds exactly the current weights."""
+    metrics.jsonl once; the restarted rollout worker holds exactly the current weights. Then
+    rollout-1 killed as step 4's collective weight broadcast begins: the workers left waiting in
+    it are freed and the sync redone, long before sync.timeout_s."""
     out = tmp_path / "run"
     timeout_s = 6.0
     cfg = load_config(
@@ -131,6 +133,8 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
             "run.export_hf=false",
             f"run.worker_timeout_s={timeout_s}",
             "learner.zero_stage=3",
+            "sync.timeout_s=120",
+            "sync.bucket_bytes=65536",  # many buckets: a broadcast with a middle to lose a peer in
         ),
     )
     pipeline = Pipeline(cfg)
@@ -138,8 +142,12 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     step = pipeline.step
     calls: list[tuple[int, dict]] = []
 
+    took: dict[int, float] = {}
+
     def recorded_step(n):
+        started = time.monotonic()
         metrics = step(n)
+        took[n] = time.monotonic() - started
         calls.append((n, metrics))
         return metrics
 
@@ -171,6 +179,30 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     pipeline._score = stop_teacher_then_score
     pipeline._train = kill_learner_then_train
     pipeline.step = recorded_step
+    push = pipeline._push_weights
+
+    def push_and_lose_a_rollout_worker(version, what):
+        if what == "step 4" and "broadcast" not in faults:
+            # As step 4's broadcast begins: rollout-0 and the learner wait in the collective
+            # for a peer that is gone (before: until sync.timeout_s, then a refused redo).
+            learner_call = pipeline.learner.call_async
+
+            def call_then_kill(method, *args, **kw):
+                refs = learner_call(method, *args, **kw)
+                if method == "broadcast_weights" and "broadcast" not in faults:
+                    fault_pid = pipeline.rollout.identities[1].pid
+                    os.kill(fault_pid, signal.SIGKILL)
+                    faults["broadcast"] = (fault_pid, time.time())
+                return refs
+
+            pipeline.learner.call_async = call_then_kill
+            try:
+                return push(version, what)
+            finally:
+                pipeline.learner.call_async = learner_call
+        return push(version, what)
+
+    pipeline._push_weights = push_and_lose_a_rollout_worker
     caplog.set_level("WARNING", logger="eopd_ray.driver.recovery")
     try:
         pipeline.start()
@@ -186,11 +218,13 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
         for pid, _ in faults.values():  # never leave a stopped process behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert set(faults) == {"rollout", "teacher", "learner"}
+    assert set(faults) == {"rollout", "teacher", "learner", "broadcast"}
+    # The lost broadcast cost worker restarts, not the 120 s sync timeout.
+    assert took[4] < 60, took
     assert torch.equal(a.response_ids, b.response_ids) and a.weight_version == b.weight_version
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert len(history) == 5 and pipeline.learner_failures == 1
-    assert pipeline.num_recoveries == 3
+    assert pipeline.num_recoveries == 4
     assert [h["rollout/weight_version"] for h in history] == [0, 1, 2, 3, 4]
     # Step 2 ran twice: before the learner loss and after going back to step 1's checkpoint;
     # the same prompts, seeds, weights and optimizer state give the same numbers.
