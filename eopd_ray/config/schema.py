@@ -183,9 +183,10 @@ class RunConfig:
     num_cpus: PosInt | None = None  # CPUs of the embedded local Ray (None: all)
     step_timeout_s: PosFloat = 600.0  # bound on every wait inside one step
     checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0: only at the end / SIGTERM
-    # On an object store a periodic checkpoint's learner files go up while the next step runs
-    # (committed once through); blocking: the step waits for the upload (docs/reliability.md).
-    checkpoint_upload: Literal["background", "blocking"] = "background"
+    # On an object store, background: a periodic checkpoint's learner files go up while the
+    # next step runs, and it becomes the resume point when that step ends (a preemption during
+    # it resumes from the one before); blocking: complete before the next step starts.
+    checkpoint_upload: Literal["background", "blocking"] = "blocking"
     keep_checkpoints: PosInt = 2  # complete checkpoints kept, newest first
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
     # Resume although the loss keys, the kept prompts or the LR schedule's shape changed since

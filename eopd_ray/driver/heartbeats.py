@@ -7,6 +7,7 @@ Heartbeats(timeout_s=60).silent([actor_name, ...])                        # in t
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 # A worker's heartbeat: a counter it bumps in Ray's internal KV from a thread of its own, so it
@@ -20,11 +21,13 @@ HEARTBEATS = "eopd-heartbeat"  # the KV namespace
 def beat(key: str) -> None:
     from ray.experimental import internal_kv
 
-    count = 0
+    count, me = 0, os.getpid()
     while True:
         count += 1
+        # The pid too: a restarted worker (same actor name) must never repeat the value its
+        # dead predecessor left, or it would look silent since that one stopped.
         with contextlib.suppress(Exception):  # the GCS restarting, the driver gone: keep trying
-            internal_kv._internal_kv_put(key, str(count), overwrite=True, namespace=HEARTBEATS)
+            internal_kv._internal_kv_put(key, f"{me}:{count}", overwrite=True, namespace=HEARTBEATS)
         time.sleep(HEARTBEAT_S)
 
 

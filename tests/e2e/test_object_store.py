@@ -133,7 +133,8 @@ def test_a_preempted_run_on_s3_resumes_exports_and_evaluates_from_s3(
     assert alive_in_group(pgid) == []  # the embedded Ray went with the driver
 
     on_sigterm = signal.getsignal(signal.SIGTERM)  # the driver installs its own; put ours back
-    resumed = Pipeline(load_config(TINY, overrides(s3, models)))
+    # The resumed run uploads its periodic checkpoint (step 1) beside step 2.
+    resumed = Pipeline(load_config(TINY, overrides(s3, models, "run.checkpoint_upload=background")))
     try:
         resumed.start()
         resumed.run(progress="lines")
