@@ -49,3 +49,18 @@ def s3():
 
     with S3Endpoint() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(params=["local", "object store", "s3"])
+def store(request, tmp_path):
+    """A run directory on a local disk, on pyarrow's in-memory object store (no rename) and on
+    a real S3 endpoint; modules with other needs define their own."""
+    import pyarrow.fs as pafs
+
+    from eopd_ray.storage.run_storage import RunStorage
+
+    if request.param == "s3":
+        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
+    if request.param == "local":
+        return RunStorage(str(tmp_path / "run"))
+    return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())

@@ -11,20 +11,10 @@ import subprocess
 import sys
 import time
 
-import pyarrow.fs as pafs
 import pytest
 
 from eopd_ray.storage.run_claim import CLAIM, ClaimLost, RunClaim, RunDirectoryInUse
 from eopd_ray.storage.run_storage import RunStorage
-
-
-@pytest.fixture(params=["local", "object store", "s3"])
-def store(request, tmp_path):
-    if request.param == "s3":  # a real S3 endpoint (moto's server)
-        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
-    if request.param == "local":
-        return RunStorage(str(tmp_path / "run"))
-    return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
 
 
 def other_drivers_claim(store, host="node-7", pid=4242, age_s=0.0, heartbeat_s=15.0):

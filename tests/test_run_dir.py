@@ -19,15 +19,6 @@ def cfg(resume: str, **run):
     return config_from_dict({**BASE, "run": {"output_dir": "/unused", "resume": resume, **run}})
 
 
-@pytest.fixture(params=["local", "object store", "s3"])
-def store(request, tmp_path):
-    if request.param == "s3":  # a real S3 endpoint (moto's server)
-        return RunStorage(request.getfixturevalue("s3").uri(f"runs/{tmp_path.name}"))
-    if request.param == "local":
-        return RunStorage(str(tmp_path / "run"))
-    return RunStorage("bucket/run", filesystem=pafs._MockFileSystem())
-
-
 def started(store, c):
     """What Pipeline.start does with the directory: decide, then write the config."""
     c, ckpt = begin_run(c, store)
@@ -97,7 +88,6 @@ def test_only_the_runs_own_outputs_move(store):
 def s3_like(tmp_path, monkeypatch):
     """An object store whose server-side copy refuses sources over 1 KiB, as S3's CopyObject
     refuses sources over 5 GiB (storage.SERVER_COPY_MAX_BYTES scaled down with it)."""
-    import pyarrow.fs as pafs
     from faulty_fs import FaultyFS
 
     from eopd_ray.storage import run_storage as storage
