@@ -32,7 +32,11 @@ class StopOnSigterm:
     step if the driver is still running `grace_s - ABANDON_MARGIN_S` after the signal: it prints
     `abandoned()` (where the next run resumes) and exits with 143."""
 
-    def __init__(self, grace_s: float | None = None, abandoned: Callable[[], str] = str) -> None:
+    def __init__(
+        self,
+        grace_s: float | None = None,
+        abandoned: Callable[[], str] = lambda: "SIGTERM: the step in flight was abandoned",
+    ) -> None:
         self.requested = False
         self.grace_s, self.abandoned = grace_s, abandoned
         self.signalled_at: float | None = None

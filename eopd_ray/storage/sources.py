@@ -248,11 +248,14 @@ def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None)
     resolved now. Local paths and URIs are left as they are."""
     m = cfg.model
     paths = {}
+    pinned: Config | None = None
+    looked = False  # the resumed run's config is read once, and only for a hub id
     for name in ("student_path", "teacher_path"):
         spec = getattr(m, name)
         if kind_of(spec) != "hub":
             continue
-        pinned = resumed()
+        if not looked:
+            pinned, looked = resumed(), True
         before = getattr(pinned.model, name) if pinned is not None else ""
         if split_hub_id(spec)[1] is None and split_hub_id(before)[0] == spec and "@" in before:
             spec = before  # resume with the weights the run started with
