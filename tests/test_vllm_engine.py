@@ -74,6 +74,20 @@ def check(path):
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None])
     gap = torch.tensor(sample.logprobs).double() - expected[:, 0]
     result["tempered_gap"] = float(gap.abs().max())
+    # Finished requests handed out as they finish; any subset of rows samples what the whole did.
+    four = Sampling(samples_per_prompt=2, max_new_tokens=16)
+    whole = vllm.generate(prompts, four, [21, 22])
+    handed = list(vllm.finished(prompts, four, [21, 22]))
+    subset = dict(r for out in vllm.finished(prompts, four, [21, 22], rows=[3, 0]) for r in out)
+    result["stream"] = {
+        "handouts": len(handed),
+        "rows": sorted(r for out in handed for r, _ in out),
+        "same": all(s.response_ids == whole[r // 2][r % 2].response_ids for out in handed for r, s in out),
+        "subset_rows": sorted(subset),
+        "subset_same": all(
+            s.response_ids == whole[r // 2][r % 2].response_ids for r, s in subset.items()
+        ),
+    }
     return result
 
 print(json.dumps([check(path) for path in sys.argv[1:]]))
@@ -119,3 +133,6 @@ def test_vllm_matches_transformers_after_syncs_in_tiny_buckets(results, which):
     assert all(engine == sent for engine, sent in checksums), checksums
     assert len({sent for _, sent in checksums}) == 4
     assert result["tempered_gap"] < 1e-4
+    stream = result["stream"]
+    assert stream["rows"] == [0, 1, 2, 3] and stream["same"], stream
+    assert stream["subset_rows"] == [0, 3] and stream["subset_same"], stream

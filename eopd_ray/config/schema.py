@@ -88,6 +88,11 @@ class RolloutConfig:
     # 0: synchronous. 1: the rollout of step s+1 runs while step s trains, with the weights of
     # step s-1 (one version off-policy; pi_old is then the sampler's: learner.old_logprobs).
     async_lag: Annotated[int, Strict(), Field(ge=0, le=1)] = 0
+    # true: finished responses go to the teachers (and pi_old to the learners) in groups while
+    # the rest still decode; false: the whole batch is handed over at once (the reference).
+    # Both train on the same rows in the same order (docs/architecture.md, "The step").
+    stream: Bool = True
+    stream_group_tokens: PosInt = 2048  # response tokens per streamed group, at least
 
 
 @dataclass(config=_SECTION)

@@ -29,7 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 # The worker's process is gone (or restarting): what a restartable role recovers from.
-_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class WorkerError(EopdError):
@@ -73,6 +73,12 @@ class _Identified:
             name = ray.get_runtime_context().get_actor_name()
             threading.Thread(target=beat, args=(name,), daemon=True, name="heartbeat").start()
         return WorkerIdentity(self.ROLE, self.rank, ray.util.get_node_ip_address(), os.getpid())
+
+    def timed(self, method: str, *args: Any) -> tuple[Any, float, float]:
+        """(self.method(*args), wall-clock start, end): a call placed on the step timeline."""
+        started = time.time()
+        result = getattr(self, method)(*args)
+        return result, started, time.time()
 
     def __repr__(self) -> str:
         """What the dashboard's Actors page (Repr) and the worker log prefixes show."""
@@ -269,7 +275,7 @@ class ActorGroup:
             failed = [
                 str(self.identities[r]) for r, ref in zip(ranks, refs, strict=True) if _failed(ref)
             ]
-            died = isinstance(exc, _GONE) or any(_died(ref) for ref in refs)
+            died = isinstance(exc, GONE) or any(_died(ref) for ref in refs)
             raise WorkerError(
                 f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}",
                 died=died,
@@ -316,7 +322,7 @@ def _died(ref) -> bool:
     """Whether `ref` failed because its worker's process is gone."""
     try:
         ray.get(ref, timeout=0)
-    except _GONE:
+    except GONE:
         return True
     except Exception:
         return False

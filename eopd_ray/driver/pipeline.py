@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from eopd_ray.config import Config
 from eopd_ray.core.invariants import (
     PROBE_TOKENS,
@@ -41,6 +43,7 @@ from eopd_ray.driver.recovery import Recovery
 from eopd_ray.driver.run_checkpoints import RunCheckpoints
 from eopd_ray.driver.start_up import StartUp
 from eopd_ray.driver.stopping import StopOnSigterm
+from eopd_ray.driver.streamed import StreamedBatch, StreamInBackground, Streaming
 from eopd_ray.driver.weight_versions import WeightVersions
 from eopd_ray.errors import VersionMismatch
 from eopd_ray.roles.rollout import prompt_seeds
@@ -53,6 +56,7 @@ from eopd_ray.storage.run_storage import RunStorage
 from eopd_ray.storage.sources import pin_models, with_local_paths
 from eopd_ray.telemetry.ray_gauges import RayMetricsSink
 from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
+from eopd_ray.telemetry.timeline import Timeline, role_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,11 @@ class PendingRollout:
     expected_version: int
     stream_state: dict[str, int]
     parts: list[RolloutBatch] | None = field(default=None)
+    times: list[tuple[float, float]] = field(default_factory=list)  # per worker: start, end
+    # rollout.stream: the streamed rollout and scoring running in a driver thread, and then
+    # what it returned
+    background: StreamInBackground | None = None
+    streamed: StreamedBatch | None = None
 
 
 def _student_shape(cfg: Config) -> tuple[int, int]:
@@ -88,7 +97,7 @@ def _timed(metrics: dict[str, float], key: str):
     metrics[key] = time.perf_counter() - start
 
 
-class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluation):
+class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, HeldOutEvaluation):
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_locations(cfg)
         self.store = RunStorage(cfg.run.output_dir)
@@ -119,6 +128,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         # Where a learner restart with no checkpoint yet goes back to.
         self._initial_stream, self._initial_rng = self.stream.state_dict(), checkpoint.rng_state()
         self._prefetched: PendingRollout | None = None  # rollout.async_lag: the next step's rollout
+        self.timeline = Timeline(-1, "start-up")  # the step in flight's (eopd_ray.telemetry)
         # vLLM scores a prompt of at most max_model_len - 1 tokens (one more is generated).
         self.probe_ids = probe_sequence(
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
@@ -137,15 +147,16 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
 
     # --- one step ------------------------------------------------------------------------------
 
-    def _launch_rollout(self, step: int) -> PendingRollout:
-        """Hand the step's prompts to the rollout workers; returns without waiting."""
+    def _take_prompts(self, step: int) -> tuple[dict[str, int], list[tuple[list, list, list]]]:
+        """(the prompt stream's position before, each rollout worker's (prompts, their indices,
+        their seeds)) for the step: worker r takes every W-th prompt from the r-th."""
         cfg = self.cfg
         stream_state = self.stream.state_dict()
         indices = self.stream.take(cfg.rollout.prompts_per_step)
         # Seeds by position in the step: the same streams whatever the number of workers.
         seeds = prompt_seeds(f"{cfg.rollout.seed}/{step}", range(len(indices)))
         workers = len(self.rollout)
-        args = [
+        work = [
             (
                 [self.prompts[j] for j in indices[rank::workers]],
                 indices[rank::workers],
@@ -153,14 +164,21 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
             )
             for rank in range(workers)
         ]
-        refs = self.rollout.call_each_async("generate", args)
+        return stream_state, work
+
+    def _launch_rollout(self, step: int) -> PendingRollout:
+        """Hand the step's prompts to the rollout workers; returns without waiting."""
+        stream_state, work = self._take_prompts(step)
+        refs = self.rollout.call_each_async("timed", [("generate", *w) for w in work])
         return PendingRollout(step, refs, self.version, stream_state)
 
     def _wait_rollout(self, pending: PendingRollout) -> None:
         if pending.parts is None:
-            pending.parts = self.rollout.get(
+            timed = self.rollout.get(
                 pending.refs, self.cfg.run.step_timeout_s, f"step {pending.step} rollout"
             )
+            pending.parts = [part for part, _, _ in timed]
+            pending.times = [(start, end) for _, start, end in timed]
 
     def _collect_rollout(self, pending: PendingRollout) -> RolloutBatch:
         self._wait_rollout(pending)
@@ -173,14 +191,20 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
             )
         return batch
 
-    def _score(self, batch: RolloutBatch, step: int) -> TeacherScores:
+    def _score(
+        self, batch: RolloutBatch, step: int, timeline: Timeline | None = None
+    ) -> TeacherScores:
         shards = batch.split(min(len(self.teacher), batch.num_sequences))
-        parts = self.teacher.get(
-            self.teacher.call_each_async("score", [(s,) for s in shards]),
+        timed = self.teacher.get(
+            self.teacher.call_each_async("timed", [("score", s) for s in shards]),
             self.cfg.run.step_timeout_s,
             f"step {step} teacher scoring",
             ranks=list(range(len(shards))),
         )
+        parts = [part for part, _, _ in timed]
+        for rank, (_, start, end) in enumerate(timed):
+            if timeline is not None:
+                timeline.add(f"teacher-{rank}", "score", start, end)
         scores = TeacherScores.concat(parts)
         scores.check_matches(batch)
         for shard, part, ident in zip(shards, parts, self.teacher.identities, strict=False):
@@ -204,8 +228,8 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
     def _recompute_old_logprobs_async(self, batch: RolloutBatch, shares: StepShares) -> list | None:
         if self.cfg.learner.old_logprobs != "recompute":
             return None
-        args = [(batch.select(rows), plan) for rows, plan in shares.ranks]
-        return self.learner.call_each_async("recompute_old_logprobs", args)
+        args = [("recompute_old_logprobs", batch.select(rows), plan) for rows, plan in shares.ranks]
+        return self.learner.call_each_async("timed", args)
 
     def _train(
         self,
@@ -214,17 +238,30 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         step: int,
         shares: StepShares,
         recompute: list | None = None,
+        old: torch.Tensor | None = None,
     ) -> dict[str, float]:
+        """`old`: pi_old per row of the step, recomputed per streamed group."""
         lrn = self.cfg.learner
         num_updates = len(shares.plan)
         m = lrn.mini_batch_size
         tokens = [int(batch.response_mask[u * m : (u + 1) * m].sum()) for u in range(num_updates)]
         args = [
-            (batch.select(rows), scores.select(rows), tokens, plan) for rows, plan in shares.ranks
+            (
+                batch.select(rows),
+                scores.select(rows),
+                tokens,
+                plan,
+                old[rows] if old is not None else None,
+            )
+            for rows, plan in shares.ranks
         ]
         try:
             if recompute is not None:
-                self.learner.get(recompute, self.cfg.run.step_timeout_s, f"step {step} pi_old")
+                timed = self.learner.get(
+                    recompute, self.cfg.run.step_timeout_s, f"step {step} pi_old"
+                )
+                for rank, (_, start, end) in enumerate(timed):
+                    self.timeline.add(f"learner-{rank}", "pi_old", start, end)
             per_rank_metrics = self.learner.get(
                 self.learner.call_each_async("train_step", args),
                 self.cfg.run.step_timeout_s,
@@ -240,44 +277,83 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, HeldOutEvaluat
         return metrics
 
     def step(self, step: int) -> dict[str, float]:
+        """One step (see the module docstring), its data handed over whole (`rollout.stream:
+        false`) or streamed (eopd_ray.driver.streamed). `time/rollout_s`, `time/teacher_s`,
+        `time/train_s`, `time/rollout_wait_s` and `time/sync_s` follow one another: they are
+        the step's critical path, and add up to `time/step_s`."""
         metrics: dict[str, float] = {}
+        cfg = self.cfg
+        mode = ("streamed" if cfg.rollout.stream else "sync") + (
+            "+async" if cfg.rollout.async_lag else ""
+        )
+        timeline = self.timeline = Timeline(step, mode)
         pending, self._prefetched = self._prefetched, None
-        with _timed(metrics, "time/rollout_s"):
-            batch = self._rollout_with_recovery(step, pending)
-        shares = self._learner_shares(batch)
-        # pi_old does not need the teacher: the learners recompute it while the teacher scores.
-        recompute = self._recompute_old_logprobs_async(batch, shares)
-        with _timed(metrics, "time/teacher_s"):
-            scores = self._recovering(
-                self.teacher, lambda: self._score(batch, step), f"step {step} teacher scoring"
-            )
+        old = recompute = None
+        if cfg.rollout.stream:
+            streamed = self._streamed_with_recovery(step, pending, timeline)
+            batch, scores, old = streamed.batch, streamed.scores, streamed.old
+            metrics["time/rollout_s"] = max(0.0, streamed.rollout_done - timeline.started)
+            metrics["time/teacher_s"] = time.time() - timeline.started - metrics["time/rollout_s"]
+            metrics["stream/groups"] = float(streamed.groups)
+            shares = self._learner_shares(batch)
+        else:
+            with _timed(metrics, "time/rollout_s"):
+                batch = self._rollout_with_recovery(step, pending, timeline)
+            shares = self._learner_shares(batch)
+            # pi_old does not need the teacher: the learners recompute it while the teacher
+            # scores.
+            recompute = self._recompute_old_logprobs_async(batch, shares)
+            with _timed(metrics, "time/teacher_s"):
+                scores = self._recovering(
+                    self.teacher,
+                    lambda: self._score(batch, step, timeline),
+                    f"step {step} teacher scoring",
+                )
         self._prefetch_next(step)
         with _timed(metrics, "time/train_s"):
-            metrics.update(self._train(batch, scores, step, shares, recompute))
+            started = time.time()
+            metrics.update(self._train(batch, scores, step, shares, recompute, old))
+            timeline.add_role("learner", len(self.learner), "train", started, time.time())
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
             self._finish_prefetch(step)
         with _timed(metrics, "time/sync_s"):
+            started = time.time()
             self._sync(step)
+            timeline.add_role("learner", len(self.learner), "sync", started, time.time())
+            timeline.add_role("rollout", len(self.rollout), "sync", started, time.time())
         tokens = batch.num_response_tokens
         lengths = batch.response_mask.sum(1).float()
+        step_s = sum(v for k, v in metrics.items() if k.startswith("time/"))
+        metrics.update(role_metrics(timeline, step_s))
+        teacher_busy = metrics.get("roles/teacher_busy_s") or metrics["time/teacher_s"]
         metrics.update(
             {
                 "rollout/response_len_mean": float(lengths.mean()),
                 "rollout/prompt_tokens": float(batch.prompt_mask.sum()),
                 "rollout/finish_length_frac": batch.finish_reason.count("length")
                 / batch.num_sequences,
-                "teacher/tokens_per_s": tokens / metrics["time/teacher_s"],
+                # Per teacher worker busy second, times the workers: the role's throughput.
+                "teacher/tokens_per_s": tokens / max(1e-9, teacher_busy),
                 "teacher/entropy_exact": float(scores.entropy_is_exact),
                 "train/tokens_per_s": tokens / metrics["time/train_s"],
                 "rollout/weight_version": float(batch.weight_version),
                 "rollout/version_lag": float(self.version - 1 - batch.weight_version),
-                "time/step_s": sum(v for k, v in metrics.items() if k.startswith("time/")),
+                "time/step_s": step_s,
                 "data/skipped_prompts": float(self.num_skipped_prompts),
             }
         )
-        if not self.cfg.rollout.async_lag:  # async: generation overlaps training, unobserved here
-            metrics["rollout/tokens_per_s"] = tokens / metrics["time/rollout_s"]
+        if not cfg.rollout.async_lag:  # async: generation overlaps training, unobserved here
+            rollout_busy = metrics.get("roles/rollout_busy_s") or metrics["time/rollout_s"]
+            metrics["rollout/tokens_per_s"] = tokens / max(1e-9, rollout_busy)
+        self._write_timeline(timeline)
         return metrics
+
+    def _write_timeline(self, timeline: Timeline) -> None:
+        """The latest step's timeline, for `jobs/plot_metrics.py` (small; best effort)."""
+        try:
+            self.store.write_text("timeline.json", timeline.to_json())
+        except OSError as exc:
+            log.warning("could not write timeline.json: %s", exc)
 
     # --- the run -------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from eopd_ray.storage import checkpoint
 
 if TYPE_CHECKING:
     from eopd_ray.driver.pipeline import PendingRollout
+    from eopd_ray.telemetry.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class Recovery:
                         self._push_weights(self.version, f"{what} recovery")
                 self.num_recoveries += 1
 
-    def _rollout_with_recovery(self, step: int, pending: PendingRollout | None) -> RolloutBatch:
+    def _rollout_with_recovery(
+        self, step: int, pending: PendingRollout | None, timeline: Timeline
+    ) -> RolloutBatch:
         """The step's batch: the prefetched one when there is one, else generated now. After a
         rollout worker died it is generated again from the same prompts and seeds."""
         stream_state = pending.stream_state if pending else self.stream.state_dict()
@@ -61,16 +64,24 @@ class Recovery:
             nonlocal pending
             if pending is not None:  # first attempt: the prefetch; a redo generates afresh
                 launched, pending = pending, None
-                return self._collect_rollout(launched)
-            self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
-            return self._collect_rollout(self._launch_rollout(step))
+            else:
+                self.stream.load_state_dict(stream_state)  # a redo takes the same prompts
+                launched = self._launch_rollout(step)
+            batch = self._collect_rollout(launched)
+            for rank, (start, end) in enumerate(launched.times):
+                timeline.add(f"rollout-{rank}", "generate", start, end)
+            return batch
 
         return self._recovering(self.rollout, rollout, f"step {step} rollout")
 
     def _prefetch_next(self, step: int) -> None:
         """rollout.async_lag = 1: start step+1's rollout now, on the current weights, so that it
         runs while this step trains."""
-        if self.cfg.rollout.async_lag and step + 1 < self.cfg.run.steps:
+        if not (self.cfg.rollout.async_lag and step + 1 < self.cfg.run.steps):
+            return
+        if self.cfg.rollout.stream:  # rolled out and scored in a driver thread while training
+            self._prefetched = self._prefetch_stream(step + 1)
+        else:
             self._prefetched = self._launch_rollout(step + 1)
 
     def _finish_prefetch(self, step: int) -> None:
@@ -83,9 +94,12 @@ class Recovery:
         if pending is None:
             return
         try:
-            self._wait_rollout(pending)
+            if pending.background is not None:
+                pending.streamed = pending.background.result()
+            else:
+                self._wait_rollout(pending)
         except WorkerError as exc:
-            if not exc.died:
+            if not exc.died or exc.role not in (None, "rollout"):
                 raise
             log.warning("step %d rollout (prefetched): %s; dropping it", pending.step, exc)
             self._prefetched = None

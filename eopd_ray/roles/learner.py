@@ -209,6 +209,11 @@ class LearnerWorker(LearnerWeights):
         before the teacher's scores exist: the driver overlaps it with teacher scoring."""
         self._early_old = (shard.response_ids, self._recompute_old_logprobs(shard, plan))
 
+    def old_logprobs(self, shard: RolloutBatch, plan: list[list[list[int]]]) -> torch.Tensor:
+        """log pi_old of `shard`'s sampled tokens, returned (a streamed step: the driver sends
+        each rollout group as it arrives and hands the rows back with `train_step`)."""
+        return self._recompute_old_logprobs(shard, plan)
+
     def _recompute_old_logprobs(
         self, shard: RolloutBatch, plan: list[list[list[int]]]
     ) -> torch.Tensor:
@@ -261,12 +266,14 @@ class LearnerWorker(LearnerWeights):
         scores: TeacherScores,
         tokens_per_update: list[int],
         plan: list[list[list[int]]] | None = None,
+        old_logprobs: torch.Tensor | None = None,
     ) -> list[dict[str, float]]:
         """All optimizer updates of one step on this rank's shard. `plan[u]` lists update u's
         micro-batches as rows of the shard (the driver's eopd_ray.core.micro_batches plan; [] = a
         zero-weight placeholder keeping the ranks' collectives in step); None: fixed counts of
-        contiguous rows. Returns one metrics dict per micro-batch (the driver reduces them over
-        micro-batches and ranks)."""
+        contiguous rows. `old_logprobs`: the shard's pi_old, already recomputed (`old_logprobs`
+        per streamed group). Returns one metrics dict per micro-batch (the driver reduces them
+        over micro-batches and ranks)."""
         cfg = self.cfg
         started = time.perf_counter()
         scores.check_matches(shard)
@@ -276,7 +283,9 @@ class LearnerWorker(LearnerWeights):
         gap, overlapped = 0.0, 0.0
         if cfg.learner.old_logprobs == "recompute":
             early, self._early_old = self._early_old, None
-            if early is not None and torch.equal(early[0], shard.response_ids):
+            if old_logprobs is not None:  # per streamed group, as the groups arrived
+                old, overlapped = old_logprobs, 1.0
+            elif early is not None and torch.equal(early[0], shard.response_ids):
                 old = early[1]  # recomputed while the teacher scored (recompute_old_logprobs)
                 overlapped = 1.0
             else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +73,14 @@ def prompt_seeds(base: int | str, keys: Sequence[int | str]) -> list[int]:
 
 
 Buckets = Iterable[list[tuple[str, torch.Tensor]]]
+# One finished request: (row, its sample); a row is prompt * samples_per_prompt + sample.
+Finished = tuple[int, Sample]
+
+
+def _requests(num_prompts: int, n: int, rows: Sequence[int] | None) -> list[tuple[int, int]]:
+    """(prompt, sample) of each row asked for (all rows of the prompts when None)."""
+    rows = range(num_prompts * n) if rows is None else rows
+    return [divmod(row, n) for row in rows]
 
 
 class VllmEngine:
@@ -104,34 +112,55 @@ class VllmEngine:
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[list[Sample]]:
         """One vLLM request per (prompt, sample), each with its own seed."""
+        n = sampling.samples_per_prompt
+        done = dict(row for finished in self.finished(prompts, sampling, seeds) for row in finished)
+        return [[done[i * n + j] for j in range(n)] for i in range(len(prompts))]
+
+    def finished(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seeds: list[int],
+        rows: Sequence[int] | None = None,
+    ) -> Iterator[list[Finished]]:
+        """Requests as they finish, after each engine step that finished some: vLLM batches all
+        of them (continuous batching) and a short response is out long before the longest.
+        `rows` (default all): which (prompt, sample) rows to generate; a row's seed depends
+        only on its prompt's seed and sample index, so any subset samples what the whole would."""
         from vllm import SamplingParams
 
         n = sampling.samples_per_prompt
-        requests, params = [], []
-        for prompt, seed in zip(prompts, seeds, strict=True):
-            for j in range(n):
-                requests.append({"prompt_token_ids": prompt})
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        temperature=sampling.temperature,
-                        top_p=sampling.top_p,
-                        max_tokens=sampling.max_new_tokens,
-                        logprobs=0,  # only the sampled token's logprob
-                        seed=sample_seed(seed, j),
-                    )
+        requests, params, asked = [], [], _requests(len(prompts), n, rows)
+        for i, j in asked:
+            requests.append({"prompt_token_ids": prompts[i]})
+            params.append(
+                SamplingParams(
+                    n=1,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    logprobs=0,  # only the sampled token's logprob
+                    seed=sample_seed(seeds[i], j),
                 )
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        samples = [
-            Sample(
-                response_ids=list(c.token_ids),
-                logprobs=[lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs, strict=True)],
-                finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else "abort",
             )
-            for out in outputs
-            for c in out.outputs
-        ]
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        # Outputs carry the external ids, numbered in order from the LLM's request counter
+        # (enqueue returns the engine's internal ones).
+        first = self.llm.request_counter.counter
+        self.llm.enqueue(requests, params, use_tqdm=False)
+        row_of = {str(first + k): i * n + j for k, (i, j) in enumerate(asked)}
+        engine = self.llm.llm_engine
+        try:
+            while engine.has_unfinished_requests():
+                done = [
+                    (row_of.pop(out.request_id), _sample(out.outputs[0]))
+                    for out in engine.step()
+                    if out.finished
+                ]
+                if done:
+                    yield done
+        finally:
+            if row_of:  # abandoned half-way (the caller went away): free the engine
+                engine.abort_request(list(row_of))
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[j] | ids[:j]) for j >= 1 at temperature 1, as the engine computes it (the
@@ -184,33 +213,42 @@ class HfEngine:
         ).eval()
         self.eos_id = self.model.config.eos_token_id
 
-    @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[list[Sample]]:
-        result = []
-        for prompt, seed in zip(prompts, seeds, strict=True):
-            samples = []
-            for j in range(sampling.samples_per_prompt):
-                gen = torch.Generator().manual_seed(sample_seed(seed, j))
-                ids, logprobs, reason = list(prompt), [], "length"
-                for _ in range(sampling.max_new_tokens):
-                    logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
-                    if sampling.temperature == 0:
-                        token = int(logits.argmax())
-                        logp = torch.log_softmax(logits, -1)
-                    else:
-                        logp = torch.log_softmax(logits / sampling.temperature, -1)
-                        probs = _top_p(logp.exp(), sampling.top_p)
-                        token = int(torch.multinomial(probs, 1, generator=gen))
-                    ids.append(token)
-                    logprobs.append(float(logp[token]))
-                    if token == self.eos_id:
-                        reason = "stop"
-                        break
-                samples.append(Sample(ids[len(prompt) :], logprobs, reason))
-            result.append(samples)
-        return result
+        n = sampling.samples_per_prompt
+        done = dict(row for finished in self.finished(prompts, sampling, seeds) for row in finished)
+        return [[done[i * n + j] for j in range(n)] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def finished(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seeds: list[int],
+        rows: Sequence[int] | None = None,
+    ) -> Iterator[list[Finished]]:
+        """One request at a time, each handed out as it finishes (as VllmEngine.finished)."""
+        n = sampling.samples_per_prompt
+        for i, j in _requests(len(prompts), n, rows):
+            prompt = prompts[i]
+            gen = torch.Generator().manual_seed(sample_seed(seeds[i], j))
+            ids, logprobs, reason = list(prompt), [], "length"
+            for _ in range(sampling.max_new_tokens):
+                logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
+                if sampling.temperature == 0:
+                    token = int(logits.argmax())
+                    logp = torch.log_softmax(logits, -1)
+                else:
+                    logp = torch.log_softmax(logits / sampling.temperature, -1)
+                    probs = _top_p(logp.exp(), sampling.top_p)
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                ids.append(token)
+                logprobs.append(float(logp[token]))
+                if token == self.eos_id:
+                    reason = "stop"
+                    break
+            yield [(i * n + j, Sample(ids[len(prompt) :], logprobs, reason))]
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -229,6 +267,17 @@ class HfEngine:
         from eopd_ray.core.weight_checksum import weights_checksum
 
         return weights_checksum(p for _, p in self.model.named_parameters())
+
+
+def _sample(completion) -> Sample:
+    """A vLLM CompletionOutput as a Sample."""
+    tokens = completion.token_ids
+    reason = completion.finish_reason
+    return Sample(
+        response_ids=list(tokens),
+        logprobs=[lp[tok].logprob for tok, lp in zip(tokens, completion.logprobs, strict=True)],
+        finish_reason=reason if reason in ("stop", "length") else "abort",
+    )
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -275,6 +324,47 @@ class RolloutWorker:
             for p, i, ss in zip(prompts, prompt_index, per_prompt, strict=True)
             for s in ss
         ]
+        batch = self._batch(rows)
+        self.metrics.throughput("rollout", batch.num_response_tokens, started)
+        return batch
+
+    def generate_stream(
+        self,
+        prompts: list[list[int]],
+        prompt_index: list[int],
+        seeds: list[int],
+        rows: list[int] | None = None,
+        group_tokens: int = 1,
+    ) -> Iterator[tuple[list[int], RolloutBatch, float, float]]:
+        """`generate` as a stream (call it with num_returns="streaming"): yields
+        (rows, batch of those rows, started, now) as soon as the finished responses not yet
+        handed out hold at least `group_tokens` response tokens, and the rest at the end. A row
+        is prompt * samples_per_prompt + sample, as in `generate`'s batch; `rows` (default all)
+        picks which to generate (a redo after a worker was lost). Times are wall-clock seconds
+        (time.time) for the driver's step timeline."""
+        started, wall_started = time.perf_counter(), time.time()
+        sampling = Sampling.from_config(self.cfg)
+        n = sampling.samples_per_prompt
+        held: list[Finished] = []
+        tokens = 0
+
+        def group() -> tuple[list[int], RolloutBatch, float, float]:
+            batch = self._batch([(prompts[r // n], prompt_index[r // n], s) for r, s in held])
+            return [r for r, _ in held], batch, wall_started, time.time()
+
+        for finished in self.engine.finished(prompts, sampling, seeds, rows):
+            held += finished
+            tokens += sum(len(s.response_ids) for _, s in finished)
+            if tokens >= group_tokens:
+                self.metrics.throughput("rollout", tokens, started)
+                yield group()
+                held, tokens, started = [], 0, time.perf_counter()
+        if held:
+            self.metrics.throughput("rollout", tokens, started)
+            yield group()
+
+    def _batch(self, rows: list[tuple[list[int], int, Sample]]) -> RolloutBatch:
+        """(prompt, its index in the data stream, sample) per row, as one padded batch."""
         b = len(rows)
         p_len = max(len(p) for p, _, _ in rows)
         t_len = max(1, max(len(s.response_ids) for _, _, s in rows))
@@ -290,7 +380,6 @@ class RolloutWorker:
             response_ids[row, :n] = torch.tensor(sample.response_ids, dtype=torch.int64)
             response_mask[row, :n] = True
             logprobs[row, :n] = torch.tensor(sample.logprobs, dtype=torch.float32)
-        self.metrics.throughput("rollout", int(response_mask.sum()), started)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -1,0 +1,405 @@
+"""The streamed step (`rollout.stream: true`): no role waits for a whole batch.
+
+    rollout workers   generate_stream: finished responses handed out in groups of at least
+                      rollout.stream_group_tokens response tokens while the rest still decode
+    teacher workers   each group goes to the teacher with the fewest groups queued, as it arrives
+                      (its token-budget micro-batches within the group; the run-time score
+                      checks per group)
+    learner ranks     pi_old of each group as it arrives (learner.old_logprobs: recompute, and
+                      only when the learners hold the weights that sampled it: not for a
+                      rollout.async_lag prefetch)
+    then              the groups are put back in the synchronous batch's row order, and the
+                      update starts: what is trained is what `rollout.stream: false` trains
+
+Each row of the step has one fixed place (worker rank, prompt, sample), whichever group brings
+it; the assembled batch must hold every row exactly once (`StreamLost` otherwise).
+
+Worker loss mid-stream: groups already handed out are kept (they live in Ray's object store,
+not in the worker). A lost rollout worker is restarted, brought to the current weights, and
+asked for only the rows it had not handed out yet (the same seeds: the same samples). A lost
+teacher's groups in flight go to the teachers again once it is back; a group whose scores
+arrived is never scored twice. A stalled worker is found by its heartbeat (run.worker_timeout_s).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+
+from eopd_ray.core.invariants import check_teacher_scores
+from eopd_ray.core.micro_batches import plan_step, rank_share
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
+from eopd_ray.driver.actors import GONE, ActorGroup, WorkerError
+from eopd_ray.driver.heartbeats import HEARTBEAT_S
+from eopd_ray.errors import EopdError, VersionMismatch
+from eopd_ray.telemetry.timeline import Timeline
+
+if TYPE_CHECKING:
+    from eopd_ray.driver.pipeline import PendingRollout
+
+log = logging.getLogger(__name__)
+
+
+class StreamLost(EopdError):
+    """A streamed step's groups do not add up to its batch: a row is missing or came twice."""
+
+
+@dataclass
+class _Group:
+    rows: list[int]  # step rows, in the group's order
+    batch: RolloutBatch
+    scores: TeacherScores | None = None
+    old: torch.Tensor | None = None  # pi_old, (rows, T of the group)
+
+
+@dataclass
+class StreamedBatch:
+    """A streamed step's data, in the synchronous batch's row order."""
+
+    batch: RolloutBatch
+    scores: TeacherScores
+    old: torch.Tensor | None  # pi_old per row, or None (the learners recompute it in train_step)
+    rollout_done: float  # time.time() the last group arrived
+    scored: float  # ... and the last group was scored
+    groups: int
+
+
+class StepStream:
+    """One step's streamed rollout and scoring (see the module docstring). `work[rank]` is the
+    (prompts, prompt_index, seeds) of rollout worker `rank`, as the synchronous step deals them;
+    `pi_old`: also recompute pi_old per group; `prefetch`: a rollout.async_lag prefetch (a
+    rollout worker lost then fails the stream: the step takes the prompts again, see
+    `Recovery._finish_prefetch`)."""
+
+    def __init__(
+        self,
+        pipeline,
+        step: int,
+        work: list[tuple[list, list, list]],
+        expected_version: int,
+        timeline: Timeline,
+        pi_old: bool,
+        prefetch: bool = False,
+    ) -> None:
+        self.p, self.cfg, self.step = pipeline, pipeline.cfg, step
+        self.work, self.expected_version = work, expected_version
+        self.timeline, self.pi_old, self.prefetch = timeline, pi_old, prefetch
+        n = self.cfg.rollout.samples_per_prompt
+        counts = [len(prompts) * n for prompts, _, _ in work]
+        self.offsets = [sum(counts[:r]) for r in range(len(work))]
+        self.num_rows = sum(counts)
+        self.remaining = [set(range(c)) for c in counts]  # per rank: rows not handed out yet
+        self.streams: dict[Any, int] = {}  # generator -> rollout rank
+        self.scoring: dict[Any, tuple[int, int]] = {}  # ref -> (teacher rank, group)
+        self.old_refs: dict[Any, tuple[int, int, list[int]]] = {}  # ref -> (group, rank, rows)
+        self.groups: list[_Group] = []
+        self.losses = {"rollout": 0, "teacher": 0}
+        self.rollout_done = self.scored = time.time()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> StreamedBatch:
+        for rank in range(len(self.work)):
+            self._launch(rank, None)
+        deadline = time.monotonic() + self.cfg.run.step_timeout_s
+        while self.streams or self.scoring or self.old_refs:
+            waitables = [*self.streams, *self.scoring, *self.old_refs]
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=HEARTBEAT_S)
+            if not ready:
+                if time.monotonic() > deadline:
+                    self._timed_out()
+                self._watch_heartbeats()
+                continue
+            item = ready[0]
+            if item in self.streams:
+                self._next_group(item)
+            elif item in self.scoring:
+                self._scored(item)
+            else:
+                self._old_computed(item)
+        return self._assembled()
+
+    def _launch(self, rank: int, rows: list[int] | None) -> None:
+        prompts, index, seeds = self.work[rank]
+        handle = self.p.rollout.handles[rank]
+        gen = handle.generate_stream.options(num_returns="streaming").remote(
+            prompts, index, seeds, rows, self.cfg.rollout.stream_group_tokens
+        )
+        self.p.rollout.num_calls += 1
+        self.streams[gen] = rank
+
+    def _next_group(self, gen) -> None:
+        rank = self.streams[gen]
+        try:
+            ref = next(gen)
+        except StopIteration:
+            del self.streams[gen]
+            if self.remaining[rank]:  # cannot happen unless the worker's engine lost requests
+                raise StreamLost(
+                    f"step {self.step}: rollout worker {self._who('rollout', rank)} ended its "
+                    f"stream without rows {sorted(self.remaining[rank])[:8]}"
+                ) from None
+            return
+        try:
+            local_rows, batch, started, at = ray.get(ref)
+        except GONE as exc:
+            del self.streams[gen]
+            self._rollout_lost(rank, exc)
+            return
+        except ray.exceptions.RayError as exc:
+            raise WorkerError(
+                f"step {self.step} rollout (streamed): {self._who('rollout', rank)} failed: {exc}",
+                role="rollout",
+            ) from exc
+        if batch.weight_version != self.expected_version:
+            raise VersionMismatch(
+                f"step {self.step}: a streamed group from {self._who('rollout', rank)} carries "
+                f"weight version {batch.weight_version}, the driver expects "
+                f"{self.expected_version}: a weight sync was lost"
+            )
+        twice = set(local_rows) - self.remaining[rank]
+        if twice:
+            raise StreamLost(
+                f"step {self.step}: rollout worker {self._who('rollout', rank)} handed out rows "
+                f"{sorted(twice)[:8]} twice"
+            )
+        self.remaining[rank] -= set(local_rows)
+        self.timeline.add(f"rollout-{rank}", "generate", started, at)
+        self.rollout_done = max(self.rollout_done, time.time())
+        group = _Group([self.offsets[rank] + r for r in local_rows], batch)
+        self.groups.append(group)
+        self._send_to_teacher(len(self.groups) - 1)
+        if self.pi_old:
+            self._send_to_learners(len(self.groups) - 1)
+
+    def _send_to_teacher(self, gid: int) -> None:
+        """To the teacher with the fewest groups queued (ties: the lowest rank)."""
+        queued = [0] * len(self.p.teacher)
+        for rank, _ in self.scoring.values():
+            queued[rank] += 1
+        rank = min(range(len(queued)), key=queued.__getitem__)
+        ref = self.p.teacher.handles[rank].timed.remote("score", self.groups[gid].batch)
+        self.p.teacher.num_calls += 1
+        self.scoring[ref] = (rank, gid)
+
+    def _send_to_learners(self, gid: int) -> None:
+        """pi_old of the group, its rows dealt to the ranks as a one-update step (every rank runs
+        the same number of forwards: ZeRO-3 gathers parameters in each)."""
+        group, lrn = self.groups[gid], self.cfg.learner
+        ranks = len(self.p.learner)
+        plan = plan_step(
+            group.batch.sequence_lengths,
+            1,
+            ranks,
+            micro_batch_size=lrn.micro_batch_size,
+            max_tokens_per_micro_batch=lrn.max_tokens_per_micro_batch,
+            balance=lrn.balance_tokens,
+            attention_weight=self.p.attention_weight,
+        )
+        shares = [rank_share(plan, rank) for rank in range(ranks)]
+        # A rank with no rows still runs its placeholder forwards, on row 0.
+        args = [("old_logprobs", group.batch.select(rows or [0]), p) for rows, p in shares]
+        refs = self.p.learner.call_each_async("timed", args)
+        group.old = torch.zeros_like(group.batch.sampler_logprobs)
+        for rank, (ref, (rows, _)) in enumerate(zip(refs, shares, strict=True)):
+            self.old_refs[ref] = (gid, rank, rows)
+
+    def _scored(self, ref) -> None:
+        rank, gid = self.scoring.pop(ref)
+        try:
+            scores, started, ended = ray.get(ref)
+        except GONE as exc:
+            self._teacher_lost(rank, [gid], exc)
+            return
+        except ray.exceptions.RayError as exc:
+            raise WorkerError(
+                f"step {self.step} teacher scoring (streamed): {self._who('teacher', rank)} "
+                f"failed: {exc}",
+                role="teacher",
+            ) from exc
+        group = self.groups[gid]
+        scores.check_matches(group.batch)
+        check_teacher_scores(
+            scores, group.batch, self.p.vocab_rows, self.step, self._who("teacher", rank)
+        )
+        group.scores = scores
+        self.timeline.add(f"teacher-{rank}", "score", started, ended)
+        self.scored = max(self.scored, time.time())
+
+    def _old_computed(self, ref) -> None:
+        gid, rank, rows = self.old_refs.pop(ref)
+        try:
+            old, started, ended = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise WorkerError(
+                f"step {self.step} pi_old (streamed): learner failed: {exc}",
+                died=isinstance(exc, GONE),
+                role="learner",
+            ) from exc
+        if rows:  # the rank's rows of the group, in its share's order
+            self.groups[gid].old[rows, : old.shape[1]] = old[: len(rows)]
+        self.timeline.add(f"learner-{rank}", "pi_old", started, ended)
+
+    # --- worker loss ---------------------------------------------------------------------------
+
+    def _lost(self, role: str, rank: int, exc: Exception) -> None:
+        self.losses[role] += 1
+        if self.losses[role] > self.cfg.run.max_worker_restarts:
+            raise WorkerError(
+                f"step {self.step} ({role}, streamed): {self._who(role, rank)} lost "
+                f"{self.losses[role]} times (run.max_worker_restarts = "
+                f"{self.cfg.run.max_worker_restarts}): {exc}",
+                died=True,
+                role=role,
+            ) from exc
+        log.warning(
+            "step %d (streamed): %s %s lost (%s); restarting it and redoing its work in flight",
+            self.step,
+            role,
+            self._who(role, rank),
+            type(exc).__name__,
+        )
+        group: ActorGroup = getattr(self.p, role)
+        group.refresh_identities(self.cfg.run.step_timeout_s)
+        self.p.num_recoveries += 1
+
+    def _rollout_lost(self, rank: int, exc: Exception) -> None:
+        """Restart, bring to the current weights, and ask for the rows not handed out yet."""
+        if self.prefetch:  # the learner has moved on: the step takes these prompts again
+            raise WorkerError(
+                f"step {self.step} rollout (prefetched, streamed): "
+                f"{self._who('rollout', rank)} lost: {exc}",
+                died=True,
+                role="rollout",
+            ) from exc
+        self._lost("rollout", rank, exc)
+        if self.cfg.sync.transport == "collective":
+            self.p._join_sync_group()
+        self.p._push_weights(self.p.version, f"step {self.step} streamed rollout recovery")
+        if self.remaining[rank]:
+            self._launch(rank, sorted(self.remaining[rank]))
+
+    def _teacher_lost(self, rank: int, lost: list[int], exc: Exception) -> None:
+        """`lost` (the failed call's group) and every group still queued on the lost teacher go
+        out again once it is back; those calls' failures are no longer waited for."""
+        for ref, (r, gid) in list(self.scoring.items()):
+            if r == rank:
+                del self.scoring[ref]
+                lost.append(gid)
+        self._lost("teacher", rank, exc)
+        for gid in lost:
+            self._send_to_teacher(gid)
+
+    def _watch_heartbeats(self) -> None:
+        """Kill a worker with work in flight whose heartbeat stopped; its calls then fail and
+        the loss is handled as a death."""
+        busy = {
+            self.p.rollout: sorted(set(self.streams.values())),
+            self.p.teacher: sorted({r for r, _ in self.scoring.values()}),
+            self.p.learner: list(range(len(self.p.learner))) if self.old_refs else [],
+        }
+        for group, ranks in busy.items():
+            try:
+                group._kill_silent(ranks, f"step {self.step} (streamed)")
+            except WorkerError as exc:
+                log.warning("%s", exc)
+
+    def _timed_out(self) -> None:
+        waiting = [self._who("rollout", r) for r in self.streams.values()]
+        waiting += [self._who("teacher", r) for r, _ in self.scoring.values()]
+        if self.old_refs:
+            waiting.append("the learners (pi_old)")
+        raise WorkerError(
+            f"step {self.step} (streamed): no end within run.step_timeout_s = "
+            f"{self.cfg.run.step_timeout_s}s; still waiting for {', '.join(sorted(set(waiting)))}"
+        )
+
+    def _who(self, role: str, rank: int) -> str:
+        group: ActorGroup = getattr(self.p, role)
+        return str(group.identities[rank]) if rank < len(group.identities) else f"{role}-{rank}"
+
+    # --- the batch -----------------------------------------------------------------------------
+
+    def _assembled(self) -> StreamedBatch:
+        """The groups in the synchronous batch's row order; every row exactly once."""
+        rows = [r for g in self.groups for r in g.rows]
+        if sorted(rows) != list(range(self.num_rows)):
+            missing = sorted(set(range(self.num_rows)) - set(rows))
+            raise StreamLost(
+                f"step {self.step}: the streamed groups hold {len(rows)} rows for a step of "
+                f"{self.num_rows} (missing {missing[:8]}; duplicated "
+                f"{len(rows) - len(set(rows))}): a group was lost or handed out twice"
+            )
+        order = torch.empty(self.num_rows, dtype=torch.int64)
+        order[torch.tensor(rows)] = torch.arange(self.num_rows)
+        batch = RolloutBatch.concat([g.batch for g in self.groups]).select(order)
+        scores = TeacherScores.concat([g.scores for g in self.groups]).select(order)
+        old = None
+        if self.pi_old:
+            old = torch.zeros_like(batch.sampler_logprobs)
+            for g in self.groups:
+                old[g.rows, : g.old.shape[1]] = g.old
+        return StreamedBatch(
+            batch, scores, old, self.rollout_done, self.scored, groups=len(self.groups)
+        )
+
+
+class StreamInBackground:
+    """A prefetched stream (rollout.async_lag: 1) run in a driver thread while the learners
+    train: the next step's groups are scored as they finish. `result()` joins it."""
+
+    def __init__(self, stream: StepStream) -> None:
+        self.stream = stream
+        self._result: StreamedBatch | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stream-prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self.stream.run()
+        except BaseException as exc:  # re-raised in the driver's thread by result()
+            self._error = exc
+
+    def result(self) -> StreamedBatch:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Streaming:
+    """`rollout.stream` for `Pipeline` (its base class): the step's data streamed."""
+
+    def _step_stream(self, step: int, timeline: Timeline, prefetch: bool):
+        """(the prompt stream's position before, the step's StepStream, not started)."""
+        stream_state, work = self._take_prompts(step)
+        pi_old = self.cfg.learner.old_logprobs == "recompute" and not prefetch
+        stream = StepStream(self, step, work, self.version, timeline, pi_old, prefetch)
+        return stream_state, stream
+
+    def _streamed_with_recovery(
+        self, step: int, pending: PendingRollout | None, timeline: Timeline
+    ) -> StreamedBatch:
+        """The step's streamed data: the prefetch's when there is one, else streamed now (a
+        lost rollout or teacher worker is recovered inside the stream)."""
+        if pending is not None and pending.streamed is not None:
+            return pending.streamed
+        _, stream = self._step_stream(step, timeline, prefetch=False)
+        return stream.run()
+
+    def _prefetch_stream(self, step: int) -> PendingRollout:
+        """rollout.async_lag: step `step`'s stream, run in a driver thread while the current
+        step trains (its intervals go on the current step's timeline: they happen during it)."""
+        from eopd_ray.driver.pipeline import PendingRollout
+
+        stream_state, stream = self._step_stream(step, self.timeline, prefetch=True)
+        return PendingRollout(
+            step, [], self.version, stream_state, background=StreamInBackground(stream)
+        )
