@@ -82,7 +82,9 @@ def check(path):
     result["stream"] = {
         "handouts": len(handed),
         "rows": sorted(r for out in handed for r, _ in out),
-        "same": all(s.response_ids == whole[r // 2][r % 2].response_ids for out in handed for r, s in out),
+        "same": all(
+            s.response_ids == whole[r // 2][r % 2].response_ids for out in handed for r, s in out
+        ),
         "subset_rows": sorted(subset),
         "subset_same": all(
             s.response_ids == whole[r // 2][r % 2].response_ids for r, s in subset.items()
