@@ -294,7 +294,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             batch, scores, old = streamed.batch, streamed.scores, streamed.old
             metrics["time/rollout_s"] = max(0.0, streamed.rollout_done - timeline.started)
             metrics["time/teacher_s"] = time.time() - timeline.started - metrics["time/rollout_s"]
-            metrics["stream/groups"] = float(streamed.groups)
+            metrics.update(streamed.metrics)
             shares = self._learner_shares(batch)
         else:
             with _timed(metrics, "time/rollout_s"):

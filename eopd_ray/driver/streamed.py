@@ -67,7 +67,7 @@ class StreamedBatch:
     old: torch.Tensor | None  # pi_old per row, or None (the learners recompute it in train_step)
     rollout_done: float  # time.time() the last group arrived
     scored: float  # ... and the last group was scored
-    groups: int
+    metrics: dict[str, float]  # stream/*
 
 
 class StepStream:
@@ -100,6 +100,7 @@ class StepStream:
         self.old_refs: dict[Any, tuple[int, int, list[int]]] = {}  # ref -> (group, rank, rows)
         self.groups: list[_Group] = []
         self.losses = {"rollout": 0, "teacher": 0}
+        self.rows_redone = self.groups_rescored = 0  # after worker losses (metrics: stream/*)
         self.rollout_done = self.scored = time.time()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -283,6 +284,7 @@ class StepStream:
             self.p._join_sync_group()
         self.p._push_weights(self.p.version, f"step {self.step} streamed rollout recovery")
         if self.remaining[rank]:
+            self.rows_redone += len(self.remaining[rank])
             self._launch(rank, sorted(self.remaining[rank]))
 
     def _teacher_lost(self, rank: int, lost: list[int], exc: Exception) -> None:
@@ -293,6 +295,7 @@ class StepStream:
                 del self.scoring[ref]
                 lost.append(gid)
         self._lost("teacher", rank, exc)
+        self.groups_rescored += len(lost)
         for gid in lost:
             self._send_to_teacher(gid)
 
@@ -345,9 +348,12 @@ class StepStream:
             old = torch.zeros_like(batch.sampler_logprobs)
             for g in self.groups:
                 old[g.rows, : g.old.shape[1]] = g.old
-        return StreamedBatch(
-            batch, scores, old, self.rollout_done, self.scored, groups=len(self.groups)
-        )
+        metrics = {
+            "stream/groups": float(len(self.groups)),
+            "stream/rows_redone": float(self.rows_redone),
+            "stream/groups_rescored": float(self.groups_rescored),
+        }
+        return StreamedBatch(batch, scores, old, self.rollout_done, self.scored, metrics)
 
 
 class StreamInBackground:
