@@ -44,27 +44,27 @@ def _trained(row: dict) -> dict:
 
 def _run(cfg, kills: dict | None = None) -> tuple[Pipeline, list[dict]]:
     """Run `cfg`; `kills` = {"rollout": step, "teacher": step}: SIGKILL rollout-0 once its
-    first group of that step has arrived (the rest still decoding), teacher-0 as soon as a
-    group of that step is queued on it."""
+    first group of that step has arrived (the rest still decoding); SIGSTOP teacher-0 as soon
+    as a group of that step is queued on it (hung, not dead: its heartbeat finds it)."""
     pipeline = Pipeline(cfg)
     kills, done = dict(kills or {}), set()
     next_group, send = streamed.StepStream._next_group, streamed.StepStream._send_to_teacher
 
-    def kill(role: str) -> None:
+    def kill(role: str, sig: int) -> None:
         done.add(role)
-        os.kill(getattr(pipeline, role).identities[0].pid, signal.SIGKILL)
+        os.kill(getattr(pipeline, role).identities[0].pid, sig)
 
     def next_group_then_kill(self, gen):
         rank = self.streams[gen]
         next_group(self, gen)
         if kills.get("rollout") == self.step and rank == 0 and "rollout" not in done:
             assert self.remaining[0], "rollout-0 handed out all its rows in its first group"
-            kill("rollout")
+            kill("rollout", signal.SIGKILL)
 
     def send_then_kill(self, gid):
         send(self, gid)
         if kills.get("teacher") == self.step and "teacher" not in done:
-            kill("teacher")
+            kill("teacher", signal.SIGSTOP)
 
     streamed.StepStream._next_group = next_group_then_kill
     streamed.StepStream._send_to_teacher = send_then_kill
@@ -99,7 +99,8 @@ def test_streamed_step_trains_what_the_sync_step_trains_through_worker_loss(
     # Step 0: rollout-0 died mid-stream; only its rows not yet handed out were generated again.
     rollout_rows = cfg.rollout.prompts_per_step // 2 * cfg.rollout.samples_per_prompt
     assert 0 < rows[0]["stream/rows_redone"] < rollout_rows
-    # Step 1: teacher-0 died with groups queued on it; they were scored again, once.
+    # Step 1: teacher-0 hung with groups queued on it: killed after run.worker_timeout_s, and
+    # its groups scored again, once.
     assert rows[1]["stream/groups_rescored"] >= 1 and rows[1]["stream/rows_redone"] == 0
     assert pipeline.num_recoveries == 2
     assert all(r["stream/groups"] > cfg.rollout.num_workers for r in rows)
