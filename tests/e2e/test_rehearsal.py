@@ -17,6 +17,7 @@ import torch
 from eopd_ray.config import load_config
 from eopd_ray.core.invariants import sampler_gap_bound
 from eopd_ray.driver.pipeline import Pipeline
+from eopd_ray.telemetry.timeline import Timeline
 from eopd_ray.toy.rehearsal import ensure_rehearsal_for_config
 
 from .conftest import REPO
@@ -110,8 +111,24 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
         history = pipeline.run(progress="lines")
         # One more rollout with the final weights, scored by the teacher, to inspect.
         step = cfg.run.steps
+        before = pipeline.stream.state_dict()
         batch = pipeline._collect_rollout(pipeline._launch_rollout(step))
         scores = pipeline._score(batch, step)
+        shares = pipeline._learner_shares(batch)
+        parts = pipeline.learner.get(
+            pipeline.learner.call_each_async(
+                "old_logprobs", [(batch.select(rows), plan) for rows, plan in shares.ranks]
+            ),
+            300,
+            "pi_old",
+        )
+        old = torch.zeros_like(batch.sampler_logprobs)
+        for (rows, _), part in zip(shares.ranks, parts, strict=True):
+            old[rows] = part
+        # The same step streamed (the mode the run trained in): the same prompts again.
+        pipeline.stream.load_state_dict(before)
+        _, stream = pipeline._step_stream(step, Timeline(step, "streamed"), prefetch=False)
+        streamed = stream.run()
         buckets = pipeline.learner.get(
             pipeline.learner.call_async("weight_buckets"), 300, "learner weights"
         )[0]
@@ -119,13 +136,26 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
         pipeline.shutdown()
 
     assert len(history) == cfg.run.steps
+    # Streamed, the step holds the same rows in the same order (the same samples: each worker
+    # ran the same requests), and teacher scores and pi_old agree up to the bf16 forwards'
+    # summation order (per group here, per whole batch there).
+    assert all(h["stream/groups"] >= cfg.rollout.num_workers for h in history)
+    assert streamed.metrics["stream/groups"] > cfg.rollout.num_workers
+    for field in ("prompt_ids", "response_ids", "response_mask", "sampler_logprobs"):
+        assert torch.equal(getattr(streamed.batch, field), getattr(batch, field)), field
+    assert streamed.batch.finish_reason == batch.finish_reason
+    bound = sampler_gap_bound(cfg)
+    valid = batch.response_mask
+    for field in ("token_logprobs", "entropy", "topk_logprobs"):
+        gap = (getattr(streamed.scores, field) - getattr(scores, field))[valid].abs().mean()
+        assert gap < bound, (field, float(gap))
+    assert (streamed.old - old)[valid].abs().mean() < bound
     # Evaluated once, after the last step, on 4 problems of each benchmark, 2 samples each.
     assert [i for i, h in enumerate(history) if "eval/avg@2" in h] == [1]
     evaluation = {k: v for k, v in history[-1].items() if k.startswith("eval/")}
     assert {"eval/sums/avg@2", "eval/words/pass@2", "eval/pass@2"} <= set(evaluation)
     assert all(0 <= v <= 1 for k, v in evaluation.items() if "@" in k)
     assert 0 < evaluation["eval/response_len_mean"] <= cfg.eval.max_new_tokens
-    bound = sampler_gap_bound(cfg)
     gaps = [h["opd/sampler_gap"] for h in history]
     assert all(math.isfinite(g) and g <= bound for g in gaps), gaps
     # Variable lengths: some responses stop at EOS, some reach rollout.max_new_tokens.
