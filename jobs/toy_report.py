@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from eopd_ray.evaluation.plots import plot_run
+    from eopd_ray.evaluation.plots import plot_run, plot_timeline
     from eopd_ray.telemetry.step_metrics import read_jsonl
     from eopd_ray.toy.evaluate import evaluate_toy
     from eopd_ray.toy.prepare import load_baseline, load_settings, read_prompts
@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = read_jsonl(run_dir / "metrics.jsonl")
     plots = plot_run(rows, run_dir / "plots")
+    if (run_dir / "timeline.json").exists():  # the last step: which role holds a step
+        from eopd_ray.telemetry.timeline import Timeline
+
+        timeline = Timeline.from_json((run_dir / "timeline.json").read_text())
+        plots.append(plot_timeline(timeline, run_dir / "plots" / "timeline.png"))
     command = " ".join(["python jobs/distill.py --config", args.config, *args.overrides])
-    shown = [p for p in plots if p.stem in ("overview", "eval")]  # all in <run>/plots/
+    shown = [p for p in plots if p.stem in ("overview", "eval", "timeline")]  # all in plots/
     report = write_report(run_dir, columns, rows, command, shown)
     print(f"\nheld-out prompts ({int(after['prompts'])}), 8 samples each:\n")
     print(comparison_table(columns))

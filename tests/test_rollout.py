@@ -101,3 +101,31 @@ def test_sampler_logprobs_are_those_of_the_tempered_distribution(tiny_pair):
     torch.testing.assert_close(
         batch.sampler_logprobs[0].double(), expected[:, 0], atol=1e-5, rtol=0
     )
+
+
+def test_generate_stream_hands_out_groups_that_add_up_to_generate(tiny_pair):
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])},
+            "data": {"toy_prompts": 8},
+            "rollout": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6},
+        }
+    )
+    worker = RolloutWorker(cfg, rank=0)
+    prompts, index, seeds = [[5, 6, 7], [8, 9], [10]], [11, 12, 13], [0, 1, 2]
+    whole = worker.generate(prompts, index, seeds)
+    groups = list(worker.generate_stream(prompts, index, seeds, group_tokens=10))
+    # >= 10 response tokens per group (6 per response: two responses each), the rest at the end.
+    assert [len(rows) for rows, *_ in groups] == [2, 2, 2]
+    for rows, batch, started, at in groups:
+        assert started <= at
+        assert torch.equal(batch.response_ids, whole.response_ids[rows])
+        assert torch.equal(batch.sampler_logprobs, whole.sampler_logprobs[rows])
+        assert batch.prompt_index.tolist() == whole.prompt_index[rows].tolist()
+    assert sorted(r for rows, *_ in groups for r in rows) == list(range(6))
+    # Only some rows (a redo after the worker was lost): the same samples as in the whole.
+    ((rows, batch, *_),) = worker.generate_stream(
+        prompts, index, seeds, rows=[5, 0], group_tokens=99
+    )
+    assert rows == [5, 0]
+    assert torch.equal(batch.response_ids, whole.response_ids[[5, 0]])

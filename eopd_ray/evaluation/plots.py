@@ -2,6 +2,7 @@
 
     plot_run(rows, Path("runs/toy/eopd/plots"))               # one PNG per metric area + overview
     plot_methods({"opd": [rows, ...], "eopd": [...]}, keys, path)  # mean +- band over seeds
+    plot_timeline(Timeline.from_json(text), path)            # one step, one bar per worker
 
 Metrics logged only at some steps (the held-out `eval/*`, every eval.every_steps) are drawn at
 the steps that have them. The x axis counts steps done (a row's step + 1), so a value measured
@@ -111,6 +112,58 @@ def plot_methods(
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+STAGE_COLOURS = {
+    "generate": "tab:blue",
+    "score": "tab:orange",
+    "pi_old": "tab:olive",
+    "train": "tab:green",
+    "sync": "tab:purple",
+}
+
+
+def plot_timeline(timeline, path: Path) -> Path:
+    """One step's timeline (eopd_ray.telemetry.timeline.Timeline): one bar per worker, coloured
+    by stage, seconds from the step's start; the role that holds the step is the one whose bar
+    is never empty."""
+    plt = _pyplot()
+    workers = sorted({w for w, *_ in timeline.intervals}, key=_worker_order)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(workers) + 1.4))
+    for y, worker in enumerate(workers):
+        for w, stage, start, end in timeline.intervals:
+            if w == worker:
+                ax.barh(
+                    y,
+                    end - start,
+                    left=start - timeline.started,
+                    color=STAGE_COLOURS.get(stage, "tab:gray"),
+                    edgecolor="white",
+                    linewidth=0.3,
+                )
+    ax.set_yticks(range(len(workers)), workers)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the step's start")
+    ax.set_title(f"step {timeline.step} ({timeline.mode})")
+    used = {stage for _, stage, *_ in timeline.intervals}
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=colour)
+        for stage, colour in STAGE_COLOURS.items()
+        if stage in used
+    ]
+    ax.legend(handles, [s for s in STAGE_COLOURS if s in used], loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _worker_order(worker: str) -> tuple[int, int]:
+    role, _, rank = worker.rpartition("-")
+    order = {"rollout": 0, "teacher": 1, "learner": 2}
+    return order.get(role, 3), int(rank) if rank.isdigit() else 0
 
 
 def _pyplot():
