@@ -109,13 +109,16 @@ class StepStream:
         for rank in range(len(self.work)):
             self._launch(rank, None)
         deadline = time.monotonic() + self.cfg.run.step_timeout_s
+        watched = time.monotonic()
         while self.streams or self.scoring or self.old_refs:
             waitables = [*self.streams, *self.scoring, *self.old_refs]
             ready, _ = ray.wait(waitables, num_returns=1, timeout=HEARTBEAT_S)
-            if not ready:
+            if time.monotonic() - watched >= HEARTBEAT_S:  # also while other groups flow
                 if time.monotonic() > deadline:
                     self._timed_out()
                 self._watch_heartbeats()
+                watched = time.monotonic()
+            if not ready:
                 continue
             item = ready[0]
             if item in self.streams:
