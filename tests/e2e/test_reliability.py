@@ -136,7 +136,7 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
             "sync.timeout_s=120",
             "sync.bucket_bytes=65536",  # many buckets: a broadcast with a middle to lose a peer in
             # The synchronous hand-off (its stages hooked below); the streamed step's losses:
-            # tests/e2e/test_streamed.py.
+            # tests/e2e/test_pipeline.py.
             "rollout.stream=false",
         ),
     )
