@@ -218,35 +218,48 @@ def ensure_bench_models(root: str | Path) -> tuple[Path, Path]:
     return student, teacher
 
 
-def with_stop_rate(source: str | Path, dest: str | Path, stop_p: float, seed: int = 0) -> Path:
+def with_stop_rate(
+    source: str | Path, dest: str | Path, stop_p: float, prompts: list[list[int]], seed: int = 0
+) -> Path:
     """A copy of causal LM `source` that ends a response (samples EOS) with probability about
-    `stop_p` at each position, so response lengths are ragged as real ones are (a random model
-    almost never samples EOS: every response would run to the cap). The LM head is untied and its
-    EOS row set to c * mu / |mu|^2, mu the mean final hidden state over random contexts, so the EOS
-    logit is about c everywhere; c is the mean log-sum-exp of the other logits plus
-    log(stop_p / (1 - stop_p)). The backbone is unchanged."""
+    `stop_p` at each token, so response lengths are ragged as real ones are (a random model
+    almost never samples EOS: every response runs to the cap). The LM head is untied and its EOS
+    row w fitted by ridge regression so that h . w = logsumexp(other logits) + logit(stop_p) over
+    the final hidden states h of responses sampled from `prompts` (the contexts it will see): the
+    per-token stop probability is then about `stop_p` wherever the fit holds. The backbone is
+    unchanged."""
     dest = Path(dest)
     if (dest / "config.json").exists():
         return dest
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-    eos = model.config.eos_token_id
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (16, 64), generator=g)
+    eos, width = model.config.eos_token_id, model.config.hidden_size
+    torch.manual_seed(seed)
+    hidden = []
     with torch.no_grad():
-        hidden = model.model(ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=64,
+                do_sample=True,
+                pad_token_id=eos,
+            )
+            h = model.model(out).last_hidden_state[0, len(prompt) - 1 : -1]
+            hidden.append(h.reshape(-1, width))
+        h = torch.cat(hidden).double()
         head = model.get_output_embeddings().weight.detach().clone()
-        others = torch.cat([head[:eos], head[eos + 1 :]])
-        rest = torch.logsumexp(hidden @ others.T, dim=-1).mean()
-        mu = hidden.mean(0)
-        c = rest + torch.log(torch.tensor(stop_p / (1 - stop_p)))
-        head[eos] = c * mu / mu.dot(mu)
+        others = torch.logsumexp(h @ torch.cat([head[:eos], head[eos + 1 :]]).double().T, -1)
+        target = others + torch.log(torch.tensor(stop_p / (1 - stop_p), dtype=torch.float64))
+        ridge = 1e-3 * h.pow(2).sum(1).mean() * torch.eye(width, dtype=torch.float64)
+        head[eos] = torch.linalg.solve(h.T @ h + ridge, h.T @ target).float()
     model.config.tie_word_embeddings = False
-    model.lm_head = torch.nn.Linear(model.config.hidden_size, head.shape[0], bias=False)
+    model.lm_head = torch.nn.Linear(width, head.shape[0], bias=False)
     model.lm_head.weight = torch.nn.Parameter(head)
-    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         Path(tmp).rename(dest)
     return dest

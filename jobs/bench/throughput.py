@@ -33,10 +33,11 @@ Models: tiny (built), toy (jobs/prepare_toy.py's cache, built when missing, ~2 m
 
 Modes: `sync` (rollout.stream: false, the whole batch handed over at each stage), `streamed`
 (rollout.stream: true), `async` (synchronous hand-off, rollout.async_lag: 1) and `streamed-async`.
-The step ratios between modes are printed after the table. `--ragged`: the bench student ends a
-response with probability ~1/50 per token (eopd_ray.toy.models.with_stop_rate), so lengths are
-ragged as real ones are (a random model runs every response to the cap); the table reports the
-median length and the fraction at the cap. --quick: tiny only, sync and streamed, 1 warm-up + 2
+The step ratios between modes are printed after the table. `--ragged`: the bench student and
+teacher end a response with probability ~1/50 per token (eopd_ray.toy.models.with_stop_rate), so
+lengths are ragged as real ones are (a random model runs every response to the cap, and a teacher
+that never stops would train the student not to); the table reports the median length and the
+fraction at the cap. --quick: tiny only, sync and streamed, 1 warm-up + 2
 timed steps.
 """
 
@@ -151,12 +152,16 @@ def config_for(name: str, out_dir: Path, steps: int, overrides: list[str], ragge
     from eopd_ray.toy.models import ensure_bench_models
 
     student, teacher = ensure_bench_models(REPO / "runs/bench/models")
-    if ragged:
+    if ragged:  # calibrated on responses to the bench's own prompts
+        from eopd_ray.core.prompts import tokenize_prompts
         from eopd_ray.toy.models import with_stop_rate
 
-        student = with_stop_rate(
-            student, REPO / f"runs/bench/models/student-stop{STOP_P:.3f}", STOP_P
-        )
+        base = load_config(REPO / "jobs/configs/bench.yaml", [f"model.student_path={student}"])
+        prompts = tokenize_prompts(base)[0][:32]
+        # Both models: a teacher that never ends a response would teach the student not to.
+        models = REPO / "runs/bench/models"
+        student = with_stop_rate(student, models / f"student-stop{STOP_P:.3f}", STOP_P, prompts)
+        teacher = with_stop_rate(teacher, models / f"teacher-stop{STOP_P:.3f}", STOP_P, prompts)
     paths = [f"model.student_path={student}", f"model.teacher_path={teacher}"]
     return load_config(REPO / "jobs/configs/bench.yaml", [*paths, *extra, *overrides])
 
