@@ -104,3 +104,39 @@ def test_reproduction_summary_has_intervals_and_paired_differences():
     table = markdown_table(summary, seeds=5)
     assert "n=5 seeds" in table and "| eopd | 0.740 ± 0.016 [0.720, 0.760]" in table
     assert "| eopd - opd | +0.020 [+0.020, +0.020]" in paired_table(diffs, 5)
+
+
+def test_stop_rate_model_ends_responses_at_about_the_asked_rate(tiny_pair, tmp_path):
+    """jobs/bench/throughput.py --ragged: the calibrated copy samples EOS at about stop_p per
+    token (within 3x: a linear fit of the EOS logit) on contexts it was not fitted on; the
+    backbone is untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eopd_ray.toy.models import with_stop_rate
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (8,), generator=g).tolist() for _ in range(24)]
+    path = with_stop_rate(tiny_pair[0], tmp_path / "stop", 0.05, prompts[:16])
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    eos = model.config.eos_token_id
+    assert not model.config.tie_word_embeddings
+    torch.manual_seed(1)
+    probs = []
+    with torch.no_grad():
+        for prompt in prompts[16:]:
+            ids = torch.tensor([prompt])
+            out = base.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                do_sample=True,
+                pad_token_id=eos,
+            )
+            logp = torch.log_softmax(model(out).logits[0, len(prompt) - 1 : -1], -1)
+            probs.append(logp[:, eos].exp())
+    mean = float(torch.cat(probs).mean())
+    assert 0.05 / 3 < mean < 0.05 * 3, mean  # a random model: ~1 / 320
+    same = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(same, base.model.layers[0].mlp.up_proj.weight)

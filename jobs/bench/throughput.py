@@ -36,8 +36,9 @@ Modes: `sync` (rollout.stream: false, the whole batch handed over at each stage)
 The step ratios between modes are printed after the table. `--ragged`: the bench student and
 teacher end a response with probability ~1/50 per token (eopd_ray.toy.models.with_stop_rate), so
 lengths are ragged as real ones are (a random model runs every response to the cap, and a teacher
-that never stops would train the student not to); the table reports the median length and the
-fraction at the cap. --quick: tiny only, sync and streamed, 1 warm-up + 2
+that never stops would train the student not to), with learner.lr = 1e-9 so that training does
+not move the lengths during the run (the work per step is the same at any lr); the table reports
+the median length and the fraction at the cap. --quick: tiny only, sync and streamed, 1 warm-up + 2
 timed steps.
 """
 
@@ -163,6 +164,8 @@ def config_for(name: str, out_dir: Path, steps: int, overrides: list[str], ragge
         student = with_stop_rate(student, models / f"student-stop{STOP_P:.3f}", STOP_P, prompts)
         teacher = with_stop_rate(teacher, models / f"teacher-stop{STOP_P:.3f}", STOP_P, prompts)
     paths = [f"model.student_path={student}", f"model.teacher_path={teacher}"]
+    if ragged:  # a negligible step: the lengths stay those of the calibrated models
+        paths.append("learner.lr=1e-9")
     return load_config(REPO / "jobs/configs/bench.yaml", [*paths, *extra, *overrides])
 
 
