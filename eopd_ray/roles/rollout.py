@@ -83,7 +83,28 @@ def _requests(num_prompts: int, n: int, rows: Sequence[int] | None) -> list[tupl
     return [divmod(row, n) for row in rows]
 
 
-class VllmEngine:
+class _Engine:
+    """What both engines share: `generate` is `finished` (each engine's own) waited out."""
+
+    def finished(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seeds: list[int],
+        rows: Sequence[int] | None = None,
+    ) -> Iterator[list[Finished]]:
+        raise NotImplementedError
+
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+    ) -> list[list[Sample]]:
+        """`samples_per_prompt` samples per prompt, one request each with its own seed."""
+        n = sampling.samples_per_prompt
+        done = dict(row for finished in self.finished(prompts, sampling, seeds) for row in finished)
+        return [[done[i * n + j] for j in range(n)] for i in range(len(prompts))]
+
+
+class VllmEngine(_Engine):
     def __init__(self, cfg: Config, seed: int) -> None:
         from vllm import LLM
 
@@ -107,14 +128,6 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             weight_transfer_config={"backend": register()},
         )
-
-    def generate(
-        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
-    ) -> list[list[Sample]]:
-        """One vLLM request per (prompt, sample), each with its own seed."""
-        n = sampling.samples_per_prompt
-        done = dict(row for finished in self.finished(prompts, sampling, seeds) for row in finished)
-        return [[done[i * n + j] for j in range(n)] for i in range(len(prompts))]
 
     def finished(
         self,
@@ -200,7 +213,7 @@ class VllmEngine:
         return combine(self.llm.apply_model(partial(engine_checksum, dtype=self.dtype)))
 
 
-class HfEngine:
+class HfEngine(_Engine):
     """Reference sampler: a transformers model, one prompt at a time, no KV-cache tricks."""
 
     def __init__(self, cfg: Config, seed: int) -> None:
@@ -212,13 +225,6 @@ class HfEngine:
             trust_remote_code=cfg.model.trust_remote_code,
         ).eval()
         self.eos_id = self.model.config.eos_token_id
-
-    def generate(
-        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
-    ) -> list[list[Sample]]:
-        n = sampling.samples_per_prompt
-        done = dict(row for finished in self.finished(prompts, sampling, seeds) for row in finished)
-        return [[done[i * n + j] for j in range(n)] for i in range(len(prompts))]
 
     @torch.no_grad()
     def finished(
