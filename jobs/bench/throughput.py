@@ -38,7 +38,7 @@ teacher end a response with probability ~1/50 per token (eopd_ray.toy.models.wit
 lengths are ragged as real ones are (a random model runs every response to the cap, and a teacher
 that never stops would train the student not to), with learner.lr = 1e-9 so that training does
 not move the lengths during the run (the work per step is the same at any lr); the table reports
-the median length and the fraction at the cap. --quick: tiny only, sync and streamed, 1 warm-up + 2
+the median length and the fraction at the cap. --quick: tiny only, streamed, 1 warm-up + 2
 timed steps.
 """
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every config")
     args = parser.parse_args(argv)
     if args.quick:
-        args.configs, args.modes, args.steps, args.warmup = ["tiny"], ["sync", "streamed"], 2, 1
+        args.configs, args.modes, args.steps, args.warmup = ["tiny"], ["streamed"], 2, 1
     results, shapes, samples = [], [], []
     with tempfile.TemporaryDirectory(prefix="eopd-bench-") as tmp:
         runs = {

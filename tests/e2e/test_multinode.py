@@ -1,5 +1,6 @@
 """Multi-node on one machine: tiny.yaml with every role on a node of its own, and a run that loses
-the rollout workers' node mid-run and still does every step exactly once.
+the rollout workers' node mid-run, then the learners' node, and still does every step exactly
+once.
 
 The nodes are `ray.cluster_utils.Cluster` nodes: separate raylets and object stores, all on
 127.0.0.1, told apart by node id. The driver is `jobs/distill.py` joining through RAY_ADDRESS, as
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 10
 LOSE_AT = 2  # the step during whose training the rollout node is lost
+LOSE_LEARNERS_AT = 6  # ... and the learners' node (the newest checkpoint: after step 3)
 # Ray declares a node dead after `failure_threshold` failed health checks `period_ms` apart
 # (defaults 5 x 3 s; more when the node hangs instead of refusing connections). Still generous
 # enough for a busy 2-core box not to declare a live node dead.
@@ -39,10 +41,11 @@ FAST_NODE_DEATH = {
     "health_check_failure_threshold": 4,
 }
 
-# jobs/distill.py with one seam: step LOSE_AT's training waits until the test has taken the
-# rollout node down (it deletes the flag file). The loss is then first seen by the weight sync,
-# the stage with no other chance to notice it; a loss seen by the rollout stage is the kill in
-# tests/e2e/test_reliability.py.
+# jobs/distill.py with one seam: the training of steps LOSE_AT and LOSE_LEARNERS_AT (the first
+# time) waits until the test has taken a node down (it deletes the flag file). The rollout
+# node's loss is then first seen by the weight sync, the stage with no other chance to notice it
+# (a loss seen by the rollout stage is the kill in tests/e2e/test_reliability.py); the learners'
+# node is lost while they wait to train.
 DRIVER = """
 import pathlib, runpy, sys, time
 from eopd_ray.env import set_job_environment
@@ -50,11 +53,12 @@ set_job_environment()
 from eopd_ray.driver.pipeline import Pipeline
 
 flag, lose_at, script, *args = sys.argv[1:]
-train = Pipeline._train
+train, waited = Pipeline._train, set()
 
 def _train(self, batch, scores, step, *rest):
-    if step == int(lose_at):
-        pathlib.Path(flag).write_text("training")
+    if str(step) in lose_at.split(",") and step not in waited:
+        waited.add(step)
+        pathlib.Path(flag).write_text(str(step))
         deadline = time.monotonic() + 120
         while pathlib.Path(flag).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -143,7 +147,9 @@ def wait_for(predicate, timeout_s: float, what: str, driver, log: Path) -> None:
         time.sleep(0.1)
 
 
-def test_roles_on_their_own_nodes_and_a_lost_rollout_node_is_survived(cluster, tiny_pair, tmp_path):
+def test_roles_on_their_own_nodes_and_lost_rollout_and_learner_nodes_are_survived(
+    cluster, tiny_pair, tmp_path
+):
     rollout_node = add_role_node(cluster, "rollout_node")
     teacher_node = add_role_node(cluster, "teacher_node")
     learner_node = add_role_node(cluster, "learner_node")
@@ -163,7 +169,8 @@ def test_roles_on_their_own_nodes_and_a_lost_rollout_node_is_survived(cluster, t
     )
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     script = str(REPO / "jobs" / "distill.py")
-    args = [str(flag), str(LOSE_AT), script, "--config", str(TINY), "--no-progress", *overrides]
+    lose = f"{LOSE_AT},{LOSE_LEARNERS_AT}"
+    args = [str(flag), lose, script, "--config", str(TINY), "--no-progress", *overrides]
     with open(log, "w") as sink:
         driver = subprocess.Popen(
             [sys.executable, "-c", DRIVER, *args],
@@ -207,6 +214,19 @@ def test_roles_on_their_own_nodes_and_a_lost_rollout_node_is_survived(cluster, t
 
         wait_for(restarted_on_spare, 120, "the rollout workers on the spare node", driver, log)
         restarted_s = time.monotonic() - lost_at
+
+        # Later the learners' node goes: the learner group is replaced on a spare node and the
+        # run goes back to the checkpoint after step 3.
+        wait_for(
+            lambda: flag.exists() and flag.read_text() == str(LOSE_LEARNERS_AT),
+            300,
+            f"step {LOSE_LEARNERS_AT}'s training",
+            driver,
+            log,
+        )
+        spare_learners = add_role_node(cluster, "learner_node")
+        lose_node(cluster, learner_node)
+        flag.unlink()
         assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
         finished_s = time.monotonic() - lost_at
     finally:
@@ -225,8 +245,15 @@ def test_roles_on_their_own_nodes_and_a_lost_rollout_node_is_survived(cluster, t
     for rank in range(2):
         rollout = actors[f"{run_id}/rollout-{rank}"]
         assert rollout["NumRestarts"] == 1 and rollout["Address"]["NodeID"] == spare.node_id
-    for name in (f"{run_id}/teacher-0", f"{run_id}/learner-0", f"{run_id}/learner-1"):
-        assert actors[name]["NumRestarts"] == 0, actors[name]
+    assert actors[f"{run_id}/teacher-0"]["NumRestarts"] == 0
+    # The learner group lost with its node was replaced by one on the spare learner node, which
+    # loaded the newest checkpoint (after step 3): steps 4-6 trained again, each in metrics once.
+    assert "restarting the learner group from" in output and "step-000003" in output
+    for rank in range(2):
+        assert actors[f"{run_id}/learner-{rank}"]["State"] == "DEAD"
+        again = actors[f"{run_id}/learner-{rank}.restart-1"]
+        assert again["State"] in ("ALIVE", "DEAD")  # DEAD once the run ended
+        assert again["Address"]["NodeID"] == spare_learners.node_id
     # The last checkpoint is complete, with the optimizer shard of every learner rank.
     last = out / "checkpoints" / f"step-{STEPS - 1:06d}"
     assert (last / "state.json").is_file()
