@@ -109,6 +109,34 @@ class Recovery:
                 self._join_sync_group()
             self.num_recoveries += 1
 
+    def _respawn_learners(self, from_step: int, exc: WorkerError) -> None:
+        """Replace the learner group and set it up. A group lost while it starts (its bundles
+        were still on a node not yet declared dead: Ray moves them once it is) is another
+        learner loss, counted against run.max_failures, and is replaced again."""
+        run = self.cfg.run
+        while True:
+            for handle in self.learner.handles:
+                ray.kill(handle)
+            self.learner = self._spawn_learners(from_step, attempt=self.learner_failures)
+            try:
+                self.learner.get(
+                    self._set_up_learners_async(), run.step_timeout_s, "learner restart"
+                )
+                return
+            except WorkerError as again:
+                if not again.died:
+                    raise
+                self.learner_failures += 1
+                if 0 <= run.max_failures < self.learner_failures:
+                    raise WorkerError(
+                        f"{exc}; then the new learner group was lost while starting ({again}); "
+                        f"learner lost {self.learner_failures} times, run.max_failures = "
+                        f"{run.max_failures}: stopping",
+                        died=True,
+                        role="learner",
+                    ) from again
+                log.warning("the new learner group was lost while starting (%s); again", again)
+
     def _restart_learners(self, step: int, exc: WorkerError) -> int:
         """A learner rank was lost during `step`. The whole learner group is replaced (a
         DeepSpeed group cannot take in a new rank): new ranks load the newest complete
@@ -137,12 +165,9 @@ class Recovery:
             self.learner_failures,
             run.max_failures,
         )
-        for handle in self.learner.handles:
-            ray.kill(handle)
         self._prefetched = None  # sampled with weights the run is going back from
         self._uploading = None  # never committed: its files may be incomplete
-        self.learner = self._spawn_learners(from_step, attempt=self.learner_failures)
-        self.learner.get(self._set_up_learners_async(), run.step_timeout_s, "learner restart")
+        self._respawn_learners(from_step, exc)
         if self.cfg.sync.transport == "collective":
             self._join_sync_group()
         self._check_learners_see_storage()
