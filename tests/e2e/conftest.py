@@ -84,3 +84,24 @@ def toy_prepared(tmp_path_factory) -> Path:
     shared.mkdir(exist_ok=True)
     with FileLock(str(shared / ".lock")):
         return prepare_toy(shared, settings, log=lambda m: None)
+
+
+def sync_step_data(pipeline, step: int):
+    """(batch, teacher scores, pi_old) of `step` made the synchronous way (`rollout.stream:
+    false`) with the pipeline's current weights; it takes the step's prompts from the stream."""
+    import torch
+
+    batch = pipeline._collect_rollout(pipeline._launch_rollout(step))
+    scores = pipeline._score(batch, step)
+    shares = pipeline._learner_shares(batch)
+    parts = pipeline.learner.get(
+        pipeline.learner.call_each_async(
+            "old_logprobs", [(batch.select(rows), plan) for rows, plan in shares.ranks]
+        ),
+        300,
+        "pi_old",
+    )
+    old = torch.zeros_like(batch.sampler_logprobs)
+    for (rows, _), part in zip(shares.ranks, parts, strict=True):
+        old[rows] = part
+    return batch, scores, old

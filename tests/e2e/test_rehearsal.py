@@ -20,7 +20,7 @@ from eopd_ray.driver.pipeline import Pipeline
 from eopd_ray.telemetry.timeline import Timeline
 from eopd_ray.toy.rehearsal import ensure_rehearsal_for_config
 
-from .conftest import REPO
+from .conftest import REPO, sync_step_data
 
 pytestmark = pytest.mark.slow
 
@@ -112,19 +112,7 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
         # One more rollout with the final weights, scored by the teacher, to inspect.
         step = cfg.run.steps
         before = pipeline.stream.state_dict()
-        batch = pipeline._collect_rollout(pipeline._launch_rollout(step))
-        scores = pipeline._score(batch, step)
-        shares = pipeline._learner_shares(batch)
-        parts = pipeline.learner.get(
-            pipeline.learner.call_each_async(
-                "old_logprobs", [(batch.select(rows), plan) for rows, plan in shares.ranks]
-            ),
-            300,
-            "pi_old",
-        )
-        old = torch.zeros_like(batch.sampler_logprobs)
-        for (rows, _), part in zip(shares.ranks, parts, strict=True):
-            old[rows] = part
+        batch, scores, old = sync_step_data(pipeline, step)
         # The same step streamed (the mode the run trained in): the same prompts again.
         pipeline.stream.load_state_dict(before)
         _, stream = pipeline._step_stream(step, Timeline(step, "streamed"), prefetch=False)

@@ -119,8 +119,9 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
     trains step 3 (ZeRO-3: partitioned state; the learner group replaced, back to the checkpoint
     after step 1, steps 2-3 trained again, step 2 exactly as the first time). Every step is in
     metrics.jsonl once; the restarted rollout worker holds exactly the current weights. Then
-    rollout-1 killed as step 4's collective weight broadcast begins: the workers left waiting in
-    it are freed and the sync redone, long before sync.timeout_s."""
+    rollout-1 stopped (SIGSTOP) as step 4's collective weight broadcast begins: its heartbeat
+    finds it, it is killed, the workers left waiting in the broadcast are freed and the sync
+    redone, long before sync.timeout_s."""
     out = tmp_path / "run"
     timeout_s = 8.0  # a busy 2-core box must not make a live worker look silent
     cfg = load_config(
@@ -194,7 +195,7 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
                 refs = learner_call(method, *args, **kw)
                 if method == "broadcast_weights" and "broadcast" not in faults:
                     fault_pid = pipeline.rollout.identities[1].pid
-                    os.kill(fault_pid, signal.SIGKILL)
+                    os.kill(fault_pid, signal.SIGSTOP)  # hung inside the broadcast
                     faults["broadcast"] = (fault_pid, time.time())
                 return refs
 
@@ -247,6 +248,13 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
         assert timeout_s <= found[0] <= timeout_s + 10, (role, found[0])
         print(f"{role} SIGSTOP: declared lost after {found[0]:.1f}s")
     assert any("restarting the learner group from" in m for _, m in messages), messages
+    hung_in_sync = [
+        when - faults["broadcast"][1]
+        for when, m in messages
+        if "step 4 weight sync" in m and "stopped answering" in m
+    ]
+    assert hung_in_sync and hung_in_sync[0] <= timeout_s + 10, messages
+    print(f"rollout SIGSTOP in the broadcast: declared lost after {hung_in_sync[0]:.1f}s")
     print(*[m for _, m in messages if "restarted in" in m])
 
 
