@@ -41,10 +41,10 @@ def run(cfg) -> Pipeline:
 
 
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair, tmp_path):
-    """A 6-step run checkpoints after step 2 and goes on; a copy of its directory as it would be
+    """A 4-step run checkpoints after step 1 and goes on; a copy of its directory as it would be
     had the run been killed after that checkpoint (the later checkpoint gone, metrics.jsonl
-    holding more rows than the checkpoint covers) is resumed: steps 3-5 must be identical,
-    held-out evaluations included (eval.every_steps=2: after steps 1, 3 and 5)."""
+    holding more rows than the checkpoint covers) is resumed: steps 2-3 must be identical,
+    held-out evaluations included (eval.every_steps=2: after steps 1 and 3)."""
     whole = tmp_path / "whole"
     run(
         load_config(
@@ -52,8 +52,8 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair,
             tiny_overrides(
                 tiny_pair,
                 whole,
-                "run.steps=6",
-                "run.checkpoint_every=3",
+                "run.steps=4",
+                "run.checkpoint_every=2",
                 "run.export_hf=false",
                 "eval.every_steps=2",
             ),
@@ -61,24 +61,24 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(local_ray, tiny_pair,
     )
     split = tmp_path / "split"
     shutil.copytree(whole, split)
-    shutil.rmtree(split / "checkpoints" / "step-000005")  # "killed" during step 3 or later
+    shutil.rmtree(split / "checkpoints" / "step-000003")  # "killed" during step 2 or later
     resumed = run(
         load_config(
             TINY,
             tiny_overrides(
                 tiny_pair,
                 split,
-                "run.steps=6",
+                "run.steps=4",
                 "run.resume=auto",
                 "run.export_hf=false",
                 "eval.every_steps=2",
             ),
         )
     )
-    assert resumed.start_step == 3 and resumed.version == 6
+    assert resumed.start_step == 2 and resumed.version == 4
     a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
-    assert [r["step"] for r in b] == list(range(6))  # nothing missing, nothing repeated
-    assert [r["step"] for r in b if "eval/avg@4" in r] == [1, 3, 5]
+    assert [r["step"] for r in b] == list(range(4))  # nothing missing, nothing repeated
+    assert [r["step"] for r in b if "eval/avg@4" in r] == [1, 3]
     for ra, rb in zip(a, b, strict=True):
         for key, value in ra.items():
             if not any(v in key for v in VOLATILE):
@@ -98,7 +98,17 @@ def test_nan_teacher_stops_the_run_before_training_with_the_teacher_named(
     for f in tiny_pair[1].iterdir():
         if f.name.startswith(("tokenizer", "chat_template")):
             (broken / f.name).write_bytes(f.read_bytes())
-    cfg = load_config(TINY, tiny_overrides((tiny_pair[0], broken), tmp_path / "run"))
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            (tiny_pair[0], broken),
+            tmp_path / "run",
+            # The fewest workers that reach the teacher's first scores (start-up is the cost).
+            "rollout.num_workers=1",
+            "learner.num_workers=1",
+            "learner.zero_stage=0",
+        ),
+    )
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
