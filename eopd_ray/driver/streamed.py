@@ -66,7 +66,6 @@ class StreamedBatch:
     scores: TeacherScores
     old: torch.Tensor | None  # pi_old per row, or None (the learners recompute it in train_step)
     rollout_done: float  # time.time() the last group arrived
-    scored: float  # ... and the last group was scored
     metrics: dict[str, float]  # stream/*
 
 
@@ -101,7 +100,7 @@ class StepStream:
         self.groups: list[_Group] = []
         self.losses = {"rollout": 0, "teacher": 0}
         self.rows_redone = self.groups_rescored = 0  # after worker losses (metrics: stream/*)
-        self.rollout_done = self.scored = time.time()
+        self.rollout_done = time.time()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -234,7 +233,6 @@ class StepStream:
         )
         group.scores = scores
         self.timeline.add(f"teacher-{rank}", "score", started, ended)
-        self.scored = max(self.scored, time.time())
 
     def _old_computed(self, ref) -> None:
         gid, rank, rows = self.old_refs.pop(ref)
@@ -356,7 +354,7 @@ class StepStream:
             "stream/rows_redone": float(self.rows_redone),
             "stream/groups_rescored": float(self.groups_rescored),
         }
-        return StreamedBatch(batch, scores, old, self.rollout_done, self.scored, metrics)
+        return StreamedBatch(batch, scores, old, self.rollout_done, metrics)
 
 
 class StreamInBackground:
