@@ -202,8 +202,8 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             ranks=list(range(len(shards))),
         )
         parts = [part for part, _, _ in timed]
-        for rank, (_, start, end) in enumerate(timed):
-            if timeline is not None:
+        if timeline is not None:
+            for rank, (_, start, end) in enumerate(timed):
                 timeline.add(f"teacher-{rank}", "score", start, end)
         scores = TeacherScores.concat(parts)
         scores.check_matches(batch)
