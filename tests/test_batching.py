@@ -108,6 +108,20 @@ def test_without_balance_or_budget_the_plan_is_the_fixed_layout():
     assert count_micro_batches(range(5), 2) == [[0, 1], [2, 3], [4]]
 
 
+@pytest.mark.parametrize("balance", [False, True])
+@pytest.mark.parametrize("budget", [None, 64])
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("size", [1, 5, 7, 8, 9])
+def test_a_group_of_any_size_gives_every_row_to_exactly_one_rank(size, ranks, budget, balance):
+    """A streamed group is planned as a one-update step of whatever size finished: without
+    balancing, m % ranks rows used to be dropped (and trained on log pi_old = 0)."""
+    lengths = ragged(size, size * ranks)
+    plan = plan_step(lengths, 1, ranks, 2, budget, balance=balance)
+    dealt = sorted(r for rank in range(ranks) for r in rank_share(plan, rank)[0])
+    assert dealt == list(range(size))
+    assert len({len(mbs) for mbs in plan[0]}) == 1  # every rank runs as many forwards
+
+
 def test_rank_imbalance_of_a_ragged_step():
     lengths = ragged(128, 3)
     fixed = plan_step(lengths, 4, 2, 4, None, balance=False)

@@ -133,6 +133,15 @@ def equalize_counts(per_rank: list[MicroBatches], lengths: Sequence[int]) -> lis
     return out
 
 
+def contiguous_blocks(rows: list[int], num_ranks: int) -> list[list[int]]:
+    """`rows` in `num_ranks` contiguous blocks whose sizes differ by at most one (the first
+    len(rows) % num_ranks ranks take one more): every row in exactly one block, whatever the
+    count (a whole step's mini-batch divides evenly; a streamed group need not)."""
+    per_rank, extra = divmod(len(rows), num_ranks)
+    bounds = [r * per_rank + min(r, extra) for r in range(num_ranks + 1)]
+    return [rows[bounds[r] : bounds[r + 1]] for r in range(num_ranks)]
+
+
 def plan_step(
     lengths: Sequence[int],
     num_updates: int,
@@ -146,8 +155,9 @@ def plan_step(
 
     `lengths[i]`: the tokens row i of the step puts through the model (prompt + response).
     Update u takes rows [u * M, (u + 1) * M), M = len(lengths) / num_updates (the mini-batch).
-    balance=False deals each update's rows to ranks in equal contiguous blocks (the layout
-    without balancing); max_tokens_per_micro_batch=None cuts fixed counts of micro_batch_size.
+    balance=False deals each update's rows to ranks in contiguous blocks of equal size, give or
+    take one (the layout without balancing); max_tokens_per_micro_batch=None cuts fixed counts
+    of micro_batch_size.
     """
     total = len(lengths)
     if total % num_updates:
@@ -159,8 +169,7 @@ def plan_step(
         if balance:
             shards = balance_ranks(rows, lengths, num_ranks, attention_weight)
         else:
-            per_rank = m // num_ranks
-            shards = [rows[r * per_rank : (r + 1) * per_rank] for r in range(num_ranks)]
+            shards = contiguous_blocks(rows, num_ranks)
         if max_tokens_per_micro_batch is None:
             per_rank_mbs = [count_micro_batches(s, micro_batch_size) for s in shards]
         else:

@@ -56,6 +56,7 @@ class _Group:
     batch: RolloutBatch
     scores: TeacherScores | None = None
     old: torch.Tensor | None = None  # pi_old, (rows, T of the group)
+    old_rows: list[int] | None = None  # the group's rows whose pi_old came back, over the ranks
 
 
 @dataclass
@@ -206,10 +207,17 @@ class StepStream:
             attention_weight=self.p.attention_weight,
         )
         shares = [rank_share(plan, rank) for rank in range(ranks)]
+        dealt = sorted(r for rows, _ in shares for r in rows)
+        if dealt != list(range(group.batch.num_sequences)):
+            raise StreamLost(
+                f"step {self.step}: the pi_old plan of a group of {group.batch.num_sequences} "
+                f"rows deals rows {dealt[:16]} to {ranks} learner ranks "
+                f"(learner.balance_tokens = {lrn.balance_tokens}): a row would train on no pi_old"
+            )
         # A rank with no rows still runs its placeholder forwards, on row 0.
         args = [("old_logprobs", group.batch.select(rows or [0]), p) for rows, p in shares]
         refs = self.p.learner.call_each_async("timed", args)
-        group.old = torch.zeros_like(group.batch.sampler_logprobs)
+        group.old, group.old_rows = torch.zeros_like(group.batch.sampler_logprobs), []
         for rank, (ref, (rows, _)) in enumerate(zip(refs, shares, strict=True)):
             self.old_refs[ref] = (gid, rank, rows)
 
@@ -246,6 +254,7 @@ class StepStream:
             ) from exc
         if rows:  # the rank's rows of the group, in its share's order
             self.groups[gid].old[rows, : old.shape[1]] = old[: len(rows)]
+            self.groups[gid].old_rows += rows
         self.timeline.add(f"learner-{rank}", "pi_old", started, ended)
 
     # --- worker loss ---------------------------------------------------------------------------
@@ -346,6 +355,7 @@ class StepStream:
         scores = TeacherScores.concat([g.scores for g in self.groups]).select(order)
         old = None
         if self.pi_old:
+            self._check_pi_old_coverage()
             old = torch.zeros_like(batch.sampler_logprobs)
             for g in self.groups:
                 old[g.rows, : g.old.shape[1]] = g.old
@@ -355,6 +365,19 @@ class StepStream:
             "stream/groups_rescored": float(self.groups_rescored),
         }
         return StreamedBatch(batch, scores, old, self.rollout_done, metrics)
+
+    def _check_pi_old_coverage(self) -> None:
+        """Every row of every group got its pi_old from exactly one learner rank (a row left
+        out would train on log pi_old = 0, a silent error no later check is sure to catch)."""
+        for gid, g in enumerate(self.groups):
+            got = sorted(g.old_rows or [])
+            if got != list(range(len(g.rows))):
+                missing = sorted(set(range(len(g.rows))) - set(got))
+                raise StreamLost(
+                    f"step {self.step}: streamed group {gid} ({len(g.rows)} rows) got pi_old for "
+                    f"{len(got)} rows from the learner ranks (missing {missing[:8]}, duplicated "
+                    f"{len(got) - len(set(got))}): a learner share was lost or dealt twice"
+                )
 
 
 class StreamInBackground:
