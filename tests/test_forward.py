@@ -84,6 +84,33 @@ def test_logits_are_divided_by_the_temperature(tiny_pair, dtype, atol):
     assert (scored[1] - plain[1]).abs().max() > 0.05  # the temperature changes the entropy
 
 
+def test_bf16_response_logits_are_divided_by_the_temperature_in_fp32(tiny_pair):
+    """The learner's plain path (no fused head): bf16 logits upcast to fp32, then divided by the
+    temperature, the sampler's order (vLLM upcasts, then divides), so its log-probs are those of
+    a float64 brute force from the same bf16 logits (issue 31, finding 8)."""
+    from eopd_ray.core.forward import response_logits
+    from eopd_ray.core.student_logprobs import student_logprobs_at
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.bfloat16).eval()
+    head = model.get_output_embeddings()
+    vocab = model.config.vocab_size
+    ids, att, pos = packed(vocab, seed=4)
+    with torch.no_grad():  # logits of the spread a trained model's have (std 3)
+        std = head(response_hidden_states(model, ids, att, pos)).float().std()
+        head.weight.copy_(head.weight.float() * 3 / std)
+        tempered = response_logits(model, ids, att, pos, temperature=0.7)  # (B, T, V)
+        raw = head(response_hidden_states(model, ids, att, pos))  # (B, T, V) bf16
+    exact = torch.log_softmax(raw.double() / 0.7, -1)  # (B, T, V)
+    targets = ids.gather(1, (pos + 1).clamp(max=ids.shape[1] - 1))[..., None]  # (B, T, 1)
+    for chunk in (0, 5):  # the plain and the chunked log-softmax
+        got, _ = student_logprobs_at(tempered, targets, chunk)
+        assert (got.double() - exact.gather(-1, targets)).abs().max() < 1e-5
+    # The old order, z / T rounded to bf16, is far outside the bound: the test can fail.
+    old, _ = student_logprobs_at(raw / 0.7, targets, 0)
+    assert (old.double() - exact.gather(-1, targets)).abs().max() > 1e-3
+    assert tempered.dtype == torch.float32
+
+
 def test_lm_head_bias_and_embedding_padding(tiny_pair):
     model = tiny_teacher(tiny_pair)
     head = model.get_output_embeddings()

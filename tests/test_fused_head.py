@@ -152,17 +152,48 @@ def test_the_fused_head_module_keeps_parameters_names_and_plain_calls(heads):
 
 
 def test_a_bf16_head_makes_the_bf16_logits_of_the_plain_head(heads):
-    """With bf16 weights the fused head rounds (and tempers) its logits in bf16 as the plain
-    head does, and as the sampler's engine does: fp32 logits would move the learner's log-probs
-    ~0.03 nats per token away from the sampler's (the bf16 rehearsal's opd/sampler_gap)."""
+    """With bf16 weights the fused head rounds its logits to bf16 as the plain head does, and as
+    the sampler's engine does: fp32 logits would move the learner's log-probs ~0.03 nats per
+    token away from the sampler's (the bf16 rehearsal's opd/sampler_gap)."""
     linear = heads["untied"].get_output_embeddings()
     weight = linear.weight.detach().bfloat16()
     v, width = weight.shape
     g = torch.Generator().manual_seed(2)
     hidden = (torch.randn(2, 6, width, generator=g) * 3).bfloat16()
     ids = torch.randint(0, v, (2, 6, 5), generator=g)
-    plain = torch.log_softmax((hidden @ weight.T / TEMPERATURE).float(), -1).gather(-1, ids)
+    plain = torch.log_softmax((hidden @ weight.T).float() / TEMPERATURE, -1).gather(-1, ids)
     fused, _ = fused_head_logprobs(hidden, weight, None, ids, TEMPERATURE, chunk=4)
     exact = torch.log_softmax((hidden.double() @ weight.double().T) / TEMPERATURE, -1)
     assert (fused - plain).abs().max() < 1e-5  # the same bf16 logits
     assert (fused.double() - exact.gather(-1, ids)).abs().max() > 1e-3  # not the fp32 ones
+
+
+def test_a_bf16_head_divides_by_the_temperature_in_fp32_as_the_sampler_does(heads):
+    """The engine upcasts its bf16 logits to fp32 and then divides by the temperature (vLLM's
+    sampler); the fused head must score that distribution (a float64 brute force from the same
+    bf16 logits), forward and through the backward's recomputed softmax, not z / T rounded to
+    bf16 (issue 31, finding 8)."""
+    linear = heads["untied"].get_output_embeddings()
+    weight = linear.weight.detach().bfloat16()
+    v, width = weight.shape
+    g = torch.Generator().manual_seed(4)
+    hidden = (torch.randn(3, 7, width, generator=g) * 3).bfloat16()
+    ids = torch.randint(0, v, (3, 7, 5), generator=g)
+    logits = torch.nn.functional.linear(hidden, weight)  # (B, T, V) bf16, the engine's logits
+    exact = torch.log_softmax(logits.double() / TEMPERATURE, -1)  # (B, T, V)
+    want, want_entropy = exact.gather(-1, ids), -(exact.exp() * exact).sum(-1)
+    upstream = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    # d/dh of sum(upstream * logp[ids]), the bf16 rounding taken as the identity (as autograd
+    # through the plain bf16 head does): (scatter(upstream) - softmax * sum(upstream)) @ W / T.
+    gz = (-exact.exp() * upstream.sum(-1, keepdim=True)).scatter_add(-1, ids, upstream)
+    want_dh = gz @ weight.double() / TEMPERATURE  # (B, T, H)
+    h = hidden.clone().requires_grad_(True)
+    got, entropy = fused_head_logprobs(h, weight, None, ids, TEMPERATURE, chunk=4)
+    (got.double() * upstream).sum().backward()
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (entropy.double() - want_entropy).abs().max() < 1e-5
+    # The old order (z / T in bf16) is off by far more than the bound: the test can fail.
+    bf16_divide = torch.log_softmax((logits / TEMPERATURE).double(), -1).gather(-1, ids)
+    assert (bf16_divide - want).abs().max() > 1e-3
+    # The gradient comes back in the hidden states' dtype: within bf16's rounding (2^-9 relative).
+    assert ((h.grad.double() - want_dh).abs() <= want_dh.abs() * 2**-8 + 1e-12).all()

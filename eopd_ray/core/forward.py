@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from eopd_ray.core.fused_head import head_logits
+from eopd_ray.core.student_logprobs import upcast
 
 
 def pack(
@@ -64,10 +65,16 @@ def response_logits(
 ) -> torch.Tensor:
     """Logits (B, T, V) that predict each response token, divided by `temperature` (the
     sampler's: their log-softmax is then the distribution the response was sampled from).
-    With `valid` (B, T) bool: only those positions' logits, packed as (1, N, V)."""
+    With `valid` (B, T) bool: only those positions' logits, packed as (1, N, V).
+
+    Numerics: at temperature 1 the logits keep the model's dtype (bf16 logits, as the sampler's
+    engine makes); otherwise they are upcast to fp32 before the divide, the engine's order (vLLM's
+    sampler upcasts, then divides): z / T rounded to bf16 is ~8e-3 nats mean, ~6e-2 max off per
+    sampled token at T = 0.7. That (B, T, V) tensor is then fp32, twice the bf16 one; the fused
+    head (`loss.fused_head`, the default) makes no (B, T, V) logits at all."""
     hidden = response_hidden_states(model, input_ids, attention_mask, positions, valid)
     logits = model.get_output_embeddings()(hidden)
-    return logits if temperature == 1.0 else logits / temperature
+    return logits if temperature == 1.0 else upcast(logits) / temperature
 
 
 def scoring_lm_head(
