@@ -8,10 +8,17 @@
 Why: two drivers on one `run.output_dir` (a seed sweep that forgot to change it, a job
 resubmitted while its old driver still runs) adopt each other's run id, delete each other's
 in-flight checkpoints as incomplete and replace `metrics.jsonl` under the other's open handle.
-The claim records an owner token, the host, the pid (and its start time) and a heartbeat time.
-A claim is live while its heartbeat is younger than 4 x `run.claim_heartbeat_s`, unless it was
-made on this host by a process that is gone (a resubmission on the same head after `ray job
-stop` or a crash does not wait). On an object store there is no create-if-absent, so acquiring
+The claim records an owner token, the host (its name, its boot id and the pid namespace of the
+driver), the pid (and its start time) and a heartbeat time. A claim is live while its heartbeat
+is younger than 4 x `run.claim_heartbeat_s`, unless it was made in this very pid namespace of
+this very boot by a process that is gone (a resubmission on the same head after `ray job stop` or
+a crash does not wait for the expiry). A host name alone says nothing: containers with host
+networking (Docker, Kubernetes `hostNetwork`) share it while each has its own pids, so a pid
+that looks dead here may be a live driver next door. And a fresh heartbeat (younger than 2 x
+`run.claim_heartbeat_s`) is never taken over whatever the pid says: a driver whose process
+looks gone is watched until its heartbeat should have been renewed, and refused if it was.
+Claims written before the boot id and namespace were recorded are judged by heartbeat age
+only. On an object store there is no create-if-absent, so acquiring
 writes the claim, waits `SETTLE_S` and reads it back: of two drivers racing, the one whose write
 landed last wins and the other refuses. Each renewal reads the claim first; a driver that finds
 another's claim stops at its next `check` (every step, and before a checkpoint is committed)
@@ -29,6 +36,7 @@ import secrets
 import socket
 import threading
 import time
+from pathlib import Path
 
 from eopd_ray.errors import EopdError
 from eopd_ray.storage.run_storage import RunStorage
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CLAIM = "owner.json"
 STALE_AFTER_HEARTBEATS = 4
+FRESH_HEARTBEATS = 2  # a heartbeat younger than this many periods is never taken over
 SETTLE_S = 0.5  # between writing a claim and reading it back (object stores: no O_EXCL)
 
 
@@ -56,6 +65,37 @@ def _process_started(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def _boot_id() -> str | None:
+    """This machine's boot id (new at every boot, differs between machines), None off Linux."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: pids are comparable only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _host_identity() -> dict:
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace()}
+
+
+def _same_pid_space(record: dict) -> bool:
+    """Whether `record`'s pid means a process this one can look up: same host name, same boot,
+    same pid namespace. Unknown (a claim from before these were recorded, or no /proc) is no."""
+    mine = _host_identity()
+    return (
+        mine["boot_id"] is not None
+        and mine["pid_ns"] is not None
+        and all(record.get(key) == value for key, value in mine.items())
+    )
 
 
 def _describe(record: dict, now: float) -> str:
@@ -82,7 +122,7 @@ class RunClaim:
         return {
             "owner": self.token,
             "run_id": self.run_id,
-            "host": socket.gethostname(),
+            **_host_identity(),
             "pid": pid,
             "pid_started": _process_started(pid),
             "heartbeat": time.time(),
@@ -107,23 +147,36 @@ class RunClaim:
     def _write(self) -> None:
         self.store.write_text(CLAIM, json.dumps(self._record()))
 
+    def _period(self, record: dict) -> float:
+        return float(record.get("heartbeat_s") or self.heartbeat_s)
+
+    def _age(self, record: dict, now: float) -> float:
+        return now - float(record.get("heartbeat", 0.0))
+
+    def _own(self, record: dict) -> bool:
+        """An earlier, unreleased claim of this very process (not a judgment of liveness)."""
+        return _same_pid_space(record) and int(record.get("pid", -1)) == os.getpid()
+
+    def holder_gone(self, record: dict) -> bool:
+        """Whether the process that wrote `record` is provably gone: only when its pid can be
+        looked up here (`_same_pid_space`)."""
+        if not _same_pid_space(record):
+            return False
+        started = _process_started(int(record.get("pid", -1)))
+        return started is None or (
+            record.get("pid_started") is not None
+            and abs(started - float(record["pid_started"])) > 1.0
+        )  # that process is gone (or its pid was reused)
+
     def is_live(self, record: dict, now: float | None = None) -> bool:
         """Whether `record` (another driver's claim) still holds the directory."""
         now = time.time() if now is None else now
-        beat = float(record.get("heartbeat_s") or self.heartbeat_s)
-        if now - float(record.get("heartbeat", 0.0)) > STALE_AFTER_HEARTBEATS * beat:
+        age, period = self._age(record, now), self._period(record)
+        if age > STALE_AFTER_HEARTBEATS * period or self._own(record):
             return False
-        if record.get("host") == socket.gethostname():
-            pid = int(record.get("pid", -1))
-            if pid == os.getpid():
-                return False  # an earlier, unreleased claim of this very process
-            started = _process_started(pid)
-            if started is None or (
-                record.get("pid_started") is not None
-                and abs(started - float(record["pid_started"])) > 1.0
-            ):
-                return False  # that process is gone (or its pid was reused)
-        return True
+        if age < FRESH_HEARTBEATS * period:
+            return True  # whatever the pid says: a pid check can be wrong, a heartbeat is not
+        return not self.holder_gone(record)
 
     # --- acquiring, renewing, releasing ----------------------------------------------------------
 
@@ -139,20 +192,43 @@ class RunClaim:
             f"run.output_dir {self.store.uri} is in use by {_describe(record, time.time())}: two "
             "drivers on one directory delete each other's checkpoints. Give this run another "
             f"run.output_dir. If that driver is dead, its claim expires {grace:.0f} s after its "
-            f"last heartbeat (at once for a process gone on the same host): submit again then, "
-            f"or delete {self.store.show(CLAIM)} once you are sure it no longer runs"
+            "last heartbeat (sooner for a process gone from this host and pid namespace): submit "
+            f"again then, or delete {self.store.show(CLAIM)} once you are sure it no longer runs"
         )
 
+    def _wait_out(self, record: dict) -> dict | None:
+        """`record` is fresh but its process looks gone: wait until it should have been renewed
+        and read it again. A renewed claim is live (the pid check was wrong): refused."""
+        fresh_until = float(record.get("heartbeat", 0.0)) + FRESH_HEARTBEATS * self._period(record)
+        wait_s = fresh_until - time.time() + SETTLE_S
+        log.warning(
+            "%s: its process looks gone but its heartbeat is fresh; waiting %.0f s to see "
+            "whether it is renewed",
+            _describe(record, time.time()),
+            wait_s,
+        )
+        time.sleep(max(0.0, wait_s))
+        again = self._read()
+        renewed = again is not None and again.get("owner") == record.get("owner")
+        if renewed and again.get("heartbeat") != record.get("heartbeat"):
+            raise self._refuse(again)
+        return again
+
     def _take(self) -> None:
-        current = self._read()
-        if current is not None and current.get("owner") != self.token and self.is_live(current):
-            raise self._refuse(current)
-        if current is not None and current.get("owner") != self.token:
-            log.warning(
-                "taking over %s from %s (its claim expired)",
-                self.store.uri,
-                _describe(current, time.time()),
-            )
+        current, waits = self._read(), 0
+        while current is not None and current.get("owner") != self.token:
+            if not self.is_live(current):
+                why = "its process is gone" if self.holder_gone(current) else "its claim expired"
+                log.warning(
+                    "taking over %s from %s (%s)",
+                    self.store.uri,
+                    _describe(current, time.time()),
+                    "an earlier claim of this process" if self._own(current) else why,
+                )
+                break
+            if not self.holder_gone(current) or waits == 2:  # 2: yet another driver's claim
+                raise self._refuse(current)
+            current, waits = self._wait_out(current), waits + 1
         self._write()
         time.sleep(SETTLE_S)
         current = self._read()
