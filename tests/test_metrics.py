@@ -1,13 +1,23 @@
-"""Reducing the learners' micro-batch metrics to one row per step, and the JSONL sink."""
+"""Reducing the learners' micro-batch metrics to one row per step, the JSONL sink and the
+TensorBoard sink."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from eopd_ray.storage.run_storage import RunStorage
-from eopd_ray.telemetry.step_metrics import JsonlSink, read_jsonl, reduce_learner_metrics
+from eopd_ray.telemetry.step_metrics import (
+    JsonlSink,
+    TensorBoardSink,
+    read_jsonl,
+    reduce_learner_metrics,
+)
 
 
 def test_loss_sums_over_shards_and_means_over_updates_others_weight_by_tokens():
@@ -103,3 +113,53 @@ def test_sink_resumes_without_gaps_or_repeats(tmp_path, kind):
     sink.close()
     rows = [json.loads(r) for r in store.read_text("metrics.jsonl").splitlines()]
     assert [(r["step"], r["a"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 20.0)]
+
+
+def _scalars(store: RunStorage, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in the run directory's TensorBoard event files, as read back from
+    the store (downloaded first from an object store)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = [n for n in store.listdir("") if n.startswith("events.out.tfevents.")]
+    assert names, f"no event file in {store.show()}: {store.listdir('')}"
+    local = store.fetch("")
+    out = []
+    for name in names:
+        events = EventAccumulator(str(Path(local) / name))
+        events.Reload()
+        out += [(e.step, e.value) for e in events.Scalars(tag)]
+    return sorted(out)
+
+
+def test_tensorboard_events_are_in_the_store_after_every_step(store):
+    """Readable from the run directory after each write, before the sink closes; closing adds
+    no second copy."""
+    sink = TensorBoardSink(store)
+    for step in range(3):
+        sink.write(step, {"loss/opd": float(step) / 4})
+        assert _scalars(store, "loss/opd") == [(s, s / 4) for s in range(step + 1)]
+    sink.close()
+    assert _scalars(store, "loss/opd") == [(0, 0.0), (1, 0.25), (2, 0.5)]
+
+
+def test_tensorboard_events_survive_a_hard_exit_on_s3(s3, tmp_path):
+    """SIGTERM's abandon path ends the driver with os._exit(143) (driver/stopping.py): the sink
+    is never closed, yet every step it wrote is on the object store (issue 31, finding 9)."""
+    uri = s3.uri(f"runs/{tmp_path.name}")
+    child = textwrap.dedent(
+        f"""
+        import os
+        from eopd_ray.storage.run_storage import RunStorage
+        from eopd_ray.telemetry.step_metrics import TensorBoardSink
+
+        sink = TensorBoardSink(RunStorage({uri!r}))
+        for step in range(3):
+            sink.write(step, {{"loss/opd": float(step)}})
+        os._exit(143)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 143, done.stderr
+    assert _scalars(RunStorage(uri), "loss/opd") == [(0, 0.0), (1, 1.0), (2, 2.0)]

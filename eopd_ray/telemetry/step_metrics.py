@@ -107,8 +107,10 @@ class JsonlSink:
 
 class TensorBoardSink:
     """TensorBoard event files in the run directory, next to metrics.jsonl
-    (`tensorboard --logdir <run.output_dir>`); on an object store they are written locally and
-    uploaded when the sink closes."""
+    (`tensorboard --logdir <run.output_dir>`). On an object store they are written in node-local
+    scratch space and uploaded whole after every step, as metrics.jsonl is: a driver that exits
+    without closing the sink (SIGTERM's abandon path ends in `os._exit`) loses no step it wrote.
+    The event file grows by a few KB per step, so each upload stays small."""
 
     def __init__(self, store: RunStorage) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -120,7 +122,15 @@ class TensorBoardSink:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, global_step=step)
-        self._writer.flush()
+        self._writer.flush()  # written to the event file, not just queued
+        self._publish()
+
+    def _publish(self) -> None:
+        """Each event file, whole, to the run directory (one PUT each: complete or absent)."""
+        if self.store.is_local:
+            return
+        for path in sorted(self.dir.rglob("events.out.tfevents.*")):
+            self.store.upload_file(path, path.relative_to(self.dir).as_posix())
 
     def close(self) -> None:
         self._writer.close()
