@@ -263,3 +263,71 @@ def test_an_endpoint_that_stops_mid_checkpoint_loses_nothing(s3, tmp_path):
     write(store, c, 1)
     assert [k.step for k in checkpoint.complete_checkpoints(store)] == [0, 1]
     assert store.listdir(f"{checkpoint.step_dir(1)}/learner") == ["state.pt"]
+
+
+# ------------------------------------------------------------------- issue 31, finding 5
+
+
+def test_commit_refuses_a_learner_file_of_another_size(tmp_path, store):
+    """A rank's upload cut short leaves a file that exists but is not whole."""
+    c = cfg(tmp_path)
+    write(store, c, 1, b"good")
+    rel = checkpoint.begin(store, 2)
+    store.write_bytes(f"{rel}/learner/state.pt", b"half")
+    store.write_bytes(f"{rel}/learner/latest", b"learner")
+    reported = checkpoint.learner_file_sizes(
+        [{"learner/state.pt": 4096, "learner/latest": 7}, ["learner/latest"]]
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=r"learner/state\.pt \(4 of 4096 bytes\)"):
+        checkpoint.commit(store, rel, c, 2, 3, {"epoch": 0, "offset": 2}, reported)
+    assert checkpoint.latest(store).step == 1
+    store.write_bytes(f"{rel}/learner/state.pt", bytes(4096))
+    assert checkpoint.commit(store, rel, c, 2, 3, {"epoch": 0, "offset": 2}, reported).step == 2
+
+
+def test_two_ranks_reporting_one_file_with_two_sizes_are_refused():
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank 1 reports latest with 9 bytes"):
+        checkpoint.learner_file_sizes([{"latest": 7}, {"latest": 9}])
+    assert checkpoint.learner_file_sizes([["a"], {"a": 3, "b": 1}, ["b"]]) == {"a": 3, "b": 1}
+
+
+class FakeLearnerGroup:
+    """The driver's learner group as commit_uploaded_checkpoint uses it: `upload_state` answers
+    one list per poll (one state per rank, as LearnerWorker.upload_state)."""
+
+    def __init__(self, polls: list[list[str]]) -> None:
+        self.polls = polls
+
+    def call_async(self, method: str, *args) -> list:
+        assert method == "upload_state", method
+        return self.polls.pop(0)
+
+    def get(self, refs: list, timeout_s: float, what: str) -> list:
+        return refs
+
+
+class FakeClaim:
+    def check(self, what: str) -> None:
+        pass
+
+
+def test_a_failed_upload_is_reported_while_another_rank_still_uploads(tmp_path, store):
+    """Rank 1's upload failed while rank 0's still ran: its error (reported once, then
+    forgotten by the learner) was dropped, and the checkpoint committed once rank 0 finished."""
+    from eopd_ray.driver.run_checkpoints import RunCheckpoints
+    from eopd_ray.errors import EopdError
+
+    driver = RunCheckpoints()
+    driver.cfg, driver.store, driver.claim = cfg(tmp_path), store, FakeClaim()
+    driver.prompts, driver._identity, driver.last_checkpoint = PROMPTS, None, None
+    rel = checkpoint.begin(store, 3)
+    store.write_bytes(f"{rel}/learner/rank-0.pt", b"zero")
+    written = [["learner/rank-0.pt"], ["learner/rank-1.pt"]]
+    driver._uploading = (rel, 3, 4, {"epoch": 0, "offset": 3}, written, checkpoint.rng_state())
+    driver.learner = FakeLearnerGroup(
+        [["running", "uploading ... failed (503)"], ["done", "none"], ["none", "none"]]
+    )
+    with pytest.raises(EopdError, match=r"learner\[1\]: uploading \.\.\. failed \(503\)"):
+        driver.commit_uploaded_checkpoint(wait=False)
+    assert driver.commit_uploaded_checkpoint(wait=False) is None  # nothing left to commit
+    assert checkpoint.latest(store) is None

@@ -14,6 +14,8 @@ from eopd_ray.storage.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
+UNFAILED = ("none", "running", "done")  # LearnerWorker.upload_state; anything else is an error
+
 
 class RunCheckpoints:
     """Checkpoint, resume and export of `Pipeline` (see the module docstring)."""
@@ -69,7 +71,8 @@ class RunCheckpoints:
     def commit_uploaded_checkpoint(self, wait: bool) -> Checkpoint | None:
         """Commit the checkpoint whose learner files are going up, once they all are: at once
         when `wait`, else only if every rank's upload has finished. A failed upload stops the
-        run with its URI (nothing of it is marked complete)."""
+        run with its URI (nothing of it is marked complete), even while other ranks are still
+        uploading: a rank reports its error once (`upload_state` then forgets it)."""
         if self._uploading is None:
             return None
         rel, step, version, stream, written, rng = self._uploading
@@ -79,12 +82,15 @@ class RunCheckpoints:
             self.learner.get(self.learner.call_async("wait_uploaded"), timeout, what)
         else:
             states = self.learner.get(self.learner.call_async("upload_state"), timeout, what)
-            if "running" in states:
-                return None
-            failed = [s for s in states if s not in ("done", "none")]
+            failed = [f"learner[{r}]: {s}" for r, s in enumerate(states) if s not in UNFAILED]
             if failed:
                 self._uploading = None
-                raise EopdError(f"{what}: {failed[0]}")
+                raise EopdError(
+                    f"{what}: " + "; ".join(failed) + ". Nothing of it is marked complete: "
+                    "the newest complete checkpoint stays the resume point (submit again)"
+                )
+            if "running" in states:
+                return None
         self._uploading = None
         self.claim.check(f"checkpoint after step {step}")
         self.last_checkpoint = checkpoint.commit(
@@ -94,7 +100,7 @@ class RunCheckpoints:
             step,
             version,
             stream,
-            learner_files=sorted({f for files in written for f in files}),
+            learner_files=checkpoint.learner_file_sizes(written),
             trained_on=self.training_identity,
             rng=rng,
         )

@@ -11,7 +11,8 @@ Layout under `<run.output_dir>/checkpoints/` (any storage eopd_ray.storage.run_s
 A checkpoint is complete exactly when its `state.json` exists and parses: every other part is
 written (and, on local disks, synced) first, and `state.json` itself is written atomically (a
 renamed temporary file locally, one PUT on an object store, which has no rename). `commit`
-refuses to write it unless every file the learner ranks reported is there. A crash mid-write
+refuses to write it unless every file the learner ranks reported is there, with the size they
+reported (a rank's upload that failed or was cut short is never committed). A crash mid-write
 leaves a step directory without it: ignored, and removed by the next save. Only a MISSING
 `state.json` means incomplete: any other error reading it (an S3 503, NFS ESTALE) stops the run
 naming the file, and a directory that holds a `state.json` is never deleted by clean-up (an
@@ -86,6 +87,42 @@ def begin(store: RunStorage, step: int) -> str:
     return rel
 
 
+def learner_file_sizes(per_rank: list[list[str] | dict[str, int]]) -> dict[str, int | None]:
+    """What every learner rank's `save_checkpoint` wrote, merged: file -> size in bytes (None
+    where a rank reported names only). On a shared disk ranks list each other's files too,
+    after DeepSpeed's closing barrier: two sizes for one file mean it changed under them."""
+    merged: dict[str, int | None] = {}
+    for rank, files in enumerate(per_rank):
+        sizes = files if isinstance(files, dict) else dict.fromkeys(files)
+        for name, size in sizes.items():
+            known = merged.get(name)
+            if size is not None and known is not None and known != size:
+                raise CheckpointError(
+                    f"learner rank {rank} reports {name} with {size} bytes, an earlier rank "
+                    f"with {known}: another process is writing the same run.output_dir (give "
+                    "each run its own); not marking the checkpoint complete"
+                )
+            merged[name] = size if size is not None else known
+    return merged
+
+
+def _missing_or_short(
+    store: RunStorage, rel: str, learner_files: dict[str, int | None]
+) -> list[str]:
+    """The learner files `rel` lacks or holds with another size than the rank reported."""
+    try:
+        found = store.file_sizes(rel)
+    except OSError as exc:
+        raise _storage_failure(store, rel, exc) from exc
+    out = []
+    for name, size in sorted(learner_files.items()):
+        if name not in found:
+            out.append(f"{name} (missing)")
+        elif size is not None and found[name] != size:
+            out.append(f"{name} ({found[name]} of {size} bytes)")
+    return out
+
+
 def commit(
     store: RunStorage,
     rel: str,
@@ -93,23 +130,26 @@ def commit(
     step: int,
     weight_version: int,
     stream: dict[str, int],
-    learner_files: list[str],
+    learner_files: list[str] | dict[str, int | None],
     trained_on: dict | None = None,
     rng: dict | None = None,
 ) -> Checkpoint:
     """Write the driver's part into `rel` (the learners have written theirs: `learner_files`,
-    relative to `rel`), `state.json` last, and drop checkpoints beyond `run.keep_checkpoints`.
-    Refuses (CheckpointError) when a learner file is missing: a checkpoint without its learner
-    state would be "complete" and fail every resume."""
-    missing = sorted(f for f in learner_files if not _exists(store, f"{rel}/{f}"))
-    if not learner_files or missing:
-        what = f"{len(missing)} of {len(learner_files)} learner files" if missing else "no files"
+    relative to `rel`, with their sizes when known: `learner_file_sizes`), `state.json` last,
+    and drop checkpoints beyond `run.keep_checkpoints`. Refuses (CheckpointError) when a learner
+    file is missing or has another size: a checkpoint without its learner state would be
+    "complete" and fail every resume."""
+    if not isinstance(learner_files, dict):
+        learner_files = dict.fromkeys(learner_files)
+    wrong = _missing_or_short(store, rel, learner_files)
+    if not learner_files or wrong:
+        what = f"{len(wrong)} of {len(learner_files)} learner files" if wrong else "no files"
         raise CheckpointError(
-            f"checkpoint {store.show(rel)}: {what} from the learner ranks "
-            f"({', '.join(missing[:3]) or 'none reported'}); not marking it complete. Another "
-            "process may be writing the same run.output_dir (it deletes checkpoints it thinks "
-            "are incomplete), or the storage lost the upload; the previous complete checkpoint "
-            "is untouched"
+            f"checkpoint {store.show(rel)}: {what} from the learner ranks are not there whole "
+            f"({', '.join(wrong[:3]) or 'none reported'}{', ...' if len(wrong) > 3 else ''}); "
+            "not marking it complete. Another process may be writing the same run.output_dir "
+            "(it deletes checkpoints it thinks are incomplete), or the storage lost the upload; "
+            "the previous complete checkpoint is untouched"
         )
     state = {
         "format": FORMAT,

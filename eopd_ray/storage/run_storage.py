@@ -156,6 +156,17 @@ class RunStorage:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
         return sorted(info.base_name for info in infos)
 
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        """Every file below `rel` (recursively) and its size in bytes, by `/`-joined path
+        relative to `rel` (one listing, not a request per file); {} when it is missing."""
+        root = self.path(rel).rstrip("/") + "/"
+        selector = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        return {
+            info.path[len(root) :]: info.size
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        }
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as fh:
             return fh.read()
@@ -294,9 +305,7 @@ class RunStorage:
 
     def _not_uploaded(self, local: Path, rel: str) -> list[str]:
         """Files under `local` that `rel` lacks or holds with another size."""
-        root = self.path(rel).rstrip("/") + "/"
-        found = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
-        sizes = {f.path[len(root) :]: f.size for f in found if f.type == pafs.FileType.File}
+        sizes = self.file_sizes(rel)
         return sorted(
             p.relative_to(local).as_posix()
             for p in local.rglob("*")
