@@ -331,3 +331,23 @@ def test_a_failed_upload_is_reported_while_another_rank_still_uploads(tmp_path, 
         driver.commit_uploaded_checkpoint(wait=False)
     assert driver.commit_uploaded_checkpoint(wait=False) is None  # nothing left to commit
     assert checkpoint.latest(store) is None
+
+
+# ------------------------------------------------------------------ issue 31, finding 10
+
+
+def test_an_unparsable_checkpoint_saved_again_is_moved_aside_not_deleted(tmp_path, store):
+    """A resume from an older checkpoint (the newest one's state.json does not parse) reaches
+    that step again: begin() deleted the directory its docstring said was kept."""
+    c = cfg(tmp_path)
+    write(store, c, 1, b"first")
+    store.write_text("checkpoints/step-000001/state.json", "{not json")
+    write(store, c, 1, b"again")
+    assert checkpoint.latest(store).step == 1
+    assert store.read_bytes("checkpoints/step-000001/learner/state.pt") == b"again"
+    kept = [n for n in store.listdir("checkpoints") if n != "step-000001"]
+    assert len(kept) == 1 and kept[0].startswith("kept-step-000001-unparsable-"), kept
+    assert store.read_text(f"checkpoints/{kept[0]}/state.json") == "{not json"
+    assert store.read_bytes(f"checkpoints/{kept[0]}/learner/state.pt") == b"first"
+    write(store, c, 2)  # neither a checkpoint nor debris: later clean-ups leave it
+    assert kept[0] in store.listdir("checkpoints")

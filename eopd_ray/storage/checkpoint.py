@@ -16,8 +16,9 @@ reported (a rank's upload that failed or was cut short is never committed). A cr
 leaves a step directory without it: ignored, and removed by the next save. Only a MISSING
 `state.json` means incomplete: any other error reading it (an S3 503, NFS ESTALE) stops the run
 naming the file, and a directory that holds a `state.json` is never deleted by clean-up (an
-unparsable one is skipped with a warning and kept for a person to look at). The last
-`run.keep_checkpoints` are kept.
+unparsable one is skipped with a warning and kept for a person to look at; when its step is
+saved again it is moved aside to `checkpoints/kept-step-NNNNNN-unparsable-<time>/` first). The
+last `run.keep_checkpoints` are kept.
 
 What a resume must not change silently is checked against the checkpoint (`check_compatible`):
 the keys in `_BREAKING`, a fingerprint of the kept prompts (every data key and the files'
@@ -36,7 +37,9 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,14 +80,35 @@ def step_dir(step: int) -> str:
 
 def begin(store: RunStorage, step: int) -> str:
     """The (empty) directory for the checkpoint after `step`, relative to the run directory.
-    Incomplete checkpoints left by a crash (no `state.json`) are removed first."""
+    Incomplete checkpoints left by a crash (no `state.json`) are removed first. A complete
+    checkpoint of the same step is replaced (e.g. SIGTERM right after a periodic save); one
+    whose `state.json` does not parse is moved aside, never deleted (`set_aside`)."""
     for name in _listdir(store, ROOT):
         if name.startswith(PREFIX) and not _exists(store, f"{ROOT}/{name}/{STATE}"):
             store.delete(f"{ROOT}/{name}")
     rel = step_dir(step)
-    store.delete(rel)  # the same step saved again (e.g. SIGTERM right after a periodic save)
+    if _exists(store, f"{rel}/{STATE}") and _read_state(store, rel) is None:
+        set_aside(store, rel, "unparsable")
+    store.delete(rel)
     store.makedirs(f"{rel}/learner")
     return rel
+
+
+def set_aside(store: RunStorage, rel: str, why: str) -> str:
+    """Move checkpoint `rel` to `checkpoints/kept-<its name>-<why>-<UTC time>/`, out of the
+    names that are checkpoints (`step-*`), for a person to look at; returns where."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    kept = f"{ROOT}/kept-{posixpath.basename(rel)}-{why}-{stamp}"
+    log.warning(
+        "%s: its %s is %s; moving it to %s to save this step again (kept for you to look at: "
+        "delete it once it is not needed)",
+        store.show(rel),
+        STATE,
+        why,
+        store.show(kept),
+    )
+    store.move(rel, kept)
+    return kept
 
 
 def learner_file_sizes(per_rank: list[list[str] | dict[str, int]]) -> dict[str, int | None]:
