@@ -153,6 +153,34 @@ def test_every_shipped_config_loads_and_validates():
         assert load_config(path, []) == cfg, path
 
 
+def test_paper_configs_checkpoint_within_bounded_time():
+    """A paper step (30-100 s) outlasts run.stop_grace_s: a preemption abandons it, so without
+    periodic checkpoints a stopped paper run would start again at step 0 (issue 31, finding
+    11). Every paper config, and the rehearsal built on them, checkpoints every 10 minutes."""
+    files = sorted((REPO / "jobs" / "configs" / "paper").rglob("*.yaml"))
+    assert len(files) == 6
+    for path in [*files, REPO / "jobs" / "configs" / "rehearsal.yaml"]:
+        run = load_config(path).run
+        assert (run.checkpoint_every_s, run.checkpoint_every) == (600.0, 0), path
+
+
+@pytest.mark.parametrize(
+    "value, shown", [("-1", "-1.0"), ("-0.5", "-0.5"), (".nan", "nan"), (".inf", "inf")]
+)
+def test_checkpoint_every_s_must_be_a_finite_non_negative_duration(value, shown):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, [f"run.checkpoint_every_s={value}"])
+    message = issues_of(exc)["run.checkpoint_every_s"]
+    assert "must be finite and >= 0" in message and "0 turns them off" in message
+    assert message.endswith(f"got {shown}")
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["run.checkpoint_every_s=ten"])
+    assert list(issues_of(exc)) == ["run.checkpoint_every_s"]  # a type error, reported once
+    cfg = config_from_dict(PATHS, ["run.checkpoint_every_s=0", "run.checkpoint_every=5"])
+    assert (cfg.run.checkpoint_every_s, cfg.run.checkpoint_every) == (0.0, 5)
+    assert config_from_dict(PATHS, ["run.checkpoint_every_s=600"]).run.checkpoint_every_s == 600
+
+
 def test_every_loss_name_the_config_accepts_exists_in_the_loss_module():
     from typing import get_args, get_type_hints
 

@@ -10,6 +10,7 @@ reported twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -283,3 +284,17 @@ def warmup_fits_in_the_run(cfg: Config) -> str | None:
     if warmup <= updates:
         return None
     return f"longer than the whole run ({updates} optimizer updates); got {warmup}"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@rule("run.checkpoint_every_s")
+def checkpoint_interval_is_a_duration(cfg: Config) -> str | None:
+    every_s = cfg.run.checkpoint_every_s
+    if math.isfinite(every_s) and every_s >= 0:
+        return None
+    return (
+        "seconds between time-based checkpoints: must be finite and >= 0 (0 turns them off; "
+        f"run.checkpoint_every counts steps instead); got {every_s}"
+    )

@@ -188,6 +188,10 @@ class RunConfig:
     num_cpus: PosInt | None = None  # CPUs of the embedded local Ray (None: all)
     step_timeout_s: PosFloat = 600.0  # bound on every wait inside one step
     checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0: only at the end / SIGTERM
+    # A checkpoint after the first step that ends this many seconds after the previous one (or
+    # the run's start); 0: off. With checkpoint_every, either triggers. Bounds what a stop that
+    # cannot checkpoint within stop_grace_s (a step longer than it) loses.
+    checkpoint_every_s: Float = 0.0  # >= 0, finite (config.rules)
     # On an object store, background: a periodic checkpoint's learner files go up while the
     # next step runs, and it becomes the resume point when that step ends (a preemption during
     # it resumes from the one before); blocking: complete before the next step starts.

@@ -373,8 +373,10 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
 
     def run(self, progress: str = "auto") -> list[dict[str, float]]:
         """Steps from `start_step` (0, or after the resumed checkpoint) to `run.steps`, with
-        checkpoints every `run.checkpoint_every` steps, at the end and on SIGTERM. `progress`:
-        "bar" (tqdm), "lines" (a log line every `run.log_every_s`), "auto" (bar on a TTY)."""
+        checkpoints every `run.checkpoint_every` steps and after the first step ending
+        `run.checkpoint_every_s` after the previous one (`checkpoint_due`), at the end and on
+        SIGTERM. `progress`: "bar" (tqdm), "lines" (a log line every `run.log_every_s`), "auto"
+        (bar on a TTY)."""
         run = self.cfg.run
         resumed = self.start_step if self.start_step > 0 else None
         sinks = [
@@ -385,6 +387,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         history = []
         stop = StopOnSigterm(run.stop_grace_s, self._abandoned_message)
         shown = StepProgress(self.start_step, run.steps, mode=progress, every_s=run.log_every_s)
+        checkpointed_at = time.monotonic()  # run.checkpoint_every_s counts from here
         try:
             step = self.start_step
             while step < run.steps:
@@ -401,17 +404,23 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                     history.append(metrics)
                     shown.update(step, metrics)
                     last = step == run.steps - 1
-                    periodic = run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
+                    ended_at = time.monotonic()
+                    since_s = ended_at - checkpointed_at
+                    periodic = self.checkpoint_due(
+                        step, since_s, run.checkpoint_every, run.checkpoint_every_s
+                    )
                     # A periodic checkpoint on an object store goes up while the next step
                     # runs; the last one, and one on SIGTERM, are complete before going on.
                     complete_now = last or stop.requested or run.checkpoint_upload == "blocking"
                     self.commit_uploaded_checkpoint(wait=complete_now)
                     if last or periodic or stop.requested:
                         self.save_checkpoint(step, wait=complete_now)
+                        checkpointed_at = ended_at
                 except WorkerError as exc:
                     if not (exc.died and exc.role == "learner"):
                         raise
                     step = self._restart_learners(step, exc)
+                    checkpointed_at = time.monotonic()  # back at a checkpoint: nothing at risk
                     sinks[0].rewind(step)  # the steps after the checkpoint are trained again
                     del history[step - self.start_step :]
                     continue

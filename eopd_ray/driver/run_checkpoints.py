@@ -17,8 +17,21 @@ log = logging.getLogger(__name__)
 UNFAILED = ("none", "running", "done")  # LearnerWorker.upload_state; anything else is an error
 
 
+def checkpoint_due(step: int, since_s: float, every: int, every_s: float) -> bool:
+    """Whether the periodic cadence checkpoints after `step` (0-based), `since_s` seconds after
+    the previous checkpoint (or the start of this run's loop): after every `every` steps
+    (`run.checkpoint_every`), and after the first step that ends at least `every_s` seconds
+    after the previous checkpoint (`run.checkpoint_every_s`). Either triggers; 0 turns one off.
+    The last step and a SIGTERM checkpoint whatever this says."""
+    by_steps = every > 0 and (step + 1) % every == 0
+    by_time = every_s > 0 and since_s >= every_s
+    return by_steps or by_time
+
+
 class RunCheckpoints:
     """Checkpoint, resume and export of `Pipeline` (see the module docstring)."""
+
+    checkpoint_due = staticmethod(checkpoint_due)
 
     def _resume(self, ckpt: Checkpoint) -> None:
         """Continue from checkpoint `ckpt`: learner state on every rank, weights pushed to the
