@@ -15,6 +15,7 @@ from faulty_fs import FaultyFS
 
 from eopd_ray.config import config_from_dict
 from eopd_ray.storage import checkpoint
+from eopd_ray.storage.learner_files import learner_file_sizes
 from eopd_ray.storage.run_storage import RunStorage
 
 BASE = {"model": {"student_path": "s", "teacher_path": "t"}, "data": {"toy_prompts": 8}}
@@ -275,7 +276,7 @@ def test_commit_refuses_a_learner_file_of_another_size(tmp_path, store):
     rel = checkpoint.begin(store, 2)
     store.write_bytes(f"{rel}/learner/state.pt", b"half")
     store.write_bytes(f"{rel}/learner/latest", b"learner")
-    reported = checkpoint.learner_file_sizes(
+    reported = learner_file_sizes(
         [{"learner/state.pt": 4096, "learner/latest": 7}, ["learner/latest"]]
     )
     with pytest.raises(checkpoint.CheckpointError, match=r"learner/state\.pt \(4 of 4096 bytes\)"):
@@ -287,8 +288,8 @@ def test_commit_refuses_a_learner_file_of_another_size(tmp_path, store):
 
 def test_two_ranks_reporting_one_file_with_two_sizes_are_refused():
     with pytest.raises(checkpoint.CheckpointError, match=r"rank 1 reports latest with 9 bytes"):
-        checkpoint.learner_file_sizes([{"latest": 7}, {"latest": 9}])
-    assert checkpoint.learner_file_sizes([["a"], {"a": 3, "b": 1}, ["b"]]) == {"a": 3, "b": 1}
+        learner_file_sizes([{"latest": 7}, {"latest": 9}])
+    assert learner_file_sizes([["a"], {"a": 3, "b": 1}, ["b"]]) == {"a": 3, "b": 1}
 
 
 class FakeLearnerGroup:
@@ -351,3 +352,48 @@ def test_an_unparsable_checkpoint_saved_again_is_moved_aside_not_deleted(tmp_pat
     assert store.read_bytes(f"checkpoints/{kept[0]}/learner/state.pt") == b"first"
     write(store, c, 2)  # neither a checkpoint nor debris: later clean-ups leave it
     assert kept[0] in store.listdir("checkpoints")
+
+
+# ------------------------------------------------------------------- issue 31, finding 6
+
+
+def deepspeed_names(world_size: int, zero_stage: int, bf16: bool) -> dict[int, set[str]]:
+    """rank -> the learner files DeepSpeed's own naming gives that rank's files (relative to a
+    checkpoint, tag "learner"); rank -1: the files every rank shares."""
+    from types import SimpleNamespace
+
+    engine = pytest.importorskip("deepspeed.runtime.engine").DeepSpeedEngine
+    fake = SimpleNamespace(
+        checkpoint_mp_rank=0,
+        zero_optimization_partition_weights=lambda: zero_stage == 3,
+        _get_zero_ckpt_prefix=lambda dp_rank, bf16_mode: engine._get_zero_ckpt_prefix(
+            None, dp_rank, bf16_mode
+        ),
+    )
+    names: dict[int, set[str]] = {-1: {"latest", "zero_to_fp32.py"}}
+    for rank in range(world_size):
+        optim = engine._get_rank_zero_ckpt_name(fake, "", "learner", 0, rank, bf16)
+        model = engine._get_ckpt_name(fake, "", "learner", pp_placeholder=str(rank))
+        names[rank] = {optim}
+        names[rank if zero_stage == 3 else -1].add(model)
+    return names
+
+
+@pytest.mark.parametrize("zero_stage,bf16", [(1, True), (2, False), (3, True)])
+def test_a_resuming_rank_fetches_its_own_shards_and_the_shared_files(
+    tmp_path, store, zero_stage, bf16
+):
+    from eopd_ray.storage.learner_files import files_of_rank
+
+    names = deepspeed_names(4, zero_stage, bf16)
+    rel = checkpoint.step_dir(7)
+    for files in names.values():
+        for name in files:
+            store.write_bytes(f"{rel}/{name}", name.encode())
+    fetched = store.fetch(rel, keep=files_of_rank(2))
+    local = {p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()}
+    assert names[-1] | names[2] <= local  # what DeepSpeed reads for rank 2
+    if not store.is_local:  # downloaded: nothing of ranks 0, 1 and 3
+        assert local == names[-1] | names[2]
+    for name in names[-1] | names[2]:
+        assert (fetched / name).read_bytes() == name.encode()

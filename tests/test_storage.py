@@ -94,3 +94,22 @@ def test_bad_locations_say_what_to_do():
         _ = RunStorage("runs/x").fs
     with pytest.raises(StorageError, match=r"nope://bucket.*s3://"):
         _ = RunStorage("nope://bucket/run").fs
+
+
+def test_fetch_downloads_only_the_files_kept_each_checked_whole(store):
+    """Issue 31 finding 6: every learner rank downloaded every rank's optimizer shards."""
+    store.write_bytes("ckpt/learner/mine.pt", b"1" * 3000)
+    store.write_bytes("ckpt/learner/theirs.pt", b"2" * 5000)
+    store.write_text("ckpt/latest", "learner")
+    fetched = store.fetch("ckpt", keep=lambda path: "theirs" not in path)
+    assert (fetched / "learner" / "mine.pt").read_bytes() == b"1" * 3000
+    assert (fetched / "latest").read_text() == "learner"
+    if not store.is_local:  # a local store is read in place
+        assert sorted(p.name for p in fetched.rglob("*") if p.is_file()) == ["latest", "mine.pt"]
+        assert store.file_sizes("ckpt") == {
+            "learner/mine.pt": 3000,
+            "learner/theirs.pt": 5000,
+            "latest": 7,
+        }
+        with pytest.raises(StorageError, match=r"downloading .*missing.* failed"):
+            store.fetch("missing")

@@ -11,6 +11,7 @@ import logging
 from eopd_ray.errors import EopdError
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
+from eopd_ray.storage.learner_files import learner_file_sizes
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class RunCheckpoints:
             step,
             version,
             stream,
-            learner_files=checkpoint.learner_file_sizes(written),
+            learner_files=learner_file_sizes(written),
             trained_on=self.training_identity,
             rng=rng,
         )

@@ -111,25 +111,6 @@ def set_aside(store: RunStorage, rel: str, why: str) -> str:
     return kept
 
 
-def learner_file_sizes(per_rank: list[list[str] | dict[str, int]]) -> dict[str, int | None]:
-    """What every learner rank's `save_checkpoint` wrote, merged: file -> size in bytes (None
-    where a rank reported names only). On a shared disk ranks list each other's files too,
-    after DeepSpeed's closing barrier: two sizes for one file mean it changed under them."""
-    merged: dict[str, int | None] = {}
-    for rank, files in enumerate(per_rank):
-        sizes = files if isinstance(files, dict) else dict.fromkeys(files)
-        for name, size in sizes.items():
-            known = merged.get(name)
-            if size is not None and known is not None and known != size:
-                raise CheckpointError(
-                    f"learner rank {rank} reports {name} with {size} bytes, an earlier rank "
-                    f"with {known}: another process is writing the same run.output_dir (give "
-                    "each run its own); not marking the checkpoint complete"
-                )
-            merged[name] = size if size is not None else known
-    return merged
-
-
 def _missing_or_short(
     store: RunStorage, rel: str, learner_files: dict[str, int | None]
 ) -> list[str]:
@@ -159,10 +140,10 @@ def commit(
     rng: dict | None = None,
 ) -> Checkpoint:
     """Write the driver's part into `rel` (the learners have written theirs: `learner_files`,
-    relative to `rel`, with their sizes when known: `learner_file_sizes`), `state.json` last,
-    and drop checkpoints beyond `run.keep_checkpoints`. Refuses (CheckpointError) when a learner
-    file is missing or has another size: a checkpoint without its learner state would be
-    "complete" and fail every resume."""
+    relative to `rel`, with their sizes when known: learner_files.learner_file_sizes),
+    `state.json` last, and drop checkpoints beyond `run.keep_checkpoints`. Refuses
+    (CheckpointError) when a learner file is missing or has another size: a checkpoint without
+    its learner state would be "complete" and fail every resume."""
     if not isinstance(learner_files, dict):
         learner_files = dict.fromkeys(learner_files)
     wrong = _missing_or_short(store, rel, learner_files)

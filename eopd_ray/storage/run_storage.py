@@ -25,6 +25,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -316,23 +317,34 @@ class RunStorage:
         """One local file to `rel` (e.g. metrics.jsonl kept locally and appended to)."""
         self.write_bytes(rel, Path(local).read_bytes())
 
-    def fetch(self, rel: str) -> Path:
+    def fetch(self, rel: str, keep: Callable[[str], bool] | None = None) -> Path:
         """`rel` (a directory) as a local directory to read from: itself for local storage, else a
-        downloaded copy in node-local scratch space."""
+        downloaded copy in node-local scratch space of the files below it for which `keep`
+        (their `/`-joined path relative to `rel`) is true, all of them without `keep` (a
+        learner rank needs its own optimizer shard, not every rank's: learner_files.files_of_rank).
+        Each file is checked to have arrived whole."""
         if self.is_local:
             return self.local_path(rel)
         local = Path(tempfile.mkdtemp(dir=self._scratch(), prefix="fetch-"))
         try:
-            pafs.copy_files(
-                self.path(rel),
-                str(local),
-                source_filesystem=self.fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
+            sizes = self.file_sizes(rel)
+            if not sizes:
+                raise FileNotFoundError(f"no files below {self.show(rel)}")
+            for name, size in sizes.items():
+                if keep is None or keep(name):
+                    self._download(f"{rel}/{name}", local / name, size)
         except OSError as exc:
             shutil.rmtree(local, ignore_errors=True)
             raise StorageError(f"downloading {self.show(rel)} failed ({exc})") from None
         return local
+
+    def _download(self, rel: str, target: Path, size: int) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.fs.open_input_stream(self.path(rel)) as reader, open(target, "wb") as writer:
+            while chunk := reader.read(STREAM_CHUNK_BYTES):
+                writer.write(chunk)
+        if target.stat().st_size != size:
+            raise OSError(f"{target.stat().st_size} of the {size} bytes of {rel} arrived")
 
 
 class BackgroundUpload:
