@@ -43,5 +43,11 @@ class BatchError(EopdError):
     """A wire-type batch (RolloutBatch, TeacherScores) has inconsistent shapes or dtypes."""
 
 
+class WorkerReplaced(EopdError):
+    """A worker call found a fresh process: Ray restarted the worker (it crashed between calls)
+    since the driver last set it up, e.g. joined it to the weight-sync group. Recovered like a
+    lost worker."""
+
+
 class VersionMismatch(EopdError):
     """A rollout batch was sampled with other weights than the driver expects."""

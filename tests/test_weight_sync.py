@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
+import pytest
 import torch
 
-from eopd_ray.roles.weight_sync import TensorMeta, WeightReceiver, WeightSender, plan_buckets
+from eopd_ray.roles.weight_sync import (
+    RetiredGroups,
+    SyncAborted,
+    TensorMeta,
+    WeightReceiver,
+    WeightSender,
+    plan_buckets,
+)
+
+
+# As a worker keeps them: destroying a group joins its thread, stuck in the abandoned op.
+RETIRED = RetiredGroups()
 
 
 def metas(*sizes: int, dtype: str = "float32") -> list[TensorMeta]:
@@ -44,3 +57,48 @@ def test_broadcast_delivers_every_bucket_bit_exact():
     assert [n for n, _ in received] == list(tensors)
     for name, tensor in received:
         assert torch.equal(tensor, tensors[name])
+
+
+def test_a_cancelled_broadcast_ends_in_a_second_not_at_the_group_timeout():
+    """A receiver lost between buckets (here: it stops taking them after the first) leaves the
+    sender and the other receivers waiting in the broadcast until gloo's own timeout; a sync the
+    driver cancelled ends at the next poll, and the group can be retired without blocking."""
+    plan = plan_buckets(metas(*[64 * 1024] * 6), 256 * 1024)  # 6 buckets of 256 KiB
+    assert len(plan) == 6
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = threading.Event()
+    outcome: dict[str, object] = {}
+    lost: list = []  # the "lost" receiver's end stays open: silent, not closed
+
+    def receiver(rank: int, buckets_taken: int | None) -> None:
+        rx = WeightReceiver.connect("127.0.0.1", port, rank, 3, plan, 60)
+        try:
+            for i, _ in enumerate(rx.receive(should_stop=stop.is_set)):
+                if buckets_taken is not None and i + 1 == buckets_taken:
+                    lost.append(rx)  # "lost": never takes another bucket
+                    return
+        except SyncAborted as exc:
+            outcome[f"rx{rank}"] = exc
+        RETIRED.retire(rx)  # must not block on the abandoned op
+
+    threads = [
+        threading.Thread(target=receiver, args=(1, None)),
+        threading.Thread(target=receiver, args=(2, 1)),
+    ]
+    for t in threads:
+        t.start()
+    tx = WeightSender.connect("127.0.0.1", port, 3, plan, 60)
+    threading.Timer(1.0, stop.set).start()  # the driver gives up on the sync
+    started = time.monotonic()
+    with pytest.raises(SyncAborted, match="sending bucket"):
+        for index, bucket in enumerate(plan):
+            tx.send(index, [torch.ones(m.numel) for m in bucket], should_stop=stop.is_set)
+    took = time.monotonic() - started
+    RETIRED.retire(tx)
+    for t in threads:
+        t.join(10)
+    RETIRED.retire(lost[0])
+    assert took < 5, took  # not the group's 60 s timeout
+    assert isinstance(outcome.get("rx1"), SyncAborted)

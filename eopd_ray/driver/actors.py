@@ -18,7 +18,7 @@ from typing import Any
 from eopd_ray.config import Config
 from eopd_ray.driver.heartbeats import HEARTBEAT_S, Heartbeats, beat
 from eopd_ray.driver.placement import wait_for_placement
-from eopd_ray.errors import EopdError
+from eopd_ray.errors import EopdError, WorkerReplaced
 
 # Every Ray port listens on 127.0.0.1 for the embedded local instance (Ray 2.60 otherwise binds
 # to the machine's address even when told 127.0.0.1). Must be set before `import ray`.
@@ -28,8 +28,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-# The worker's process is gone (or restarting): what a restartable role recovers from.
-GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# The worker's process is gone (or restarting, or replaced by a fresh one): what a restartable
+# role recovers from.
+GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, WorkerReplaced)
 
 
 class WorkerError(EopdError):
@@ -275,7 +276,7 @@ class ActorGroup:
             failed = [
                 str(self.identities[r]) for r, ref in zip(ranks, refs, strict=True) if _failed(ref)
             ]
-            died = isinstance(exc, GONE) or any(_died(ref) for ref in refs)
+            died = isinstance(exc, GONE) or any(call_died(ref) for ref in refs)
             raise WorkerError(
                 f"{what}: {self.role} worker(s) {', '.join(failed) or '?'} failed: {exc}",
                 died=died,
@@ -300,6 +301,19 @@ class ActorGroup:
             role=self.role,
         )
 
+    def replaced(self, timeout_s: float, what: str) -> list[int]:
+        """The ranks whose process is not the one recorded: Ray restarted them between calls (a
+        crash while idle), so they lack what the driver set up (the weight-sync group, the
+        current weights). Records the new identities."""
+        now = self.get(self.call_async("identity"), timeout_s, what)
+        fresh = [
+            r
+            for r, (old, new) in enumerate(zip(self.identities, now, strict=True))
+            if (old.pid, old.node_ip) != (new.pid, new.node_ip)
+        ]
+        self.identities = now
+        return fresh
+
     def refresh_identities(self, timeout_s: float) -> None:
         """Wait until every worker answers (restarted ones included) and record their pids."""
         deadline = time.monotonic() + timeout_s
@@ -318,7 +332,7 @@ class ActorGroup:
                 time.sleep(0.5)
 
 
-def _died(ref) -> bool:
+def call_died(ref) -> bool:
     """Whether `ref` failed because its worker's process is gone."""
     try:
         ray.get(ref, timeout=0)

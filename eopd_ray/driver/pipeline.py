@@ -182,14 +182,16 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
 
     def _collect_rollout(self, pending: PendingRollout) -> RolloutBatch:
         self._wait_rollout(pending)
-        batch = RolloutBatch.concat(pending.parts)
-        if batch.weight_version != pending.expected_version:
-            raise VersionMismatch(
-                f"step {pending.step}: rollout batch carries weight version "
-                f"{batch.weight_version}, the driver expects {pending.expected_version}: a weight "
-                "sync was lost"
+        versions = [part.weight_version for part in pending.parts]
+        if any(v != pending.expected_version for v in versions):
+            exc = VersionMismatch(
+                f"step {pending.step}: rollout batch parts carry weight versions {versions}, the "
+                f"driver expects {pending.expected_version}: a weight sync was lost"
             )
-        return batch
+            # A worker that crashed while idle comes back with the initial weights: recovered.
+            self._blame_replaced_workers(f"step {pending.step} rollout", exc)
+            raise exc
+        return RolloutBatch.concat(pending.parts)
 
     def _score(
         self, batch: RolloutBatch, step: int, timeline: Timeline | None = None

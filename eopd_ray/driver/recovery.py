@@ -13,6 +13,7 @@ class).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -109,6 +110,27 @@ class Recovery:
                 self._join_sync_group()
             self.num_recoveries += 1
 
+    def _cancel_prefetch(self) -> None:
+        """Drop the prefetched rollout, its generations cancelled and waited for: left running,
+        the restarted learners' rejoin and weight push would queue behind them on the rollout
+        workers (minutes at the paper's scale) and time out."""
+        pending, self._prefetched = self._prefetched, None
+        if pending is None:
+            return
+        timeout = self.cfg.run.worker_timeout_s
+        if pending.background is not None:
+            pending.background.cancel(timeout)
+            return
+        for ref in pending.refs:
+            ray.cancel(ref)
+        _, running = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout)
+        for rank, ref in enumerate(pending.refs):
+            if ref in running:  # did not stop at its next engine step: end it the hard way
+                ray.kill(self.rollout.handles[rank], no_restart=False)
+        for ref in pending.refs:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=0)
+
     def _respawn_learners(self, from_step: int, exc: WorkerError) -> None:
         """Replace the learner group and set it up. A group lost while it starts (its bundles
         were still on a node not yet declared dead: Ray moves them once it is) is another
@@ -165,7 +187,7 @@ class Recovery:
             self.learner_failures,
             run.max_failures,
         )
-        self._prefetched = None  # sampled with weights the run is going back from
+        self._cancel_prefetch()  # sampled with weights the run is going back from
         self._uploading = None  # never committed: its files may be incomplete
         self._respawn_learners(from_step, exc)
         if self.cfg.sync.transport == "collective":

@@ -50,6 +50,25 @@ class StreamLost(EopdError):
     """A streamed step's groups do not add up to its batch: a row is missing or came twice."""
 
 
+class StreamCancelled(EopdError):
+    """A streamed rollout was stopped by the driver (a prefetch dropped on a learner restart)."""
+
+
+def _drain(gen, deadline: float) -> bool:
+    """Read a streaming generator to its end (its results and errors dropped) by `deadline`
+    (time.monotonic); False if it is still running then."""
+    while True:
+        ready, _ = ray.wait([gen], timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return False
+        try:
+            ray.get(next(gen))
+        except StopIteration:
+            return True
+        except Exception:  # the cancellation itself, or the worker's loss
+            continue
+
+
 @dataclass
 class _Group:
     rows: list[int]  # step rows, in the group's order
@@ -102,15 +121,30 @@ class StepStream:
         self.losses = {"rollout": 0, "teacher": 0}
         self.rows_redone = self.groups_rescored = 0  # after worker losses (metrics: stream/*)
         self.rollout_done = time.time()
+        self._cancel = threading.Event()
 
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> StreamedBatch:
+        try:
+            return self._run()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def cancel(self) -> None:
+        """Stop the stream from another thread (a prefetch the run no longer wants): `run`
+        raises StreamCancelled within a heartbeat period, its generations cancelled."""
+        self._cancel.set()
+
+    def _run(self) -> StreamedBatch:
         for rank in range(len(self.work)):
             self._launch(rank, None)
         deadline = time.monotonic() + self.cfg.run.step_timeout_s
         watched = time.monotonic()
         while self.streams or self.scoring or self.old_refs:
+            if self._cancel.is_set():
+                raise StreamCancelled(f"step {self.step}: the streamed rollout was cancelled")
             waitables = [*self.streams, *self.scoring, *self.old_refs]
             ready, _ = ray.wait(waitables, num_returns=1, timeout=HEARTBEAT_S)
             if time.monotonic() - watched >= HEARTBEAT_S:  # also while other groups flow
@@ -162,11 +196,18 @@ class StepStream:
                 role="rollout",
             ) from exc
         if batch.weight_version != self.expected_version:
-            raise VersionMismatch(
+            exc = VersionMismatch(
                 f"step {self.step}: a streamed group from {self._who('rollout', rank)} carries "
                 f"weight version {batch.weight_version}, the driver expects "
                 f"{self.expected_version}: a weight sync was lost"
             )
+            # A worker that crashed while idle comes back with the initial weights: recovered.
+            if rank not in self.p.rollout.replaced(self.cfg.run.step_timeout_s, str(exc)):
+                raise exc
+            del self.streams[gen]
+            self._end_generations([gen])
+            self._rollout_lost(rank, exc)
+            return
         twice = set(local_rows) - self.remaining[rank]
         if twice:
             raise StreamLost(
@@ -309,6 +350,36 @@ class StepStream:
         for gid in lost:
             self._send_to_teacher(gid)
 
+    def _abandon(self) -> None:
+        """The stream failed or was cancelled: its generations still running are cancelled and
+        waited for, so that what the driver does next (a learner restart's rejoin and weight
+        push, the next step) does not queue behind a generation nobody will read."""
+        gens, self.streams = list(self.streams), {}
+        try:
+            self._end_generations(gens)
+        except Exception as exc:  # the stream's own error is the one to report
+            log.warning("step %d (streamed): ending its generations: %s", self.step, exc)
+
+    def _end_generations(self, gens: list) -> None:
+        """Cancel these generations (each stops at its next engine step, its requests aborted
+        in the engine) and read them to their end; one still running after
+        run.worker_timeout_s is killed (Ray restarts it)."""
+        ranks = {gen: self.streams.get(gen) for gen in gens}
+        for gen in gens:
+            ray.cancel(gen)
+        deadline = time.monotonic() + self.cfg.run.worker_timeout_s
+        for gen in gens:
+            if not _drain(gen, deadline):
+                rank = ranks[gen]
+                handle = self.p.rollout.handles[rank] if rank is not None else None
+                log.warning(
+                    "step %d (streamed): a cancelled generation did not end within "
+                    "run.worker_timeout_s; killing its worker",
+                    self.step,
+                )
+                if handle is not None:
+                    ray.kill(handle, no_restart=False)
+
     def _watch_heartbeats(self) -> None:
         """Kill a worker with work in flight whose heartbeat stopped; its calls then fail and
         the loss is handled as a death."""
@@ -402,6 +473,14 @@ class StreamInBackground:
         if self._error is not None:
             raise self._error
         return self._result
+
+    def cancel(self, timeout_s: float) -> None:
+        """Stop the stream and wait for its thread (its generations cancelled, see
+        `StepStream.cancel`); its outcome is dropped."""
+        self.stream.cancel()
+        self._thread.join(timeout_s + 2 * HEARTBEAT_S)
+        if self._thread.is_alive():
+            log.warning("the cancelled prefetch stream did not stop within %.0fs", timeout_s)
 
 
 class Streaming:

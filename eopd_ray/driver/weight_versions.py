@@ -5,7 +5,10 @@ driver checks that each engine holds exactly what was sent before it counts the 
     _push_weights(v, what)   send, receive, compare checksums (confirm), probe log-probs
 
 A rollout worker lost in the middle of a collective broadcast leaves the others waiting in it:
-`_abandon_broadcast` frees them, and the sync is redone once Ray has restarted the workers.
+`_abandon_broadcast` cancels them, and the sync is redone once Ray has restarted the worker. One
+that crashed between calls (a fresh process, in no group) is found before the broadcast starts
+and the group formed again; a learner lost while idle breaks its receivers' connections: a
+learner loss, not a rollout failure.
 
 Part of `Pipeline` (its base class).
 """
@@ -13,11 +16,19 @@ Part of `Pipeline` (its base class).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import ray
 
-from eopd_ray.core.invariants import check_weights_in_sync, check_weights_loaded, logprob_gap_bound
-from eopd_ray.driver.actors import WorkerError
+from eopd_ray.core.invariants import (
+    WeightsOutOfSync,
+    check_weights_in_sync,
+    check_weights_loaded,
+    logprob_gap_bound,
+)
+from eopd_ray.driver.actors import WorkerError, call_died
+
+log = logging.getLogger(__name__)
 
 
 class WeightVersions:
@@ -39,6 +50,7 @@ class WeightVersions:
     def _push_weights(self, new_version: int, what: str) -> None:
         timeout = self.cfg.sync.timeout_s
         if self.cfg.sync.transport == "collective":
+            self._rejoin_replaced_workers(what)
             sends = self.learner.call_async("broadcast_weights")
             receives = self.rollout.call_async("receive_weights", new_version)
         else:
@@ -47,8 +59,9 @@ class WeightVersions:
         try:
             self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
         except WorkerError as exc:
-            if exc.died and self.cfg.sync.transport == "collective":
+            if self.cfg.sync.transport == "collective":
                 self._abandon_broadcast(sends, receives)
+            self._blame_lost_learner(sends, what, exc)
             raise
         self.learner.get(sends, timeout, f"{what} weight sync (send)")
         # What every engine holds, read back and checksummed, against what the learner sent:
@@ -64,23 +77,71 @@ class WeightVersions:
             timeout,
             f"{what} weight sync (confirm)",
         )
-        check_weights_loaded(
-            sent, confirmed, [str(i) for i in self.rollout.identities], new_version, what
-        )
+        try:
+            check_weights_loaded(
+                sent, confirmed, [str(i) for i in self.rollout.identities], new_version, what
+            )
+        except WeightsOutOfSync as exc:
+            self._blame_replaced_workers(f"{what} weight sync (confirm)", exc)
+            raise
         self.version = new_version
         self._check_weights_in_sync(what)
 
+    def _rejoin_replaced_workers(self, what: str) -> None:
+        """A rollout worker that crashed between calls is a fresh process Ray restarted: it is
+        in no weight-sync group, and a broadcast would wait for it. Seen here, before any
+        broadcast starts, it is one cheap call per worker; the group is formed again."""
+        fresh = self.rollout.replaced(self.cfg.sync.timeout_s, f"{what} weight sync (who)")
+        if fresh:
+            log.warning(
+                "%s: rollout worker(s) %s were restarted since the last call; forming the "
+                "weight-sync group again",
+                what,
+                ", ".join(str(self.rollout.identities[r]) for r in fresh),
+            )
+            self._join_sync_group()
+            self.num_recoveries += 1
+
+    def _blame_replaced_workers(self, what: str, exc: Exception) -> None:
+        """A check failed (a version or checksum that is not the expected one). If rollout
+        workers were restarted meanwhile (fresh processes hold the initial weights), that is
+        why: raise it as their loss, which the caller recovers from; otherwise return."""
+        fresh = self.rollout.replaced(self.cfg.run.step_timeout_s, f"{what} (who)")
+        if fresh:
+            who = ", ".join(str(self.rollout.identities[r]) for r in fresh)
+            raise WorkerError(
+                f"{what}: rollout worker(s) {who} were restarted since the last weight sync "
+                f"({exc})",
+                died=True,
+                role="rollout",
+            ) from exc
+
+    def _blame_lost_learner(self, sends: list, what: str, exc: WorkerError) -> None:
+        """The receivers failed because the sender is gone (a learner lost while idle: its
+        peers' connections break): that is a learner loss, which restarts the learner group,
+        not a rollout failure, which would stop the run."""
+        if exc.role == "learner" or not any(call_died(ref) for ref in sends):
+            return
+        raise WorkerError(
+            f"{what} weight sync: a learner rank was lost ({exc})", died=True, role="learner"
+        ) from exc
+
     def _abandon_broadcast(self, sends: list, receives: list) -> None:
-        """A rollout worker was lost in the middle of a collective broadcast: the others would
-        wait in it for a peer that is gone, up to `sync.timeout_s`. The rollout workers still
-        inside it are killed (Ray restarts them; the redone sync reloads every engine), which
-        ends the learner's send too; every call's outcome is collected, so no "Unhandled error"
-        is left behind for Ray to log."""
-        _, inside = ray.wait(receives, num_returns=len(receives), timeout=0)
+        """A rollout worker was lost in the middle of a collective broadcast: the others and
+        learner rank 0 would wait in it for a peer that is gone, up to `sync.timeout_s` (gloo
+        notices a peer lost between buckets only then). Every call still in it is cancelled:
+        the ends poll for that between buckets and give up within a fraction of a second (a
+        rollout engine keeps its old version; the redone sync reloads everything). A rollout
+        worker that does not end by `run.worker_timeout_s` is killed (Ray restarts it). Every
+        call's outcome is collected, so no "Unhandled error" is left behind for Ray to log."""
+        calls = sends + receives
+        for ref in calls:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        _, inside = ray.wait(calls, num_returns=len(calls), timeout=self.cfg.run.worker_timeout_s)
         for rank, ref in enumerate(receives):
             if ref in inside:
                 ray.kill(self.rollout.handles[rank], no_restart=False)
-        calls = sends + receives
         ray.wait(calls, num_returns=len(calls), timeout=self.cfg.run.worker_timeout_s)
         for ref in calls:
             with contextlib.suppress(Exception):

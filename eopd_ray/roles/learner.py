@@ -39,7 +39,7 @@ from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
 from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
-from eopd_ray.roles.weight_sync import TensorMeta, WeightSender, plan_buckets
+from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender, plan_buckets
 from eopd_ray.storage.run_storage import BackgroundUpload, RunStorage
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
@@ -55,6 +55,7 @@ class LearnerWorker(LearnerWeights):
         self.fused = False  # loss.fused_head, once setup has installed it
         self.checkpointing = False  # learner.gradient_checkpointing as set up (auto decided)
         self.sender: WeightSender | None = None
+        self._retired_groups = RetiredGroups()  # see there: why groups are never destroyed
         self.buckets: list[list[TensorMeta]] = []
         self._sent_checksum: int | None = None  # of the last sync's weights (rank 0)
         self._gathered_checksum = 0  # of what _gathered_buckets has yielded so far

@@ -14,7 +14,8 @@ import torch
 
 from eopd_ray.config import Config
 from eopd_ray.core.weight_checksum import combine, weights_checksum
-from eopd_ray.roles.weight_sync import TensorMeta, WeightSender
+from eopd_ray.roles.cancellation import cancelled
+from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender
 from eopd_ray.storage.run_storage import RunStorage
 
 
@@ -60,6 +61,7 @@ class LearnerWeights:
     engine: object
     buckets: list[list[TensorMeta]]
     sender: WeightSender | None
+    _retired_groups: RetiredGroups
     _sent_checksum: int | None
     _gathered_checksum: int
 
@@ -78,7 +80,9 @@ class LearnerWeights:
         return self.buckets
 
     def join_sync_group(self, address: str, port: int, world_size: int) -> None:
-        """Rank 0 only: host the weight-broadcast group with the rollout workers."""
+        """Rank 0 only: host the weight-broadcast group with the rollout workers (a new group
+        after a rollout worker was lost; the old one is retired, see `RetiredGroups`)."""
+        self._retired_groups.retire(self.sender)
         self.sender = WeightSender.connect(
             address, port, world_size, self.buckets, self.cfg.sync.timeout_s
         )
@@ -122,9 +126,9 @@ class LearnerWeights:
             if self.rank == 0 and failed is None:
                 assert self.sender is not None, "join_sync_group was not called on rank 0"
                 try:
-                    self.sender.send(index, tensors)
+                    self.sender.send(index, tensors, should_stop=cancelled)
                     sent += 1
-                except RuntimeError as exc:  # gloo: the connection to a peer is gone
+                except RuntimeError as exc:  # gloo: a peer is gone; SyncAborted: cancelled
                     failed = exc
             if self.cfg.learner.zero_stage != 3 and self.rank != 0:
                 break  # nothing to gather on other ranks

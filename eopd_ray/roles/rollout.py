@@ -19,6 +19,7 @@ streams with 1 or 4 workers, and after a worker restart.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +29,9 @@ import torch
 
 from eopd_ray.config import Config
 from eopd_ray.core.wire import RolloutBatch
-from eopd_ray.roles.weight_sync import WeightReceiver
+from eopd_ray.errors import EopdError, WorkerReplaced
+from eopd_ray.roles.cancellation import cancelled
+from eopd_ray.roles.weight_sync import RetiredGroups, WeightReceiver
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
@@ -70,6 +73,18 @@ def prompt_seeds(base: int | str, keys: Sequence[int | str]) -> list[int]:
     """One seed per prompt from a base (e.g. "<rollout.seed>/<step>") and each prompt's key (its
     position in the step, or a problem id), independent of how prompts are split over workers."""
     return [zlib.crc32(f"{base}/{key}".encode()) & 0x7FFFFFFF for key in keys]
+
+
+class GenerationCancelled(EopdError):
+    """The driver cancelled a generation (`ray.cancel`): its requests were aborted in the engine,
+    so the worker is free for the next call at once."""
+
+
+def _stop_if_cancelled(done: int, asked: int) -> None:
+    if cancelled():
+        raise GenerationCancelled(
+            f"generation cancelled by the driver after {done} of {asked} requests finished"
+        )
 
 
 Buckets = Iterable[list[tuple[str, torch.Tensor]]]
@@ -164,6 +179,7 @@ class VllmEngine(_Engine):
         engine = self.llm.llm_engine
         try:
             while engine.has_unfinished_requests():
+                _stop_if_cancelled(len(asked) - len(row_of), len(asked))
                 done = [
                     (row_of.pop(out.request_id), _sample(out.outputs[0]))
                     for out in engine.step()
@@ -236,11 +252,13 @@ class HfEngine(_Engine):
     ) -> Iterator[list[Finished]]:
         """One request at a time, each handed out as it finishes (as VllmEngine.finished)."""
         n = sampling.samples_per_prompt
-        for i, j in _requests(len(prompts), n, rows):
+        asked = _requests(len(prompts), n, rows)
+        for done, (i, j) in enumerate(asked):
             prompt = prompts[i]
             gen = torch.Generator().manual_seed(sample_seed(seeds[i], j))
             ids, logprobs, reason = list(prompt), [], "length"
             for _ in range(sampling.max_new_tokens):
+                _stop_if_cancelled(done, len(asked))
                 logits = self.model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
                 if sampling.temperature == 0:
                     token = int(logits.argmax())
@@ -309,6 +327,7 @@ class RolloutWorker:
         self.version = 0
         self._pending: tuple[int, int] | None = None  # (version, checksum) loaded, unconfirmed
         self.receiver: WeightReceiver | None = None
+        self._retired_groups = RetiredGroups()  # see there: why groups are never destroyed
         self.metrics = WorkerMetrics("rollout", rank, cfg.run.id)
 
     def generate(
@@ -401,6 +420,7 @@ class RolloutWorker:
 
     def join_sync_group(self, address: str, port: int, world_size: int, metadata: list) -> None:
         """Join the collective group learner rank 0 broadcasts weights on (rank = 1 + self.rank)."""
+        self._retired_groups.retire(self.receiver)
         self.receiver = WeightReceiver.connect(
             address, port, 1 + self.rank, world_size, metadata, self.cfg.sync.timeout_s
         )
@@ -409,8 +429,12 @@ class RolloutWorker:
         """Receive every bucket of version `version` over the collective group and load them
         as one weight update; returns the checksum read back from the engine. The worker's
         version changes only when the driver confirms that checksum (`confirm_weights`)."""
-        assert self.receiver is not None, "join_sync_group was not called"
-        self.engine.load_weights(self.receiver.receive(), version)
+        if self.receiver is None:
+            raise WorkerReplaced(
+                f"rollout-{self.rank} (pid {os.getpid()}) has not joined the weight-sync group: "
+                "it was restarted since the group formed; the driver rejoins it and syncs again"
+            )
+        self.engine.load_weights(self.receiver.receive(should_stop=cancelled), version)
         return self._loaded(version)
 
     def load_weights(self, buckets: list[list[tuple[str, torch.Tensor]]], version: int) -> int:

@@ -14,7 +14,8 @@ This module holds the pure torch part (no Ray): bucket planning, flattening, and
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,28 @@ def unflatten(flat: torch.Tensor, bucket: Sequence[TensorMeta]) -> list[tuple[st
     return out
 
 
+class SyncAborted(RuntimeError):
+    """A weight sync's broadcast was given up on (the driver cancelled it: a peer was lost)."""
+
+
+# How often a waiting end looks at `should_stop` (a bucket waits at most this much longer).
+_POLL_MAX_S = 0.02
+
+
+def _wait(work, should_stop: Callable[[], bool] | None, what: str) -> None:
+    """Wait for one broadcast; with `should_stop`, poll so that a sync the driver gave up on
+    (a peer lost between buckets, which gloo itself notices only at its timeout) ends within
+    a fraction of a second. The op's own error, if any, is raised by the final wait()."""
+    if should_stop is not None:
+        pause = 1e-4
+        while not work.is_completed():
+            if should_stop():
+                raise SyncAborted(f"{what}: abandoned (the driver cancelled the weight sync)")
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX_S)
+    work.wait()
+
+
 def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
     """A process group of its own (not torch's default group, which DeepSpeed owns)."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -94,13 +117,19 @@ class WeightSender:
     def connect(cls, address: str, port: int, world_size: int, buckets, timeout_s: float):
         return cls(_gloo_group(address, port, 0, world_size, timeout_s), buckets)
 
-    def send(self, bucket_index: int, tensors: Sequence[torch.Tensor]) -> None:
+    def send(
+        self,
+        bucket_index: int,
+        tensors: Sequence[torch.Tensor],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         flat = self._flats[bucket_index]
         if flat is None or flat.device != tensors[0].device:
             flat = self._flats[bucket_index] = _flat_buffer(
                 self.buckets[bucket_index], tensors[0].device
             )
-        self.group.broadcast(flatten(tensors, out=flat), 0).wait()
+        work = self.group.broadcast(flatten(tensors, out=flat), 0)
+        _wait(work, should_stop, f"sending bucket {bucket_index}")
 
 
 class WeightReceiver:
@@ -115,7 +144,24 @@ class WeightReceiver:
     def connect(cls, address: str, port: int, rank: int, world_size: int, buckets, timeout_s):
         return cls(_gloo_group(address, port, rank, world_size, timeout_s), buckets)
 
-    def receive(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        for bucket, flat in zip(self.buckets, self._flats, strict=True):
-            self.group.broadcast(flat, 0).wait()
+    def receive(
+        self, should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        for index, (bucket, flat) in enumerate(zip(self.buckets, self._flats, strict=True)):
+            _wait(self.group.broadcast(flat, 0), should_stop, f"receiving bucket {index}")
             yield unflatten(flat, bucket)
+
+
+class RetiredGroups:
+    """Process groups replaced by a new one. A group whose last broadcast was abandoned still
+    has that op in its worker thread until gloo's own timeout (sync.timeout_s), and destroying
+    the group joins that thread: the process would block for minutes. They are kept, never
+    destroyed (a few per run: one per rejoin), without their buffers."""
+
+    def __init__(self) -> None:
+        self._groups: list = []
+
+    def retire(self, end: WeightSender | WeightReceiver | None) -> None:
+        if end is not None:
+            self._groups.append(end.group)
+            end._flats = []
