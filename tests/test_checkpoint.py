@@ -397,3 +397,58 @@ def test_a_resuming_rank_fetches_its_own_shards_and_the_shared_files(
         assert local == names[-1] | names[2]
     for name in names[-1] | names[2]:
         assert (fetched / name).read_bytes() == name.encode()
+
+
+# ------------------------------------------------------------------- issue 31, finding 7
+
+
+def with_models(tmp_path, student: str, teacher: str, **run):
+    return config_from_dict(
+        {
+            **BASE,
+            "model": {"student_path": student, "teacher_path": teacher},
+            "run": {"output_dir": str(tmp_path), **run},
+        }
+    )
+
+
+def test_resuming_with_another_teacher_is_refused_unless_allowed(tmp_path, store):
+    write(store, cfg(tmp_path), 1)
+    ckpt = checkpoint.latest(store)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"model\.teacher_path changed from 't' to 't2'.*run\.allow_config_change=true",
+    ):
+        checkpoint.check_compatible(with_models(tmp_path, "s", "t2"), ckpt, store)
+    allowed = with_models(tmp_path, "s", "t2", allow_config_change=True)
+    assert checkpoint.check_compatible(allowed, ckpt, store) == [
+        "model.teacher_path changed from 't' to 't2' (the rest of the run would distill another "
+        "teacher)"
+    ]
+
+
+def test_a_model_uri_whose_objects_changed_since_the_checkpoint_is_refused(tmp_path, store):
+    uri = "s3://bucket/models/teacher?endpoint_override=127.0.0.1:9&scheme=http"
+    then, now = f"{uri}#listing={'a' * 16}", f"{uri}#listing={'b' * 16}"
+    write(store, with_models(tmp_path, "s", then), 1)
+    ckpt = checkpoint.latest(store)
+    assert checkpoint.check_compatible(with_models(tmp_path, "s", then), ckpt, store) == []
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_compatible(with_models(tmp_path, "s", now), ckpt, store)
+    assert f"the objects at {uri!r} changed since the checkpoint (listing {'a' * 16}, now" in str(
+        err.value
+    )
+    allowed = with_models(tmp_path, "s", now, allow_config_change=True)
+    assert len(checkpoint.check_compatible(allowed, ckpt, store)) == 1
+    # A checkpoint from before URIs were pinned cannot tell: resumed as the same objects.
+    write(store, with_models(tmp_path, "s", uri), 2)
+    ckpt = checkpoint.latest(store)
+    assert checkpoint.check_compatible(with_models(tmp_path, "s", now), ckpt, store) == []
+
+
+def test_another_student_stays_refused_even_when_allowed(tmp_path, store):
+    write(store, cfg(tmp_path), 1)
+    ckpt = checkpoint.latest(store)
+    other = with_models(tmp_path, "s2", "t", allow_config_change=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.student_path changed from 's'"):
+        checkpoint.check_compatible(other, ckpt, store)

@@ -24,6 +24,7 @@ from eopd_ray.storage.sources import (
     local_model_dir,
     pin_model,
     pin_models,
+    with_local_models,
     with_local_paths,
 )
 
@@ -228,7 +229,9 @@ def test_the_driver_localizes_models_prompts_and_benchmarks(s3, node_cache, tiny
     assert local.model.teacher_path == str(teacher)
     assert Path(local.data.train_path).read_text().startswith('{"prompt"')
     assert Path(local.eval.benchmarks[0]).name == "tiny_bench.jsonl"
-    assert pin_models(cfg) == cfg  # URIs and local paths are not pinned
+    pinned = pin_models(cfg)  # a URI is pinned to its listing, a local path left as it is
+    assert pinned.model.student_path.startswith(cfg.model.student_path + "#listing=")
+    assert pinned.model.teacher_path == str(teacher)
 
 
 def test_the_driver_pins_hub_ids_before_any_worker_starts(hub_cache, tiny_pair, tmp_path):
@@ -250,3 +253,34 @@ def test_the_driver_pins_hub_ids_before_any_worker_starts(hub_cache, tiny_pair, 
     assert pipeline.cfg.model.student_path == f"tiny-org/student@{commit('s')}"
     assert pipeline.cfg.model.teacher_path == f"tiny-org/teacher@{commit('t')}"
     assert len(pipeline.prompts) == 8  # tokenized with the cached student's tokenizer
+
+
+def test_a_model_uri_is_pinned_and_a_later_worker_refuses_other_objects(
+    s3, node_cache, tiny_pair, tmp_path, monkeypatch
+):
+    """Issue 31 finding 7: a worker started later (a restart, a new node) loaded whatever the
+    URI held then, e.g. a teacher replaced mid-run."""
+    student, teacher = tiny_pair
+    uri = s3.upload_dir(teacher, "models/pinned/teacher")
+    cfg = config_from_dict(
+        {"model": {"student_path": str(student), "teacher_path": uri}, "data": {"toy_prompts": 4}}
+    )
+    pinned = pin_models(cfg)
+    spec = pinned.model.teacher_path
+    assert spec.startswith(uri + "#listing=") and pinned.model.student_path == str(student)
+    assert pin_models(pinned) == pinned  # a pinned URI whose objects are unchanged stays
+    loaded = with_local_models(pinned).model.teacher_path
+    assert AutoConfig.from_pretrained(loaded).vocab_size > 0
+    s3.put_bytes("models/pinned/teacher/config.json", b'{"replaced": true}')
+    # The node holding the pinned copy loads it; a new node refuses the replaced objects.
+    assert with_local_models(pinned).model.teacher_path == loaded
+    monkeypatch.setenv("EOPD_CACHE", str(tmp_path / "a-new-node"))
+    with pytest.raises(SourceError) as err:
+        with_local_models(pinned)
+    message = str(err.value)
+    assert "model.teacher_path = " in message and "changed since the run pinned them" in message
+    assert spec.rsplit("=", 1)[1] in message and "run.allow_config_change" in message
+    with pytest.raises(SourceError, match="changed since the run pinned them"):
+        pin_models(pinned)  # a pin given explicitly is checked too
+    repinned = pin_models(cfg).model.teacher_path  # unpinned: the objects there now
+    assert repinned.startswith(uri + "#listing=") and repinned != spec

@@ -21,7 +21,8 @@ saved again it is moved aside to `checkpoints/kept-step-NNNNNN-unparsable-<time>
 last `run.keep_checkpoints` are kept.
 
 What a resume must not change silently is checked against the checkpoint (`check_compatible`):
-the keys in `_BREAKING`, a fingerprint of the kept prompts (every data key and the files'
+the keys in `_BREAKING`, the student and the teacher (a URI's objects too, by the listing it was
+pinned to), a fingerprint of the kept prompts (every data key and the files'
 contents decide which prompts the stream position counts in), and the LR schedule's shape
 (`run.steps`, `learner.mini_batch_size` ... move a cosine schedule). A mismatch stops the run
 unless `run.allow_config_change: true`, which the metrics then show (`run/config_changed`).
@@ -48,7 +49,8 @@ import torch
 from eopd_ray.config import Config, config_from_dict, config_to_yaml, total_updates
 from eopd_ray.config.strict_yaml import parse_yaml
 from eopd_ray.errors import EopdError
-from eopd_ray.storage.run_storage import RunStorage
+from eopd_ray.storage.run_storage import RunStorage, redacted
+from eopd_ray.storage.sources import split_uri_pin
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +254,8 @@ def saved_config(store: RunStorage, rel: str) -> Config:
 
 
 # Keys that, changed, make a checkpoint meaningless or unloadable, or change what is trained.
+# model.student_path and model.teacher_path: _model_changes.
 _BREAKING = {
-    "model.student_path": "the learner state belongs to another student",
     "model.dtype": "the optimizer state was saved in another precision",
     "learner.num_workers": "DeepSpeed partitions the optimizer state by world size",
     "learner.zero_stage": "ZeRO stages store their state differently",
@@ -322,6 +324,36 @@ def _identity_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
+def _model_changes(saved: Config, cfg: Config) -> tuple[list[str], list[str]]:
+    """(fatal, changed) for the two models. Another student is fatal (the learner state is
+    its); another teacher changes what is distilled. A URI whose objects changed since the
+    checkpoint (another `#listing=` pin, eopd_ray.storage.sources) changes the weights loaded:
+    never silently. A checkpoint from before URIs were pinned cannot tell: taken as the same."""
+    fatal, changed = [], []
+    for name in ("student_path", "teacher_path"):
+        key = f"model.{name}"
+        old, new = getattr(saved.model, name), getattr(cfg.model, name)
+        (old_uri, old_pin), (new_uri, new_pin) = split_uri_pin(old), split_uri_pin(new)
+        if old == new or (old_uri == new_uri and old_pin is None):
+            continue
+        if old_uri == new_uri:
+            changed.append(
+                f"{key}: the objects at {redacted(new_uri)!r} changed since the checkpoint "
+                f"(listing {old_pin}, now {new_pin}: a file added, removed, resized or rewritten)"
+            )
+        elif name == "student_path":
+            fatal.append(
+                f"{key} changed from {redacted(old)!r} to {redacted(new)!r} (the learner state "
+                "belongs to another student)"
+            )
+        else:
+            changed.append(
+                f"{key} changed from {redacted(old)!r} to {redacted(new)!r} (the rest of the run "
+                "would distill another teacher)"
+            )
+    return fatal, changed
+
+
 def check_compatible(
     cfg: Config, ckpt: Checkpoint, store: RunStorage, trained_on: dict | None = None
 ) -> list[str]:
@@ -330,7 +362,7 @@ def check_compatible(
     only change what is trained are returned (to log and to show in the metrics) instead; the
     ones that make the checkpoint unloadable are always refused."""
     saved = saved_config(store, f"{ckpt.rel}/config.yaml")
-    fatal, changed = [], []
+    fatal, changed = _model_changes(saved, cfg)
     for key, why in _BREAKING.items():
         section, name = key.split(".")
         old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)

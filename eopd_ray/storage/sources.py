@@ -13,7 +13,10 @@ Three ways to give `model.student_path` / `model.teacher_path` (and `jobs/evalua
   to the commit it resolves, so every worker and a resumed run load the same weights;
 - any `pyarrow.fs` URI (`s3://`, `gs://`, `hdfs://`, ...; query parameters such as
   `endpoint_override` are pyarrow's): copied once per node into `EOPD_CACHE` (default
-  `~/.cache/eopd-ray`).
+  `~/.cache/eopd-ray`). The driver pins a model URI to its listing (every file's name, size
+  and modification time) as `<uri>#listing=<digest>`; a worker that loads it later (a restart,
+  a new node) refuses objects that changed since, unless its node holds the pinned copy, and a
+  resume compares the pin with the checkpoint's (eopd_ray.storage.checkpoint).
 
 Every worker on a node resolves the same spec; a file lock makes the first one download and the
 others wait and reuse it. A download goes to a temporary directory renamed into place only when
@@ -139,6 +142,59 @@ def _listing(fs: pafs.FileSystem, path: str) -> dict[str, list[int]]:
     }
 
 
+_PIN = re.compile(r"^(?P<uri>.+)#listing=(?P<digest>[0-9a-f]{16})$")
+
+
+def split_uri_pin(spec: str) -> tuple[str, str | None]:
+    """(`uri`, listing digest) of `<uri>#listing=<digest>`; (`spec`, None) when unpinned."""
+    match = _PIN.match(spec)
+    return (match["uri"], match["digest"]) if match else (spec, None)
+
+
+def listing_digest(listing: dict[str, list[int]]) -> str:
+    """What a pin records: a digest of every file's relative name, size and mtime."""
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _list_uri(uri: str, key: str) -> tuple[pafs.FileSystem, str, dict[str, list[int]]]:
+    shown = redacted(uri)  # what messages may show: no credentials from the query
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        listing = _listing(fs, path)
+    except FileNotFoundError:
+        raise SourceError(f"{key} = {shown!r}: nothing there (no such file or directory)") from None
+    except (OSError, ValueError) as exc:
+        raise SourceError(
+            f"{key} = {shown!r}: cannot list it ({exc}); check the URI, its endpoint and the "
+            "credentials (the standard environment variables, e.g. AWS_ACCESS_KEY_ID)"
+        ) from None
+    if not listing:
+        raise SourceError(f"{key} = {shown!r}: an empty directory")
+    return fs, path, listing
+
+
+def _changed_since_pinned(uri: str, key: str, pin: str, now: str) -> SourceError:
+    return SourceError(
+        f"{key} = {redacted(uri)!r}: the objects there changed since the run pinned them "
+        f"(listing {pin}, now {now}: a file added, removed, resized or rewritten), so this "
+        "worker would load other weights than the rest of the run. Restore the objects the run "
+        "started with, or start a new run; a resumed run takes the objects there now only with "
+        f"run.allow_config_change=true (and {key} without its #listing=... suffix)"
+    )
+
+
+def pin_uri(spec: str, key: str = "model") -> str:
+    """`<uri>#listing=<digest>` of the objects at `spec` now; a pinned `spec` is checked and
+    returned as it is (SourceError when its objects changed)."""
+    uri, pin = split_uri_pin(spec)
+    now = listing_digest(_list_uri(uri, key)[2])
+    if pin is not None and pin != now:
+        raise _changed_since_pinned(uri, key, pin, now)
+    if pin is None:
+        log.info("%s = %s: pinned to its listing %s", key, redacted(uri), now)
+    return f"{uri}#listing={now}"
+
+
 def posix_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
@@ -161,26 +217,32 @@ def _matches(local: Path, listing: dict[str, list[int]]) -> bool:
     )
 
 
-def fetch_uri(uri: str, key: str = "source") -> Path:
-    """A node-local copy of the file or directory at `uri`: a directory holding the file(s)."""
-    shown = redacted(uri)  # what messages may show: no credentials from the query
+def _cached_pinned(target: Path, pin: str) -> bool:
+    """The node's copy is the pinned listing's, whole (the store may hold other objects now)."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        listing = _listing(fs, path)
-    except FileNotFoundError:
-        raise SourceError(f"{key} = {shown!r}: nothing there (no such file or directory)") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(
-            f"{key} = {shown!r}: cannot list it ({exc}); check the URI, its endpoint and the "
-            "credentials (the standard environment variables, e.g. AWS_ACCESS_KEY_ID)"
-        ) from None
-    if not listing:
-        raise SourceError(f"{key} = {shown!r}: an empty directory")
+        listing = json.loads(manifest_of(target).read_text())
+    except (OSError, ValueError):
+        return False
+    return listing_digest(listing) == pin and _matches(target, listing)
+
+
+def fetch_uri(spec: str, key: str = "source") -> Path:
+    """A node-local copy of the file or directory at `spec`: a directory holding the file(s).
+    A pinned `spec` (`pin_uri`) loads only the objects it was pinned to."""
+    uri, pin = split_uri_pin(spec)
+    shown = redacted(uri)
+    fs, path, listing = _list_uri(uri, key)
     base = uri.split("?")[0].rstrip("/")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = cache_root() / "objects" / f"{posix_name(base)}-{digest}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
+        now = listing_digest(listing)
+        if pin is not None and pin != now:
+            if _cached_pinned(target, pin):
+                log.warning("%s: the store changed, using this node's pinned copy", key)
+                return target
+            raise _changed_since_pinned(uri, key, pin, now)
         if _matches(target, listing):
             return target
         partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
@@ -243,15 +305,20 @@ def local_file(spec: str, key: str = "file") -> str:
 
 
 def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None) -> Config:
-    """`cfg` with hub ids pinned to a commit: for an id without a revision, the commit the run
-    being resumed (`resumed()`: its config, or None) used for the same repository, else the one
-    resolved now. Local paths and URIs are left as they are."""
+    """`cfg` with hub ids pinned to a commit and URIs to their listing (`pin_uri`), so that every
+    worker, started now or later, loads the same weights. For a hub id without a revision, the
+    commit the run being resumed (`resumed()`: its config, or None) used for the same
+    repository, else the one resolved now. A URI is pinned to the objects there now: a resume
+    compares that pin with the checkpoint's (checkpoint.check_compatible). Local paths are left
+    as they are."""
     m = cfg.model
     paths = {}
     pinned: Config | None = None
     looked = False  # the resumed run's config is read once, and only for a hub id
     for name in ("student_path", "teacher_path"):
         spec = getattr(m, name)
+        if kind_of(spec) == "uri":
+            paths[name] = pin_uri(spec, f"model.{name}")
         if kind_of(spec) != "hub":
             continue
         if not looked:
