@@ -40,6 +40,7 @@ from eopd_ray.errors import EopdError
 from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender, plan_buckets
+from eopd_ray.storage.learner_files import files_of_rank
 from eopd_ray.storage.run_storage import BackgroundUpload, RunStorage
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
@@ -82,13 +83,15 @@ class LearnerWorker(LearnerWeights):
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, store: RunStorage, rel: str, background: bool = False) -> list[str]:
+    def save_checkpoint(
+        self, store: RunStorage, rel: str, background: bool = False
+    ) -> dict[str, int]:
         """Every rank writes its DeepSpeed state (weights, optimizer, scheduler) to `rel`/learner
         on the run's storage: in place on a shared disk, else through node-local scratch space
         that each rank uploads itself (no shared mount needed). With `background` (an object
         store), the upload runs in a thread while the next step trains; `upload_state` tells
-        how it goes. Returns the files this rank wrote, relative to `rel` (the driver's commit
-        checks they are all there)."""
+        how it goes. Returns the files this rank wrote, relative to `rel`, with their sizes (the
+        driver's commit checks they all arrived whole)."""
         self.wait_uploaded()  # at most one upload in flight
         local = store.staging(rel)
         self.engine.save_checkpoint(str(local), tag="learner", client_state={"step": self.step})
@@ -117,7 +120,8 @@ class LearnerWorker(LearnerWeights):
 
     def load_checkpoint(self, store: RunStorage, rel: str) -> int:
         """Restore every rank's state from the checkpoint at `rel`; returns the steps trained."""
-        local = store.fetch(rel)
+        # From an object store: this rank's ZeRO shard and the shared files, not every rank's.
+        local = store.fetch(rel, keep=files_of_rank(self.rank))
         try:
             path, client = self.engine.load_checkpoint(str(local), tag="learner")
         finally:
@@ -372,9 +376,13 @@ class LearnerWorker(LearnerWeights):
         return results
 
 
-def _files_under(root) -> list[str]:
-    """Files below local directory `root`, as `/`-joined paths relative to it."""
+def _files_under(root) -> dict[str, int]:
+    """Files below local directory `root`, as `/`-joined paths relative to it, with their sizes."""
     from pathlib import Path
 
     root = Path(root)
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
