@@ -139,3 +139,13 @@ def test_share_step_gives_each_rank_its_rows_and_the_imbalance():
     assert shares.ranks == [rank_share(shares.plan, r) for r in range(2)]
     assert sorted(r for rows, _ in shares.ranks for r in rows) == list(range(32))
     assert shares.imbalance == rank_imbalance(shares.plan, lengths)
+
+
+def test_a_plan_that_loses_or_repeats_a_row_is_refused():
+    from eopd_ray.core.micro_batches import PlanError, check_every_row_once
+
+    check_every_row_once([[[[0, 1]], [[2]]]], 3, "2 ranks")
+    with pytest.raises(PlanError, match=r"missing \[2\].*every row must be trained exactly once"):
+        check_every_row_once([[[[0, 1]], [[]]]], 3, "2 ranks")
+    with pytest.raises(PlanError, match="duplicated 1"):
+        check_every_row_once([[[[0, 1]], [[1, 2]]]], 3, "2 ranks")

@@ -18,7 +18,6 @@ from eopd_ray.roles.weight_sync import (
     plan_buckets,
 )
 
-
 # As a worker keeps them: destroying a group joins its thread, stuck in the abandoned op.
 RETIRED = RetiredGroups()
 

@@ -34,6 +34,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from eopd_ray.errors import EopdError
+
 # One rank's micro-batches for one update: lists of step rows ([] = a zero-weight placeholder).
 MicroBatches = list[list[int]]
 
@@ -180,6 +182,22 @@ def plan_step(
     return plan
 
 
+class PlanError(EopdError):
+    """A plan that would train a row twice or not at all (a bug: the plan is made here)."""
+
+
+def check_every_row_once(plan: list[list[MicroBatches]], num_rows: int, where: str) -> None:
+    """Every row of the step in exactly one micro-batch of one rank: none trained twice, none
+    left out (a row left out of a pi_old plan would train on log pi_old = 0)."""
+    rows = sorted(r for update in plan for mbs in update for mb in mbs for r in mb)
+    if rows != list(range(num_rows)):
+        missing = sorted(set(range(num_rows)) - set(rows))
+        raise PlanError(
+            f"the plan for {where} holds {len(rows)} rows of {num_rows} (missing {missing[:8]}, "
+            f"duplicated {len(rows) - len(set(rows))}): every row must be trained exactly once"
+        )
+
+
 def rank_share(plan: list[list[MicroBatches]], rank: int) -> tuple[list[int], list[MicroBatches]]:
     """(step rows of `rank`, in plan order; its plan in positions of those rows): what one
     learner rank receives."""
@@ -212,6 +230,7 @@ def share_step(
 ) -> StepShares:
     """`plan_step` plus what each rank receives and the ranks' token imbalance."""
     plan = plan_step(lengths, num_updates, num_ranks, **plan_options)
+    check_every_row_once(plan, len(lengths), f"{num_ranks} learner ranks")
     return StepShares(
         plan=plan,
         ranks=[rank_share(plan, rank) for rank in range(num_ranks)],

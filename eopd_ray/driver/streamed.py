@@ -33,7 +33,7 @@ import ray
 import torch
 
 from eopd_ray.core.invariants import check_teacher_scores
-from eopd_ray.core.micro_batches import plan_step, rank_share
+from eopd_ray.core.micro_batches import check_every_row_once, plan_step, rank_share
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.driver.actors import GONE, ActorGroup, WorkerError
 from eopd_ray.driver.heartbeats import HEARTBEAT_S
@@ -247,14 +247,10 @@ class StepStream:
             balance=lrn.balance_tokens,
             attention_weight=self.p.attention_weight,
         )
+        check_every_row_once(
+            plan, group.batch.num_sequences, f"step {self.step}'s pi_old of a streamed group"
+        )
         shares = [rank_share(plan, rank) for rank in range(ranks)]
-        dealt = sorted(r for rows, _ in shares for r in rows)
-        if dealt != list(range(group.batch.num_sequences)):
-            raise StreamLost(
-                f"step {self.step}: the pi_old plan of a group of {group.batch.num_sequences} "
-                f"rows deals rows {dealt[:16]} to {ranks} learner ranks "
-                f"(learner.balance_tokens = {lrn.balance_tokens}): a row would train on no pi_old"
-            )
         # A rank with no rows still runs its placeholder forwards, on row 0.
         args = [("old_logprobs", group.batch.select(rows or [0]), p) for rows, p in shares]
         refs = self.p.learner.call_each_async("timed", args)
