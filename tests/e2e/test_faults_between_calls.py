@@ -165,3 +165,63 @@ def test_workers_killed_while_idle_and_between_buckets_are_recovered(
     assert torch.equal(a.response_ids, b.response_ids) and a.weight_version == b.weight_version
     print({n: [round(t, 1) for t in ts] for n, ts in took.items()})
     print(*[m for m in messages if "step" in m], sep="\n")
+
+
+def test_a_learner_lost_mid_stream_leaves_no_generation_running(local_ray, tiny_pair, tmp_path):
+    """A learner rank killed while the step's groups stream in (its pi_old call fails): the
+    step's generations still running are cancelled before the learner group is replaced, so
+    the rollout worker answers at once (before: the restart's rejoin and weight push queued
+    behind the abandoned generation, and timed out after sync.timeout_s at the paper's scale)."""
+    from eopd_ray.driver import streamed
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tiny_pair,
+            out,
+            "run.steps=1",
+            "run.export_hf=false",
+            "rollout.num_workers=1",
+            "rollout.prompts_per_step=16",
+            "rollout.samples_per_prompt=4",  # 64 responses of up to 1000 tokens: seconds
+            "rollout.max_new_tokens=1000",
+            "rollout.max_model_len=1100",
+            "rollout.kv_cache_bytes=134217728",
+            "rollout.stream_group_tokens=64",
+            "learner.mini_batch_size=64",
+            "learner.micro_batch_size=16",
+        ),
+    )
+    pipeline = Pipeline(cfg)
+    send, restart = streamed.StepStream._send_to_learners, pipeline._restart_learners
+    seen: dict[str, float] = {}
+
+    def send_then_kill(self, gid):
+        send(self, gid)
+        if "killed" not in seen:
+            seen["killed"] = time.monotonic()
+            os.kill(pipeline.learner.identities[1].pid, signal.SIGKILL)
+
+    def timed_restart(step, exc):
+        # The stream has failed; the rollout worker must be free now.
+        started = time.monotonic()
+        ray.get(pipeline.rollout.handles[0].identity.remote(), timeout=60)
+        seen["rollout answered after"] = time.monotonic() - started
+        seen["stream ended after"] = started - seen["killed"]
+        return restart(step, exc)
+
+    streamed.StepStream._send_to_learners = send_then_kill
+    pipeline._restart_learners = timed_restart
+    try:
+        pipeline.start()
+        history = pipeline.run(progress="lines")
+    finally:
+        streamed.StepStream._send_to_learners = send
+        pipeline.shutdown()
+    print(seen, history[0]["time/rollout_s"])
+    assert pipeline.learner_failures == 1 and len(history) == 1
+    # The whole rollout of the redone step took seconds; what was left of the abandoned one
+    # did not hold the worker.
+    assert history[0]["time/rollout_s"] > 2, history[0]["time/rollout_s"]
+    assert seen["rollout answered after"] < 1.0, seen
