@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         required=True,
-        help="model to evaluate: a HF model directory, a hub id (org/name[@revision]) or a "
-        "pyarrow.fs URI (s3://...)",
+        help="model to evaluate: a HF model directory, a hub id (org/name[@revision]), a "
+        "pyarrow.fs URI (s3://...) or a .gguf file (path or URI; converted once per node)",
     )
     parser.add_argument(
         "--benchmarks", nargs="+", required=True, help="benchmark JSONL files (paths or URIs)"
@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = evaluation_config(args)
-        # A hub id is pinned to the commit evaluated; hub ids and URIs are fetched once per node.
+        # A hub id is pinned to the commit evaluated, a GGUF file to its sha256; hub ids and URIs
+        # are fetched once per node, GGUF files converted once per node (model.dtype).
         spec = pin_model(args.model, "--model")
-        model_dir = local_model_dir(spec, "--model")
+        model_dir = local_model_dir(spec, "--model", cfg.model.dtype)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student_path=model_dir))
         benchmarks = {
             Path(p.split("?")[0]).stem: load_benchmark(local_file(p, "--benchmarks"))

@@ -446,6 +446,21 @@ def test_a_model_uri_whose_objects_changed_since_the_checkpoint_is_refused(tmp_p
     assert checkpoint.check_compatible(with_models(tmp_path, "s", now), ckpt, store) == []
 
 
+def test_a_gguf_file_of_another_sha256_since_the_checkpoint_is_refused(tmp_path, store):
+    then, now = f"runs/models/t.gguf#sha256={'a' * 64}", f"runs/models/t.gguf#sha256={'b' * 64}"
+    write(store, with_models(tmp_path, "s", then), 1)
+    ckpt = checkpoint.latest(store)
+    assert checkpoint.check_compatible(with_models(tmp_path, "s", then), ckpt, store) == []
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_compatible(with_models(tmp_path, "s", now), ckpt, store)
+    assert (
+        f"model.teacher_path: the GGUF file 'runs/models/t.gguf' changed since the checkpoint "
+        f"(sha256 {'a' * 64}, now {'b' * 64})" in str(err.value)
+    )
+    allowed = with_models(tmp_path, "s", now, allow_config_change=True)
+    assert len(checkpoint.check_compatible(allowed, ckpt, store)) == 1
+
+
 def test_another_student_stays_refused_even_when_allowed(tmp_path, store):
     write(store, cfg(tmp_path), 1)
     ckpt = checkpoint.latest(store)

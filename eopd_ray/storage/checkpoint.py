@@ -22,8 +22,8 @@ last `run.keep_checkpoints` are kept.
 
 What a resume must not change silently is checked against the checkpoint (`check_compatible`):
 the keys in `_BREAKING`, the student and the teacher (a URI's objects too, by the listing it was
-pinned to), a fingerprint of the kept prompts (every data key and the files'
-contents decide which prompts the stream position counts in), and the LR schedule's shape
+pinned to; a GGUF file by its sha256), a fingerprint of the kept prompts (every data key and the
+files' contents decide which prompts the stream position counts in), and the LR schedule's shape
 (`run.steps`, `learner.mini_batch_size` ... move a cosine schedule). A mismatch stops the run
 unless `run.allow_config_change: true`, which the metrics then show (`run/config_changed`).
 
@@ -49,6 +49,7 @@ import torch
 from eopd_ray.config import Config, config_from_dict, config_to_yaml, total_updates
 from eopd_ray.config.strict_yaml import parse_yaml
 from eopd_ray.errors import EopdError
+from eopd_ray.storage.gguf_source import is_gguf, split_gguf_pin
 from eopd_ray.storage.run_storage import RunStorage, redacted
 from eopd_ray.storage.sources import split_uri_pin
 
@@ -327,16 +328,23 @@ def _identity_changes(saved: dict, now: dict) -> list[str]:
 def _model_changes(saved: Config, cfg: Config) -> tuple[list[str], list[str]]:
     """(fatal, changed) for the two models. Another student is fatal (the learner state is
     its); another teacher changes what is distilled. A URI whose objects changed since the
-    checkpoint (another `#listing=` pin, eopd_ray.storage.sources) changes the weights loaded:
-    never silently. A checkpoint from before URIs were pinned cannot tell: taken as the same."""
+    checkpoint (another `#listing=` pin, eopd_ray.storage.sources), or a GGUF file of another
+    sha256 (`#sha256=`, eopd_ray.storage.gguf_source), changes the weights loaded: never
+    silently. A checkpoint from before URIs were pinned cannot tell: taken as the same."""
     fatal, changed = [], []
     for name in ("student_path", "teacher_path"):
         key = f"model.{name}"
         old, new = getattr(saved.model, name), getattr(cfg.model, name)
-        (old_uri, old_pin), (new_uri, new_pin) = split_uri_pin(old), split_uri_pin(new)
+        split = split_gguf_pin if is_gguf(new) else split_uri_pin
+        (old_uri, old_pin), (new_uri, new_pin) = split(old), split(new)
         if old == new or (old_uri == new_uri and old_pin is None):
             continue
-        if old_uri == new_uri:
+        if old_uri == new_uri and is_gguf(new):
+            changed.append(
+                f"{key}: the GGUF file {redacted(new_uri)!r} changed since the checkpoint "
+                f"(sha256 {old_pin}, now {new_pin})"
+            )
+        elif old_uri == new_uri:
             changed.append(
                 f"{key}: the objects at {redacted(new_uri)!r} changed since the checkpoint "
                 f"(listing {old_pin}, now {new_pin}: a file added, removed, resized or rewritten)"

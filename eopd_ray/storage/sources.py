@@ -16,7 +16,9 @@ Three ways to give `model.student_path` / `model.teacher_path` (and `jobs/evalua
   `~/.cache/eopd-ray`). The driver pins a model URI to its listing (every file's name, size
   and modification time) as `<uri>#listing=<digest>`; a worker that loads it later (a restart,
   a new node) refuses objects that changed since, unless its node holds the pinned copy, and a
-  resume compares the pin with the checkpoint's (eopd_ray.storage.checkpoint).
+  resume compares the pin with the checkpoint's (eopd_ray.storage.checkpoint);
+- a `.gguf` file (a local path or a URI): converted once per node into a HF model directory in
+  `EOPD_CACHE`, pinned to the file's sha256 (`<path>#sha256=<hex>`; storage/gguf_source.py).
 
 Every worker on a node resolves the same spec; a file lock makes the first one download and the
 others wait and reuse it. A download goes to a temporary directory renamed into place only when
@@ -57,7 +59,12 @@ class SourceError(EopdError):
 
 
 def kind_of(spec: str) -> str:
-    """ "uri", "local" or "hub". An existing local path wins over a hub id of the same shape."""
+    """ "gguf", "uri", "local" or "hub". An existing local path wins over a hub id of the same
+    shape; a `.gguf` file (local or a URI) is "gguf"."""
+    from eopd_ray.storage.gguf_source import is_gguf
+
+    if is_gguf(spec):
+        return "gguf"
     if is_uri(spec):
         return "uri"
     if not _HUB_ID.match(spec) or Path(spec.split("@")[0]).exists():
@@ -109,7 +116,12 @@ def _hub_snapshot(spec: str, key: str) -> Path:
 
 
 def pin_model(spec: str, key: str = "model") -> str:
-    """A hub id pinned to the commit this node resolves (`org/name@<sha>`); other specs as given."""
+    """A hub id pinned to the commit this node resolves (`org/name@<sha>`), a GGUF file to its
+    sha256; other specs as given."""
+    if kind_of(spec) == "gguf":
+        from eopd_ray.storage.gguf_source import pin_gguf
+
+        return pin_gguf(spec, key)
     if kind_of(spec) != "hub":
         return spec
     repo, _ = split_hub_id(spec)
@@ -287,9 +299,14 @@ def fetch_uri(spec: str, key: str = "source") -> Path:
 # ----------------------------------------------------------------------------- for the config
 
 
-def local_model_dir(spec: str, key: str = "model") -> str:
-    """`spec` as a local model directory on this node (downloading it once per node)."""
+def local_model_dir(spec: str, key: str = "model", dtype: str = "float32") -> str:
+    """`spec` as a local model directory on this node (downloading it once per node; a GGUF
+    file converted once per node to `dtype`)."""
     kind = kind_of(spec)
+    if kind == "gguf":
+        from eopd_ray.storage.gguf_source import gguf_model_dir
+
+        return str(gguf_model_dir(spec, key, dtype))
     if kind == "uri":
         return str(fetch_uri(spec, key))
     if kind == "hub":
@@ -305,7 +322,8 @@ def local_file(spec: str, key: str = "file") -> str:
 
 
 def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None) -> Config:
-    """`cfg` with hub ids pinned to a commit and URIs to their listing (`pin_uri`), so that every
+    """`cfg` with hub ids pinned to a commit, URIs to their listing (`pin_uri`) and GGUF files to
+    their sha256 (`gguf_source.pin_gguf`), so that every
     worker, started now or later, loads the same weights. For a hub id without a revision, the
     commit the run being resumed (`resumed()`: its config, or None) used for the same
     repository, else the one resolved now. A URI is pinned to the objects there now: a resume
@@ -319,6 +337,8 @@ def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None)
         spec = getattr(m, name)
         if kind_of(spec) == "uri":
             paths[name] = pin_uri(spec, f"model.{name}")
+        if kind_of(spec) == "gguf":
+            paths[name] = pin_model(spec, f"model.{name}")  # the file's sha256
         if kind_of(spec) != "hub":
             continue
         if not looked:
@@ -337,8 +357,8 @@ def with_local_models(cfg: Config) -> Config:
     m = cfg.model
     model = dataclasses.replace(
         m,
-        student_path=local_model_dir(m.student_path, "model.student_path"),
-        teacher_path=local_model_dir(m.teacher_path, "model.teacher_path"),
+        student_path=local_model_dir(m.student_path, "model.student_path", m.dtype),
+        teacher_path=local_model_dir(m.teacher_path, "model.teacher_path", m.dtype),
     )
     return dataclasses.replace(cfg, model=model)
 
