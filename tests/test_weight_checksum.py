@@ -31,6 +31,16 @@ def test_matches_the_brute_force(dtype, seed):
     assert weights_checksum(tensors) == brute_force(tensors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tensor_of_several_chunks_matches_the_brute_force(dtype):
+    """Partial sums over cache-sized chunks: the chunk edges lose and repeat nothing."""
+    from eopd_ray.core.weight_checksum import _chunk
+
+    n = 2 * _chunk(torch.device("cpu")) // (4 // torch.empty((), dtype=dtype).element_size()) + 7
+    tensor = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert tensor_checksum(tensor) == brute_force([tensor])
+
+
 def test_blind_to_order_fusion_and_zero_padding():
     """The learner sends q, k, v and gate, up as HF tensors; vLLM holds qkv_proj and
     gate_up_proj, and pads the vocabulary rows with zeros."""
