@@ -101,8 +101,9 @@ def test_the_configured_dtype_and_tied_embeddings_are_kept(models, tmp_path):
     path = write_gguf(models["llama"], tmp_path / "llama.gguf", "F32")
     out = convert_gguf(path, tmp_path / "hf", "bfloat16")
     with safe_open(str(out / "model.safetensors"), "pt") as fh:
-        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
-        assert "lm_head.weight" not in fh.keys()  # tied: saved once
+        names = list(fh.keys())
+        assert {fh.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    assert "lm_head.weight" not in names  # tied: saved once
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["dtype"] == "bfloat16"
     assert "quantization_config" not in config
@@ -239,6 +240,6 @@ def test_an_unsupported_architecture_or_tensor_type_is_named_with_what_is_suppor
         gguf_model_dir(str(iq), "model.teacher_path")
     assert "tensor type(s) IQ4_NL are not supported" in str(err.value)
     assert "Q8_0" in str(err.value) and "Q4_K" in str(err.value)
-    with pytest.raises(GgufError, match="no such file.*jobs/fetch_real_model.py"):
+    with pytest.raises(GgufError, match=r"no such file.*jobs/fetch_real_model\.py"):
         gguf_model_dir(str(tmp_path / "absent.gguf"))
     assert nothing_cached(node_cache)
