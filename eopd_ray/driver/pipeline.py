@@ -140,6 +140,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         self.teacher: ActorGroup | None = None
         self.learner: ActorGroup | None = None
         self._pg = None
+        self.sync_parts: dict[str, float] = {}  # where the step's weight sync went (sync/*_s)
 
     @property
     def run_id(self) -> str | None:
@@ -318,11 +319,13 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             timeline.add_role("learner", len(self.learner), "train", started, time.time())
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
             self._finish_prefetch(step)
+        self.sync_parts = {}
         with _timed(metrics, "time/sync_s"):
             started = time.time()
             self._sync(step)
             timeline.add_role("learner", len(self.learner), "sync", started, time.time())
             timeline.add_role("rollout", len(self.rollout), "sync", started, time.time())
+        metrics.update({f"sync/{part}_s": s for part, s in self.sync_parts.items()})
         tokens = batch.num_response_tokens
         lengths = batch.response_mask.sum(1).float()
         step_s = sum(v for k, v in metrics.items() if k.startswith("time/"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import ray
 
@@ -29,6 +30,18 @@ from eopd_ray.core.invariants import (
 from eopd_ray.driver.actors import WorkerError, call_died
 
 log = logging.getLogger(__name__)
+
+
+class _PartClock:
+    """Wall time between laps, added to `parts[name]`."""
+
+    def __init__(self, parts: dict[str, float]) -> None:
+        self.parts, self.last = parts, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 class WeightVersions:
@@ -48,9 +61,13 @@ class WeightVersions:
         )
 
     def _push_weights(self, new_version: int, what: str) -> None:
+        """Send, receive, confirm the checksums, probe. Each part's wall time is added to
+        `self.sync_parts` (the step's `sync/<part>_s` metrics: where a sync's time goes)."""
         timeout = self.cfg.sync.timeout_s
+        clock = _PartClock(self.sync_parts)
         if self.cfg.sync.transport == "collective":
             self._rejoin_replaced_workers(what)
+            clock.lap("who")
             sends = self.learner.call_async("broadcast_weights")
             receives = self.rollout.call_async("receive_weights", new_version)
         else:
@@ -64,6 +81,7 @@ class WeightVersions:
             self._blame_lost_learner(sends, what, exc)
             raise
         self.learner.get(sends, timeout, f"{what} weight sync (send)")
+        clock.lap("transfer")  # gather + checksum, send, receive + reload + read-back checksum
         # What every engine holds, read back and checksummed, against what the learner sent:
         # a worker takes the new version number only when they are equal.
         sent = self.learner.get(
@@ -84,8 +102,10 @@ class WeightVersions:
         except WeightsOutOfSync as exc:
             self._blame_replaced_workers(f"{what} weight sync (confirm)", exc)
             raise
+        clock.lap("confirm")
         self.version = new_version
         self._check_weights_in_sync(what)
+        clock.lap("probe")
 
     def _rejoin_replaced_workers(self, what: str) -> None:
         """A rollout worker that crashed between calls is a fresh process Ray restarted: it is
