@@ -12,18 +12,25 @@
 # `make run` started) is replaced by a free one, and said so; a port you set yourself that is
 # held stops `up` with the holder's pid and command. `env` prints the ports actually used.
 # NUM_CPUS (logical CPUs Ray schedules; default max(cores, 4): tiny.yaml asks for 2.5 and its
-# workers mostly wait on one another), RAY_TEMP_DIR (/tmp/ray), VENV_BIN (<repo>/.venv/bin: the
-# `ray` and the `python` the jobs run with), STATE_DIR (~/.eopd-ray/local-head: pid and log),
-# RAY_START_ARGS (more `ray start` flags, e.g. the agent ports when two heads share a machine).
+# workers mostly wait on one another), RAY_TEMP_DIR (this head's own: ${TMPDIR:-/tmp}/eopd-head-<8
+# hex digits of STATE_DIR>; never Ray's shared /tmp/ray, see below), VENV_BIN (<repo>/.venv/bin:
+# the `ray` and the `python` the jobs run with), STATE_DIR (~/.eopd-ray/local-head: pid, ports,
+# log), RAY_START_ARGS (more `ray start` flags, e.g. the agent ports when two heads share a machine).
+#
+# Why a temp dir of its own: Ray's job supervisor gives each job the address it reads from
+# `ray_current_cluster` in the head's temp dir, which the latest `ray start --head` with that temp
+# dir rewrites: with a shared one, jobs submitted here ran on another Ray. `up` on a running head
+# checks again that a job submitted to it runs on it.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV_BIN=${VENV_BIN:-$REPO/.venv/bin}
 CORES=$(nproc)
 NUM_CPUS=${NUM_CPUS:-$((CORES > 4 ? CORES : 4))}
-RAY_TEMP_DIR=${RAY_TEMP_DIR:-/tmp/ray}
 STATE_DIR=${STATE_DIR:-$HOME/.eopd-ray/local-head}
 PORTS_FILE=$STATE_DIR/ports
+# Short: Ray puts unix sockets under it (at most ~107 characters with the session's name).
+RAY_TEMP_DIR=${RAY_TEMP_DIR:-${TMPDIR:-/tmp}/eopd-head-$(printf %s "$STATE_DIR" | sha256sum | cut -c1-8)}
 # name default: the ports of this head (a running head's are in $PORTS_FILE)
 PORT_DEFAULTS="DASHBOARD_PORT:8265 GCS_PORT:6379 METRICS_PORT:8080 DASHBOARD_AGENT_PORT:52365 CLIENT_PORT:10001"
 
@@ -64,7 +71,9 @@ try:
     for c in psutil.net_connections(kind="tcp"):
         if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
             p = psutil.Process(c.pid)
-            holder = f"pid {c.pid} ({' '.join(p.cmdline())[:100]})"
+            # Ray's processes rename themselves ("ray::IDLE" padded with spaces or empty args).
+            args = " ".join(a.strip() for a in p.cmdline() if a.strip()) or p.name()
+            holder = f"pid {c.pid} ({args[:100]})"
             break
 except Exception:
     pass
@@ -94,13 +103,21 @@ choose_ports() {
     ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
 }
 
+token() {
+    # `ray get-auth-token` writes a blank line (and, generating, two log lines) to stderr: shown
+    # only when it fails.
+    local err rc=0
+    err=$(RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token "$@" 2>&1 >&3) || rc=$?
+    ((rc == 0)) || { echo "$err" >&2; return "$rc"; }
+} 3>&1
+
 print_env() {
     load_ports
     # The job's `python` is the first one on the head's PATH: the head starts with VENV_BIN first.
     echo "export PATH=\"$VENV_BIN:\$PATH\""
     echo "export RAY_ADDRESS=$ADDRESS"
     echo "export RAY_AUTH_MODE=token"
-    echo "export RAY_AUTH_TOKEN=$(RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token)"
+    echo "export RAY_AUTH_TOKEN=$(token)"
 }
 
 listening() {
@@ -122,12 +139,14 @@ runs_jobs() {
     # "No available agent", or run the job somewhere else).
     local out
     out=$(PATH="$VENV_BIN:$PATH" RAY_ADDRESS=$ADDRESS RAY_AUTH_MODE=token \
-        RAY_AUTH_TOKEN=$(RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token) \
+        RAY_AUTH_TOKEN=$(token) \
         timeout 120 "$VENV_BIN/ray" job submit --submission-id "local-head-ready-$(date +%s%N)" \
         -- python -c 'import os; print("gcs-address", os.environ.get("RAY_ADDRESS"))' 2>&1) \
         || { echo "$out" | tail -n 5 >&2; return 1; }
     grep -q "gcs-address 127.0.0.1:$GCS_PORT" <<<"$out" || {
-        echo "local-head: the readiness job ran on another Ray: $(grep gcs-address <<<"$out")" >&2
+        echo "local-head: a job submitted to this head was given another Ray ($(grep -m1 \
+            '^gcs-address' <<<"$out")), not 127.0.0.1:$GCS_PORT: another \`ray start --head\`" \
+            "uses this head's temp dir $RAY_TEMP_DIR" >&2
         return 1
     }
 }
@@ -135,7 +154,11 @@ runs_jobs() {
 up() {
     if running; then
         load_ports
-        echo "local-head: already running (pid $(cat "$STATE_DIR/head.pid")) at $ADDRESS"
+        # Running is not enough: its agent may have died, or its temp dir been taken over.
+        runs_jobs || die "the head (pid $(cat "$STATE_DIR/head.pid"), $ADDRESS) runs but does" \
+            "not run jobs on itself (above); restart it: $0 down && $0 up"
+        echo "local-head: already running (pid $(cat "$STATE_DIR/head.pid")) at $ADDRESS," \
+            "temp dir $RAY_TEMP_DIR; a test job ran on it"
         return
     fi
     mkdir -p "$STATE_DIR"
@@ -145,9 +168,10 @@ up() {
             name=${pair%%:*}
             echo "$name=${!name}"
         done
+        echo "RAY_TEMP_DIR=$RAY_TEMP_DIR"
     } >"$PORTS_FILE"
     # The token lives in ~/.ray/auth_token; --generate makes one on the first run.
-    RAY_AUTH_MODE=token "$VENV_BIN/ray" get-auth-token --generate >/dev/null
+    token --generate >/dev/null
     # --block keeps every Ray process in one process group that `down` can stop, without
     # `ray stop` (which would stop every Ray cluster of this user on the machine).
     # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` gives a driver this long after SIGTERM before
@@ -171,7 +195,8 @@ up() {
         if listening; then
             if runs_jobs; then
                 echo "local-head: up at $ADDRESS (dashboard), metrics on 127.0.0.1:$METRICS_PORT," \
-                    "$NUM_CPUS CPUs, token auth on, a test job ran; log: $STATE_DIR/head.log"
+                    "$NUM_CPUS CPUs, token auth on, a test job ran; log: $STATE_DIR/head.log," \
+                    "Ray's temp dir (session logs): $RAY_TEMP_DIR"
                 echo "local-head: now run: eval \"\$(cluster/local-head.sh env)\""
                 return
             fi

@@ -17,6 +17,7 @@ from typing import Any
 
 from eopd_ray.config import Config
 from eopd_ray.driver.heartbeats import HEARTBEAT_S, Heartbeats, beat
+from eopd_ray.driver.job_head import address_to_join
 from eopd_ray.driver.placement import wait_for_placement
 from eopd_ray.errors import EopdError, WorkerReplaced
 
@@ -120,13 +121,15 @@ def _threads(resources) -> dict[str, str]:
 
 
 def connect(cfg: Config) -> None:
-    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else start a local Ray on
-    127.0.0.1 sized to hold every worker."""
+    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets; in a submitted job, the head
+    that runs it: `job_head.address_to_join`), else start a local Ray on 127.0.0.1 sized to hold
+    every worker."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        _check_reachable(os.environ["RAY_ADDRESS"])
-        ray.init(log_to_driver=cfg.run.worker_logs)
+        address = os.environ["RAY_ADDRESS"] = address_to_join()
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=cfg.run.worker_logs)
         return
     needed = sum(c.num_workers * c.cpus_per_worker for c in (cfg.rollout, cfg.teacher, cfg.learner))
     num_cpus = cfg.run.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
