@@ -96,7 +96,8 @@ def toy_paths_follow_the_prepared_layout(cfg: Config) -> str | None:
     return (
         "needs model.student_path = <root>/current/student, model.teacher_path = "
         "<root>/current/teacher and data.train_path = <root>/current/train.jsonl (the layout "
-        "jobs/prepare_toy.py writes)"
+        "jobs/prepare_toy.py writes); to train other models (a hub id, a URI, a directory of "
+        "yours) set model.build_toy=false"
     )
 
 

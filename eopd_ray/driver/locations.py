@@ -23,13 +23,16 @@ import logging
 import os
 from pathlib import Path
 
-from eopd_ray.config import Config
+from eopd_ray.config import Config, ConfigError, ModelConfig
 from eopd_ray.env import JOB_CONFIG_ENV
-from eopd_ray.storage.run_storage import is_uri
+from eopd_ray.errors import ConfigIssue
+from eopd_ray.storage.run_storage import is_uri, redacted
+from eopd_ray.storage.sources import kind_of
 
 log = logging.getLogger(__name__)
 
 HOME_ENV = "EOPD_RAY_HOME"
+BUILDERS = ("build_tiny", "build_rehearsal", "build_toy")
 
 
 def in_job_working_dir(cwd: Path | None = None) -> bool:
@@ -73,11 +76,36 @@ def _durable(path: str, root: Path) -> str:
     return str(root / path)
 
 
+def refuse_hub_ids_to_build(m: ModelConfig) -> None:
+    """A builder (`model.build_*`) makes models in local directories: a hub id or a URI given
+    with one would become a local directory of that name holding random models, silently."""
+    builder = next((b for b in BUILDERS if getattr(m, b)), None)
+    issues = []
+    for name in ("student_path", "teacher_path"):
+        spec = getattr(m, name)
+        kind = kind_of(spec) if builder else "local"
+        if kind != "local":
+            what = {"hub": "a hub id", "uri": "a URI", "gguf": "a GGUF file"}[kind]
+            issues.append(
+                ConfigIssue(
+                    f"model.{builder}",
+                    f"model.{name} = {redacted(spec)!r} is {what}, but model.{builder}=true "
+                    "builds models of its own in local directories (it would build random ones "
+                    f"in a directory of that name): set model.{builder}=false to load it, or "
+                    "give a local directory to build in (`./org/name` for a relative one)",
+                )
+            )
+    if issues:
+        raise ConfigError(issues)
+
+
 def resolve_locations(cfg: Config) -> Config:
     """`cfg` with `run.output_dir` (and the model/prompt paths the job builds itself) made
-    absolute under the workspace root; says so when that moved them out of a job's copy."""
+    absolute under the workspace root; says so when that moved them out of a job's copy.
+    Refuses a hub id or URI with a `model.build_*` builder (`refuse_hub_ids_to_build`)."""
     root = workspace_root()
     m, d, run = cfg.model, cfg.data, cfg.run
+    refuse_hub_ids_to_build(m)
     built = m.build_tiny or m.build_rehearsal or m.build_toy
     model = dataclasses.replace(
         m,
