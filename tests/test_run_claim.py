@@ -126,12 +126,11 @@ def test_a_second_driver_process_is_refused_until_the_first_is_gone(tmp_path, ca
     claim.release()
 
 
-@pytest.mark.parametrize("pid_space", ["this one", "another pid namespace", "an old claim"])
-def test_a_fresh_heartbeat_is_never_taken_over_whatever_the_pid_says(store, pid_space):
+@pytest.mark.parametrize("pid_space", ["another pid namespace", "an old claim"])
+def test_a_renewed_claim_from_another_pid_space_holds_whatever_the_pid_says(store, pid_space):
     """A driver in another container with host networking has this host's name and a pid that
     is dead here: while it renews its claim, the claim holds."""
     identity = {
-        "this one": here(),
         "another pid namespace": here(pid_ns=(_pid_namespace() or 0) + 1),
         "an old claim": OLD_CLAIM,
     }[pid_space]
@@ -169,11 +168,13 @@ def test_a_pid_is_judged_only_in_the_same_boot_and_pid_namespace(store, identity
     RunClaim.acquire(store, heartbeat_s=15.0).release()
 
 
-def test_a_gone_process_with_a_fresh_heartbeat_is_taken_over_once_it_is_not_renewed(store):
-    other_drivers_claim(store, pid=dead_pid(), heartbeat_s=0.5, **here())
+def test_a_gone_process_of_this_pid_space_is_taken_over_at_once(store):
+    """Here a pid is looked up where it means something, with its start time: a resubmission
+    after a crash does not wait for the heartbeat to age."""
+    other_drivers_claim(store, pid=dead_pid(), heartbeat_s=15.0, **here())
     started = time.monotonic()
-    claim = RunClaim.acquire(store, heartbeat_s=0.5)
-    assert time.monotonic() - started >= 1.0  # waited out 2 heartbeats, not taken at once
+    claim = RunClaim.acquire(store, heartbeat_s=15.0)
+    assert time.monotonic() - started < 5
     assert json.loads(store.read_text(CLAIM))["owner"] == claim.token
     claim.release()
 

@@ -14,9 +14,7 @@ is younger than 4 x `run.claim_heartbeat_s`, unless it was made in this very pid
 this very boot by a process that is gone (a resubmission on the same head after `ray job stop` or
 a crash does not wait for the expiry). A host name alone says nothing: containers with host
 networking (Docker, Kubernetes `hostNetwork`) share it while each has its own pids, so a pid
-that looks dead here may be a live driver next door. And a fresh heartbeat (younger than 2 x
-`run.claim_heartbeat_s`) is never taken over whatever the pid says: a driver whose process
-looks gone is watched until its heartbeat should have been renewed, and refused if it was.
+that looks dead here may be a live driver next door: there, only the heartbeat's age counts.
 Claims written before the boot id and namespace were recorded are judged by heartbeat age
 only. On an object store there is no create-if-absent, so acquiring
 writes the claim, waits `SETTLE_S` and reads it back: of two drivers racing, the one whose write
@@ -45,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CLAIM = "owner.json"
 STALE_AFTER_HEARTBEATS = 4
-FRESH_HEARTBEATS = 2  # a heartbeat younger than this many periods is never taken over
 SETTLE_S = 0.5  # between writing a claim and reading it back (object stores: no O_EXCL)
 
 
@@ -174,8 +171,8 @@ class RunClaim:
         age, period = self._age(record, now), self._period(record)
         if age > STALE_AFTER_HEARTBEATS * period or self._own(record):
             return False
-        if age < FRESH_HEARTBEATS * period:
-            return True  # whatever the pid says: a pid check can be wrong, a heartbeat is not
+        # A pid is judged only where it means something (this boot, this pid namespace) and
+        # with its start time (a reused pid is not the holder): otherwise the heartbeat decides.
         return not self.holder_gone(record)
 
     # --- acquiring, renewing, releasing ----------------------------------------------------------
@@ -196,39 +193,18 @@ class RunClaim:
             f"again then, or delete {self.store.show(CLAIM)} once you are sure it no longer runs"
         )
 
-    def _wait_out(self, record: dict) -> dict | None:
-        """`record` is fresh but its process looks gone: wait until it should have been renewed
-        and read it again. A renewed claim is live (the pid check was wrong): refused."""
-        fresh_until = float(record.get("heartbeat", 0.0)) + FRESH_HEARTBEATS * self._period(record)
-        wait_s = fresh_until - time.time() + SETTLE_S
-        log.warning(
-            "%s: its process looks gone but its heartbeat is fresh; waiting %.0f s to see "
-            "whether it is renewed",
-            _describe(record, time.time()),
-            wait_s,
-        )
-        time.sleep(max(0.0, wait_s))
-        again = self._read()
-        renewed = again is not None and again.get("owner") == record.get("owner")
-        if renewed and again.get("heartbeat") != record.get("heartbeat"):
-            raise self._refuse(again)
-        return again
-
     def _take(self) -> None:
-        current, waits = self._read(), 0
-        while current is not None and current.get("owner") != self.token:
-            if not self.is_live(current):
-                why = "its process is gone" if self.holder_gone(current) else "its claim expired"
-                log.warning(
-                    "taking over %s from %s (%s)",
-                    self.store.uri,
-                    _describe(current, time.time()),
-                    "an earlier claim of this process" if self._own(current) else why,
-                )
-                break
-            if not self.holder_gone(current) or waits == 2:  # 2: yet another driver's claim
+        current = self._read()
+        if current is not None and current.get("owner") != self.token:
+            if self.is_live(current):
                 raise self._refuse(current)
-            current, waits = self._wait_out(current), waits + 1
+            why = "its process is gone" if self.holder_gone(current) else "its claim expired"
+            log.warning(
+                "taking over %s from %s (%s)",
+                self.store.uri,
+                _describe(current, time.time()),
+                "an earlier claim of this process" if self._own(current) else why,
+            )
         self._write()
         time.sleep(SETTLE_S)
         current = self._read()
