@@ -13,7 +13,6 @@ class).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ import ray
 
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.driver.actors import ActorGroup, WorkerError
+from eopd_ray.driver.cancelling import cancel_calls
 from eopd_ray.storage import checkpoint
 
 if TYPE_CHECKING:
@@ -121,15 +121,8 @@ class Recovery:
         if pending.background is not None:
             pending.background.cancel(timeout)
             return
-        for ref in pending.refs:
-            ray.cancel(ref)
-        _, running = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout)
-        for rank, ref in enumerate(pending.refs):
-            if ref in running:  # did not stop at its next engine step: end it the hard way
-                ray.kill(self.rollout.handles[rank], no_restart=False)
-        for ref in pending.refs:
-            with contextlib.suppress(Exception):
-                ray.get(ref, timeout=0)
+        workers = self.rollout.handles[: len(pending.refs)]
+        cancel_calls(pending.refs, workers, timeout, f"step {pending.step} rollout (prefetched)")
 
     def _respawn_learners(self, from_step: int, exc: WorkerError) -> None:
         """Replace the learner group and set it up. A group lost while it starts (its bundles

@@ -36,6 +36,7 @@ from eopd_ray.core.invariants import check_teacher_scores
 from eopd_ray.core.micro_batches import check_every_row_once, plan_step, rank_share
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.driver.actors import GONE, ActorGroup, WorkerError
+from eopd_ray.driver.cancelling import cancel_calls
 from eopd_ray.driver.heartbeats import HEARTBEAT_S
 from eopd_ray.errors import EopdError, VersionMismatch
 from eopd_ray.telemetry.timeline import Timeline
@@ -52,21 +53,6 @@ class StreamLost(EopdError):
 
 class StreamCancelled(EopdError):
     """A streamed rollout was stopped by the driver (a prefetch dropped on a learner restart)."""
-
-
-def _drain(gen, deadline: float) -> bool:
-    """Read a streaming generator to its end (its results and errors dropped) by `deadline`
-    (time.monotonic); False if it is still running then."""
-    while True:
-        ready, _ = ray.wait([gen], timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return False
-        try:
-            ray.get(next(gen))
-        except StopIteration:
-            return True
-        except Exception:  # the cancellation itself, or the worker's loss
-            continue
 
 
 @dataclass
@@ -205,7 +191,7 @@ class StepStream:
             if rank not in self.p.rollout.replaced(self.cfg.run.step_timeout_s, str(exc)):
                 raise exc
             del self.streams[gen]
-            self._end_generations([gen])
+            self._end_generations({gen: rank})
             self._rollout_lost(rank, exc)
             return
         twice = set(local_rows) - self.remaining[rank]
@@ -350,31 +336,21 @@ class StepStream:
         """The stream failed or was cancelled: its generations still running are cancelled and
         waited for, so that what the driver does next (a learner restart's rejoin and weight
         push, the next step) does not queue behind a generation nobody will read."""
-        gens, self.streams = list(self.streams), {}
+        streams, self.streams = self.streams, {}
         try:
-            self._end_generations(gens)
+            self._end_generations(streams)
         except Exception as exc:  # the stream's own error is the one to report
             log.warning("step %d (streamed): ending its generations: %s", self.step, exc)
 
-    def _end_generations(self, gens: list) -> None:
-        """Cancel these generations (each stops at its next engine step, its requests aborted
-        in the engine) and read them to their end; one still running after
-        run.worker_timeout_s is killed (Ray restarts it)."""
-        ranks = {gen: self.streams.get(gen) for gen in gens}
-        for gen in gens:
-            ray.cancel(gen)
-        deadline = time.monotonic() + self.cfg.run.worker_timeout_s
-        for gen in gens:
-            if not _drain(gen, deadline):
-                rank = ranks[gen]
-                handle = self.p.rollout.handles[rank] if rank is not None else None
-                log.warning(
-                    "step %d (streamed): a cancelled generation did not end within "
-                    "run.worker_timeout_s; killing its worker",
-                    self.step,
-                )
-                if handle is not None:
-                    ray.kill(handle, no_restart=False)
+    def _end_generations(self, streams: dict) -> None:
+        """Cancel these generations ({generator: rollout rank}; each stops at its next engine
+        step, its requests aborted in the engine) and read them to their end."""
+        cancel_calls(
+            list(streams),
+            [self.p.rollout.handles[rank] for rank in streams.values()],
+            self.cfg.run.worker_timeout_s,
+            f"step {self.step} (streamed)",
+        )
 
     def _watch_heartbeats(self) -> None:
         """Kill a worker with work in flight whose heartbeat stopped; its calls then fail and

@@ -15,11 +15,8 @@ Part of `Pipeline` (its base class).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-
-import ray
 
 from eopd_ray.core.invariants import (
     WeightsOutOfSync,
@@ -28,6 +25,7 @@ from eopd_ray.core.invariants import (
     logprob_gap_bound,
 )
 from eopd_ray.driver.actors import WorkerError, call_died
+from eopd_ray.driver.cancelling import cancel_calls
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +152,12 @@ class WeightVersions:
         rollout engine keeps its old version; the redone sync reloads everything). A rollout
         worker that does not end by `run.worker_timeout_s` is killed (Ray restarts it). Every
         call's outcome is collected, so no "Unhandled error" is left behind for Ray to log."""
-        calls = sends + receives
-        for ref in calls:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)
-        _, inside = ray.wait(calls, num_returns=len(calls), timeout=self.cfg.run.worker_timeout_s)
-        for rank, ref in enumerate(receives):
-            if ref in inside:
-                ray.kill(self.rollout.handles[rank], no_restart=False)
-        ray.wait(calls, num_returns=len(calls), timeout=self.cfg.run.worker_timeout_s)
-        for ref in calls:
-            with contextlib.suppress(Exception):
-                ray.get(ref, timeout=0)
+        cancel_calls(
+            sends + receives,
+            [None] * len(sends) + self.rollout.handles[: len(receives)],  # learners: never killed
+            self.cfg.run.worker_timeout_s,
+            "weight broadcast",
+        )
 
     def _check_weights_in_sync(self, what: str) -> None:
         """Every rollout engine scores the probe sequence; the learner scores it too. Different
