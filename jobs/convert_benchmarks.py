@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -176,24 +174,21 @@ def convert_benchmark(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def write_rows(rows: list[dict], out: Path) -> None:
-    """Parquet when `out` ends in .parquet, else JSONL; atomically (temporary file, rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        if out.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+def write_rows(rows: list[dict], out: str) -> str:
+    """Parquet when `out` ends in .parquet, else JSONL; complete or absent, at a path or a URI
+    (s3://...). Returns where, as shown to a user."""
+    from eopd_ray.storage.outputs import write_output
 
-            os.close(fd)
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if out.split("?")[0].endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        data: bytes | str = sink.getvalue().to_pybytes()
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows)
+    return write_output(out, data, "--out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(KNOWN_LAYOUTS) + list(TRAINING_SETS)
     parser.add_argument("--benchmark", required=True, help=f"one of {names}")
     parser.add_argument("--input", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, help="JSONL or .parquet file: a path or a URI")
     parser.add_argument("--problem-column")
     parser.add_argument("--answer-column")
     parser.add_argument("--id-column")
@@ -224,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_benchmark(rows, args)
     if not out:
         sys.exit(f"error: {args.input}: no problems left to write")
-    write_rows(out, args.out)
-    print(f"{args.benchmark}: {len(out)} problems -> {args.out}")
+    where = write_rows(out, args.out)
+    print(f"{args.benchmark}: {len(out)} problems -> {where}")
     return 0
 
 

@@ -3,6 +3,8 @@
     python jobs/evaluate.py --model runs/x/hf --benchmarks data/math500.jsonl data/aime24.jsonl \
         --out runs/x/eval [--config jobs/configs/paper/qwen3-1.7b-eopd.yaml] [eval.key=value ...]
 
+`--out` is a directory or a URI (`s3://bucket/x/eval`, any pyarrow.fs URI).
+
 Samples `eval.samples_per_problem` completions per problem with the vLLM engine (in this
 process, no Ray), extracts the last \\boxed{} answer, judges it by mathematical equivalence and
 writes `<out>/results.json`, `<out>/results.md` and one `<out>/<benchmark>.samples.jsonl` each.
@@ -13,9 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,14 +27,8 @@ set_job_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
 from eopd_ray.config import Config, config_from_dict, load_config  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
 from eopd_ray.evaluation.math_answers import load_benchmark, report, score_benchmark  # noqa: E402
+from eopd_ray.storage.outputs import output_dir  # noqa: E402
 from eopd_ray.storage.sources import local_file, local_model_dir, pin_model  # noqa: E402
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def evaluation_config(args: argparse.Namespace) -> Config:
@@ -72,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--benchmarks", nargs="+", required=True, help="benchmark JSONL files (paths or URIs)"
     )
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out", required=True, help="output directory or URI (s3://bucket/x, gs://..., ...)"
+    )
     parser.add_argument("--config", help="config whose eval.*/rollout.* settings to use")
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
+        out = output_dir(args.out, "--out")  # a bad URI fails now, not after the sampling
         cfg = evaluation_config(args)
         # A hub id is pinned to the commit evaluated, a GGUF file to its sha256; hub ids and URIs
         # are fetched once per node, GGUF files converted once per node (model.dtype).
@@ -102,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine = ENGINES[cfg.rollout.engine](cfg, seed=e.seed)
     sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     scores = []
     for name, problems in benchmarks.items():
         prompts = [
@@ -122,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         lines = [
             json.dumps({**r, "completions": c}) for r, c in zip(records, completions, strict=True)
         ]
-        write_atomic(out / f"{name}.samples.jsonl", "\n".join(lines) + "\n")
+        out.write_text(f"{name}.samples.jsonl", "\n".join(lines) + "\n")
         print(f"{name}: Avg@{e.k} {score.avg_at_k:.2f}  Pass@{e.k} {score.pass_at_k:.2f}")
     data, table = report(scores)
     data["model"] = spec
     data["settings"] = dataclasses.asdict(e)
-    write_atomic(out / "results.json", json.dumps(data, indent=2) + "\n")
-    write_atomic(out / "results.md", table)
+    out.write_text("results.json", json.dumps(data, indent=2) + "\n")
+    out.write_text("results.md", table)
     print(table)
+    print(f"results in {out.uri} (results.json, results.md, <benchmark>.samples.jsonl)")
     return 0
 
 

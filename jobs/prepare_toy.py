@@ -29,6 +29,8 @@ set_job_environment()
 
 import torch  # noqa: E402
 
+from eopd_ray.errors import EopdError  # noqa: E402
+from eopd_ray.storage.outputs import local_output_dir  # noqa: E402
 from eopd_ray.toy.prepare import TASKS, default_settings, load_baseline, prepare_toy  # noqa: E402
 
 DEFAULT_ROOTS = {"graph": "runs/toy/prepared", "chain": "runs/toy_chain/prepared"}
@@ -65,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if min(settings.teacher_steps, settings.student_steps) < 1:
         parser.error("--teacher-steps and --student-steps must be at least 1")
-    root = args.root or DEFAULT_ROOTS[args.task]
+    try:  # the models train in place: a local directory
+        root = local_output_dir(args.root or DEFAULT_ROOTS[args.task], "--root", "the toy cache")
+    except EopdError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # one process: use every core
     started = time.monotonic()
     target = Path(root) / settings.key()

@@ -132,3 +132,20 @@ def test_dapo_math_without_the_wrapper_names_the_row(tmp_path):
     assert proc.returncode != 0
     assert "row 1, column 'prompt'" in proc.stderr and "wrapper" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_out_takes_a_uri_for_jsonl_and_parquet(tmp_path, s3):
+    """Issue 33: an output option takes a URI (a Path made `s3://b/x` into `s3:/b/x`)."""
+    from eopd_ray.storage.run_storage import RunStorage
+
+    src = tmp_path / "test.jsonl"
+    src.write_text(json.dumps({"problem": "1+1?", "answer": "2", "unique_id": "t/1.json"}) + "\n")
+    for name in ("math500.jsonl", "math500.parquet"):
+        proc = convert("--benchmark", "math500", "--input", str(src), "--out", s3.uri(f"b/{name}"))
+        assert proc.returncode == 0, proc.stderr
+        assert s3.uri(f"b/{name}") in proc.stdout
+    store = RunStorage(s3.uri("b"))
+    assert set(store.listdir()) == {"math500.jsonl", "math500.parquet"}
+    local = tmp_path / "copy.parquet"
+    local.write_bytes(store.read_bytes("math500.parquet"))
+    assert pq.read_table(local).to_pylist()[0]["answer"] == "2"

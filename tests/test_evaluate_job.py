@@ -80,3 +80,39 @@ def test_evaluate_rejects_a_bad_benchmark_file(tmp_path):
     assert proc.returncode == 2
     assert "bad.jsonl, line 1: missing or empty ['answer']" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_writes_to_a_uri_not_to_a_folder_named_s3(tiny_pair, tmp_path, s3):
+    """Issue 33: `--out s3://...` wrote to ./s3:/... and exited 0."""
+    out = s3.uri("eval/tiny")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "evaluate.py"),
+            "--model",
+            str(tiny_pair[0]),
+            "--benchmarks",
+            str(DATA / "synthetic_arith.jsonl"),
+            "--out",
+            out,
+            "--engine",
+            "hf",
+            "eval.samples_per_problem=2",
+            "eval.k=1",
+            "eval.max_new_tokens=4",
+            "data.max_prompt_tokens=64",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),  # the S3 endpoint's credentials
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "s3:").exists()
+    from eopd_ray.storage.run_storage import RunStorage
+
+    store = RunStorage(out)
+    assert set(store.listdir()) == {"results.json", "results.md", "synthetic_arith.samples.jsonl"}
+    assert json.loads(store.read_text("results.json"))["benchmarks"]["synthetic_arith"]
+    assert f"results in {out}" in proc.stdout

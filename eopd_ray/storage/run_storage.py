@@ -68,20 +68,23 @@ def redacted(uri: str) -> str:
 class RunStorage:
     """One run directory on a `pyarrow.fs` filesystem; paths below it are relative, `/`-joined."""
 
-    def __init__(self, location: str, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(
+        self, location: str, filesystem: pafs.FileSystem | None = None, key: str = "run.output_dir"
+    ) -> None:
         """`location`: an absolute local path or a URI. `filesystem` (tests): use this instance
-        (e.g. an in-memory one) with `location` as the path on it."""
-        self.location = location
+        (e.g. an in-memory one) with `location` as the path on it. `key`: the setting or option
+        that gave `location`, for messages."""
+        self.location, self.key = location, key
         self._given = filesystem
         self._fs: pafs.FileSystem | None = filesystem
         self._root: str | None = location.rstrip("/") if filesystem is not None else None
 
     # A RunStorage crosses Ray actor boundaries: each process opens the filesystem itself.
     def __getstate__(self) -> dict:
-        return {"location": self.location, "filesystem": self._given}
+        return {"location": self.location, "filesystem": self._given, "key": self.key}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["location"], state["filesystem"])
+        self.__init__(state["location"], state["filesystem"], state.get("key", "run.output_dir"))
 
     def __repr__(self) -> str:
         return f"RunStorage({self.uri!r})"
@@ -91,16 +94,16 @@ class RunStorage:
             return
         if not is_uri(self.location) and not os.path.isabs(self.location):
             raise StorageError(
-                f"run storage {self.location!r} is a relative path; resolve it first "
+                f"{self.key} = {self.location!r} is a relative path; resolve it first "
                 "(eopd_ray.driver.locations.resolve_locations)"
             )
         try:
             self._fs, root = pafs.FileSystem.from_uri(self.location)
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise StorageError(
-                f"run.output_dir = {self.location!r}: cannot open it as a filesystem ({exc}); "
-                "use an absolute path or a URI pyarrow understands (s3://, gs://, hdfs://, "
-                "file://) and check the credentials"
+                f"{self.key} = {redacted(self.location)!r}: cannot open it as a filesystem "
+                f"({exc}); use an absolute path or a URI pyarrow understands (s3://, gs://, "
+                "hdfs://, file://) and check the credentials"
             ) from None
         self._root = root.rstrip("/") or "/"
 

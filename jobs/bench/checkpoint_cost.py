@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The cost of a checkpoint after every step.")
     parser.add_argument("--config", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     args = parser.parse_args(argv)
     from s3_endpoint import S3Endpoint
 
@@ -102,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['cost_frac']:6.1f}% {r['bytes'] / 1e6:8.1f} {r['s_per_gb']:7.1f}"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"config": args.config, "results": results}, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(
+            args.out, json.dumps({"config": args.config, "results": results}, indent=2), "--out"
+        )
+        print(f"results: {where}")
     return 0
 
 

@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     args = parser.parse_args(argv)
     import torch
 
@@ -586,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"total {report['wall_s']:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(args.out, json.dumps(report, indent=2), "--out")
+        print(f"results: {where}")
     return 0
 
 

@@ -84,7 +84,7 @@ def measure(t: int, v: int, chunk: int, hidden: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, about a minute")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     parser.add_argument("--chunk", type=int, default=256, help="lean path chunk (positions)")
     parser.add_argument(
         "--hidden", type=int, default=256, help="hidden size for the fused head (its GEMMs)"
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         summary = {"chunk_positions": args.chunk, "fused_hidden": args.hidden, "shapes": rows}
-        args.out.write_text(json.dumps(summary, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(args.out, json.dumps(summary, indent=2), "--out")
+        print(f"results: {where}")
     return 0
 
 

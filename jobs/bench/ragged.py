@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="cap 128, 32 sequences, 1 step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
-    parser.add_argument("--out", type=Path, help="JSON results")
+    parser.add_argument("--out", help="JSON results (a path or a URI)")
     args = parser.parse_args(argv)
     from eopd_ray.roles.teacher import TeacherWorker
     from eopd_ray.toy.models import ensure_bench_models
@@ -299,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     _print_table(rows, shape, response_tokens)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         data = {"shape": shape, "response_tokens": response_tokens, "rows": list(rows.values())}
-        args.out.write_text(json.dumps(data, indent=2) + "\n")
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(args.out, json.dumps(data, indent=2) + "\n", "--out")
+        print(f"results: {where}")
     return 0
 
 

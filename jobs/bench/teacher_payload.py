@@ -96,7 +96,7 @@ def measure(model_dir: Path, b: int, t: int, k: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     args = parser.parse_args(argv)
     vocabs = [320, 32000] if args.quick else [320, 32000, 151936]
     b, t, k = (4, 64, 16) if args.quick else (8, 128, 16)
@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ratio:>9.0f} | {row['tokens_per_s']:>9.0f}"
             )
     if args.out:
-        args.out.write_text(json.dumps({"B": b, "T": t, "rows": rows}, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(
+            args.out, json.dumps({"B": b, "T": t, "rows": rows}, indent=2), "--out"
+        )
+        print(f"results: {where}")
     return 0
 
 

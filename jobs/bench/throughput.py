@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 timed steps")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every config")
     args = parser.parse_args(argv)
     if args.quick:
@@ -307,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append(summarize(name, mode, cfg, rows, machine["peak"]))
     print_table(results, machine)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine, "configs": results}, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(
+            args.out, json.dumps({"machine": machine, "configs": results}, indent=2), "--out"
+        )
+        print(f"results: {where}")
     return 0
 
 

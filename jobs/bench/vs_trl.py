@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1-2 warm-up)")
     parser.add_argument("--quick", action="store_true", help="tiny only, gkd_rkl only, 2 steps")
     parser.add_argument("--trl-env", type=Path, default=REPO / "runs" / "bench" / "trl-env")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     args = parser.parse_args(argv)
     if args.quick:
         args.configs, args.variants, args.steps = ["tiny"], ["gkd_rkl"], 2
@@ -168,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in trl:
                 print(f"{row['config']} {v} failed: {trl['error']}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"trl": TRL_PACKAGES, "configs": results}, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(
+            args.out, json.dumps({"trl": TRL_PACKAGES, "configs": results}, indent=2), "--out"
+        )
+        print(f"results: {where}")
     return 0
 
 

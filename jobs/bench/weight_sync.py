@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1M and 10M only, 2 repeats")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-bytes", type=int, default=256 * 2**20, help="sync.bucket_bytes")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
     args = parser.parse_args(argv)
     import ray
 
@@ -220,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{o['sync_s']:11.4f} {o['ratio_to_floor']:6.2f}"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"repeats": repeats, "bucket_bytes": args.bucket_bytes, "cores": os.cpu_count()}
-        args.out.write_text(json.dumps({**summary, "sizes": rows}, indent=2))
+        from eopd_ray.storage.outputs import write_output
+
+        where = write_output(args.out, json.dumps({**summary, "sizes": rows}, indent=2), "--out")
+        print(f"results: {where}")
     return 0
 
 
