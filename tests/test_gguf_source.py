@@ -136,6 +136,26 @@ def test_a_gguf_model_path_is_pinned_converted_once_per_node_and_loads(
     assert with_local_models(pinned) == local
 
 
+def test_the_driver_pins_gguf_files_before_any_worker_starts(models, tmp_path, node_cache):
+    """Pipeline() (no Ray yet): the config every worker and config.yaml get names the sha256."""
+    from eopd_ray.driver.pipeline import Pipeline
+
+    student = write_gguf(models["llama"], tmp_path / "student.gguf", "F32")
+    teacher = write_gguf(models["qwen3"], tmp_path / "teacher.gguf", "Q8_0")
+    cfg = config_from_dict(
+        {
+            "model": {"student_path": str(student), "teacher_path": str(teacher)},
+            "data": {"toy_prompts": 8, "max_prompt_tokens": 64},
+            "rollout": {"max_model_len": 128, "max_new_tokens": 16},
+            "run": {"output_dir": str(tmp_path / "run"), "steps": 1},
+        }
+    )
+    pipeline = Pipeline(cfg)
+    assert pipeline.cfg.model.student_path == f"{student}#sha256={gguf_source.file_sha256(student)}"
+    assert pipeline.cfg.model.teacher_path == f"{teacher}#sha256={gguf_source.file_sha256(teacher)}"
+    assert len(pipeline.prompts) == 8  # tokenized with the converted student's tokenizer
+
+
 def test_a_gguf_file_changed_since_the_run_pinned_it_is_refused(
     models, tmp_path, node_cache, monkeypatch
 ):
