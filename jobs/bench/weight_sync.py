@@ -15,6 +15,9 @@ Floors, measured in the same run on the same bytes:
   both sides (no flatten, no copy-in): the cost of moving the bytes between the two processes;
 - `memcpy_s`: one in-process copy of all the bytes (the cost of touching them once).
 
+`checksum_s`: one eopd_ray.core.weight_checksum pass over the same parameters, which learner rank 0
+(on what it sends) and every rollout engine (read back after the reload) each make once per sync.
+
 `ratio_to_floor` = sync time / broadcast floor (goal: <= 2 for 10M+ parameters);
 `ratio_to_memcpy` is printed too. The vLLM reload itself is not in this benchmark (its cost is
 in the pipeline's `time/sync_s`, see jobs/bench/throughput.py).
@@ -171,12 +174,18 @@ def measure_size(label, hidden, layers, vocab, repeats, bucket_bytes):
             times.append(time.perf_counter() - started)
         return min(times)  # the machine is shared: the least-disturbed run
 
+    from eopd_ray.core.weight_checksum import weights_checksum
+
+    def checksum() -> None:  # what learner rank 0 and every engine each do once per sync
+        weights_checksum(params.values())
+
     row = {
         "size": label,
         "parameters": numel,
         "bytes": nbytes,
         "buckets": len(buckets),
         "memcpy_s": best(memcpy),
+        "checksum_s": best(checksum),
         "broadcast_floor_s": best(broadcast_floor),
         "transports": {},
     }
@@ -209,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     print(
-        f"\n{'size':>5s} {'MB':>8s} {'memcpy s':>9s} {'bcast s':>9s}  "
+        f"\n{'size':>5s} {'MB':>8s} {'memcpy s':>9s} {'checksum s':>10s} {'bcast s':>9s}  "
         f"{'collective s':>12s} {'ratio':>6s}  {'obj store s':>11s} {'ratio':>6s}"
     )
     for r in rows:
         c, o = r["transports"]["collective"], r["transports"]["object_store"]
         print(
-            f"{r['size']:>5s} {r['bytes'] / 1e6:8.1f} {r['memcpy_s']:9.4f} "
+            f"{r['size']:>5s} {r['bytes'] / 1e6:8.1f} {r['memcpy_s']:9.4f} {r['checksum_s']:10.4f} "
             f"{r['broadcast_floor_s']:9.4f}  {c['sync_s']:12.4f} {c['ratio_to_floor']:6.2f}  "
             f"{o['sync_s']:11.4f} {o['ratio_to_floor']:6.2f}"
         )
