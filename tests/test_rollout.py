@@ -52,7 +52,8 @@ def test_loaded_weights_change_greedy_output_and_version(tiny_pair):
     with torch.no_grad():
         teacher.get_output_embeddings().weight.mul_(-1.0)
     bucket = [("lm_head.weight", teacher.get_output_embeddings().weight.detach())]
-    loaded = worker.load_weights([bucket], version=1)
+    loaded, times = worker.load_weights([bucket], version=1)
+    assert set(times) == {"load_s", "checksum_s"} and min(times.values()) >= 0
     # The checksum read back is that of the full new weights; the version waits for the
     # driver's confirmation that it is what the learner sent (review finding 7).
     assert loaded == weights_checksum(teacher.parameters())

@@ -38,8 +38,11 @@ class _PartClock:
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.parts[name] = self.parts.get(name, 0.0) + now - self.last
+        self.add(name, now - self.last)
         self.last = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
 
 
 class WeightVersions:
@@ -72,14 +75,20 @@ class WeightVersions:
             sends = self.learner.call_async("weight_buckets")
             receives = self.rollout.call_async("load_weights", sends[0], new_version)
         try:
-            self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
+            received = self.rollout.get(receives, timeout, f"{what} weight sync (receive)")
         except WorkerError as exc:
             if self.cfg.sync.transport == "collective":
                 self._abandon_broadcast(sends, receives)
             self._blame_lost_learner(sends, what, exc)
             raise
-        self.learner.get(sends, timeout, f"{what} weight sync (send)")
+        sent = self.learner.get(sends, timeout, f"{what} weight sync (send)")
         clock.lap("transfer")  # gather + checksum, send, receive + reload + read-back checksum
+        # Inside the transfer (the slowest engine's, learner rank 0's): not added to the step.
+        clock.add("engine_load", max(times["load_s"] for _, times in received))
+        clock.add("engine_checksum", max(times["checksum_s"] for _, times in received))
+        if isinstance(sent[0], dict):  # collective: rank 0's own account
+            clock.add("learner_checksum", sent[0]["checksum_s"])
+            clock.add("learner_send", sent[0]["send_s"])
         # What every engine holds, read back and checksummed, against what the learner sent:
         # a worker takes the new version number only when they are equal.
         sent = self.learner.get(

@@ -8,6 +8,7 @@ workers, the object-store hand-off, the checksum of what was sent, and the HF ex
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -93,7 +94,7 @@ class LearnerWeights:
         import deepspeed
 
         params = dict(self._named_parameters())
-        self._gathered_checksum = 0
+        self._gathered_checksum, self._checksum_s = 0, 0.0
         for index, bucket in enumerate(self.buckets):
             tensors = [params[m.name] for m in bucket]
             gather = (
@@ -107,7 +108,9 @@ class LearnerWeights:
                     for t, m in zip(tensors, bucket, strict=True)
                 ]
                 # Checksummed where the weights are (the GPU: fast), before the copy to the host.
+                started = time.perf_counter()
                 self._gathered_checksum += weights_checksum(wire)
+                self._checksum_s += time.perf_counter() - started
                 out = [t.to("cpu") for t in wire]
                 if self.cfg.learner.zero_stage == 3:  # the gathered storage is freed on exit
                     out = [
@@ -116,17 +119,21 @@ class LearnerWeights:
                     ]
                 yield index, out
 
-    def broadcast_weights(self) -> int:
-        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent.
+    def broadcast_weights(self) -> dict[str, float]:
+        """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent and
+        the seconds spent (`send_s` in the broadcasts, `checksum_s` checksumming what is sent,
+        `gather_s` the rest: gathering and copying to the host).
         A failed send (a rollout worker lost mid-broadcast) stops the sending but not the
         gathering: under ZeRO-3 every rank must join every bucket's gather, or the other ranks
         would wait in it and refuse the redone sync; the error is raised at the end."""
-        sent, failed = 0, None
+        sent, failed, send_s, started = 0, None, 0.0, time.perf_counter()
         for index, tensors in self._gathered_buckets():
             if self.rank == 0 and failed is None:
                 assert self.sender is not None, "join_sync_group was not called on rank 0"
                 try:
+                    sending = time.perf_counter()
                     self.sender.send(index, tensors, should_stop=cancelled)
+                    send_s += time.perf_counter() - sending
                     sent += 1
                 except RuntimeError as exc:  # gloo: a peer is gone; SyncAborted: cancelled
                     failed = exc
@@ -135,7 +142,13 @@ class LearnerWeights:
         if failed is not None:
             raise failed
         self._sent_checksum = combine([self._gathered_checksum]) if self.rank == 0 else None
-        return sent
+        total = time.perf_counter() - started
+        return {
+            "buckets": float(sent),
+            "send_s": send_s,
+            "checksum_s": self._checksum_s,
+            "gather_s": total - send_s - self._checksum_s,
+        }
 
     def sent_weights_checksum(self) -> int | None:
         """Rank 0: eopd_ray.core.weight_checksum of the weights of the last sync, as sent (in

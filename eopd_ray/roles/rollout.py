@@ -425,26 +425,34 @@ class RolloutWorker:
             address, port, 1 + self.rank, world_size, metadata, self.cfg.sync.timeout_s
         )
 
-    def receive_weights(self, version: int) -> int:
+    def receive_weights(self, version: int) -> tuple[int, dict[str, float]]:
         """Receive every bucket of version `version` over the collective group and load them
-        as one weight update; returns the checksum read back from the engine. The worker's
-        version changes only when the driver confirms that checksum (`confirm_weights`)."""
+        as one weight update; returns the checksum read back from the engine and the seconds
+        spent (`load_s`: receiving and reloading, `checksum_s`: reading the engine back). The
+        worker's version changes only when the driver confirms that checksum
+        (`confirm_weights`)."""
         if self.receiver is None:
             raise WorkerReplaced(
                 f"rollout-{self.rank} (pid {os.getpid()}) has not joined the weight-sync group: "
                 "it was restarted since the group formed; the driver rejoins it and syncs again"
             )
+        started = time.perf_counter()
         self.engine.load_weights(self.receiver.receive(should_stop=cancelled), version)
-        return self._loaded(version)
+        return self._loaded(version, started)
 
-    def load_weights(self, buckets: list[list[tuple[str, torch.Tensor]]], version: int) -> int:
+    def load_weights(
+        self, buckets: list[list[tuple[str, torch.Tensor]]], version: int
+    ) -> tuple[int, dict[str, float]]:
         """Object-store transport: the buckets arrive as this call's argument."""
+        started = time.perf_counter()
         self.engine.load_weights(buckets, version)
-        return self._loaded(version)
+        return self._loaded(version, started)
 
-    def _loaded(self, version: int) -> int:
+    def _loaded(self, version: int, started: float) -> tuple[int, dict[str, float]]:
+        loaded = time.perf_counter()
         self._pending = (version, self.engine.weights_checksum())
-        return self._pending[1]
+        times = {"load_s": loaded - started, "checksum_s": time.perf_counter() - loaded}
+        return self._pending[1], times
 
     def confirm_weights(self, version: int, learner_checksum: int) -> tuple[int, int | None]:
         """Take `version` as the engine's weight version if what the engine holds is what the
