@@ -89,11 +89,16 @@ def toy_prepared(tmp_path_factory) -> Path:
 def sync_step_data(pipeline, step: int):
     """(batch, teacher scores, pi_old) of `step` made the synchronous way (`rollout.stream:
     false`) with the pipeline's current weights; it takes the step's prompts from the stream."""
-    import torch
-
     batch = pipeline._collect_rollout(pipeline._launch_rollout(step))
     scores = pipeline._score(batch, step)
-    shares = pipeline._learner_shares(batch)
+    return batch, scores, learner_old_logprobs(pipeline, batch, pipeline._learner_shares(batch))
+
+
+def learner_old_logprobs(pipeline, batch, shares):
+    """pi_old of every row of `batch` as the learners compute it with their current weights,
+    the rows dealt to the ranks as `shares` (a StepShares) says."""
+    import torch
+
     parts = pipeline.learner.get(
         pipeline.learner.call_each_async(
             "old_logprobs", [(batch.select(rows), plan) for rows, plan in shares.ranks]
@@ -103,5 +108,5 @@ def sync_step_data(pipeline, step: int):
     )
     old = torch.zeros_like(batch.sampler_logprobs)
     for (rows, _), part in zip(shares.ranks, parts, strict=True):
-        old[rows] = part
-    return batch, scores, old
+        old[rows, : part.shape[1]] = part
+    return old

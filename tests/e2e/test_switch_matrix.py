@@ -19,7 +19,7 @@ from eopd_ray.config import load_config
 from eopd_ray.driver.pipeline import Pipeline
 from eopd_ray.telemetry.step_metrics import read_jsonl
 
-from .conftest import TINY, tiny_overrides
+from .conftest import TINY, learner_old_logprobs, tiny_overrides
 
 # Switch -> its two settings (index 0 and 1 in the rows below).
 SWITCHES = {
@@ -118,21 +118,6 @@ def _overrides(row) -> list[str]:
     return out
 
 
-def _reference_old_logprobs(pipeline: Pipeline, batch, shares) -> torch.Tensor:
-    """pi_old of every row as the learners compute it for the whole batch in one plan."""
-    parts = pipeline.learner.get(
-        pipeline.learner.call_each_async(
-            "old_logprobs", [(batch.select(rows), plan) for rows, plan in shares.ranks]
-        ),
-        300,
-        "reference pi_old",
-    )
-    old = torch.zeros_like(batch.sampler_logprobs)
-    for (rows, _), part in zip(shares.ranks, parts, strict=True):
-        old[rows, : part.shape[1]] = part
-    return old
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("row", CASES, ids=_name)
 def test_every_row_trained_once_with_its_own_scores_and_pi_old(local_ray, tiny_pair, tmp_path, row):
@@ -161,7 +146,7 @@ def test_every_row_trained_once_with_its_own_scores_and_pi_old(local_ray, tiny_p
         # pi_old: what the learners hold now recomputes the streamed pi_old, and matches the
         # sampler's log-probs when they hold the weights that sampled (on-policy).
         on_policy = batch.weight_version == pipeline.version
-        reference = _reference_old_logprobs(pipeline, batch, shares)
+        reference = learner_old_logprobs(pipeline, batch, shares)
         if old is not None:
             assert on_policy
             torch.testing.assert_close(old, reference, atol=1e-5, rtol=1e-5)
