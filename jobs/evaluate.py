@@ -28,6 +28,7 @@ from eopd_ray.config import Config, config_from_dict, load_config  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
 from eopd_ray.evaluation.math_answers import load_benchmark, report, score_benchmark  # noqa: E402
 from eopd_ray.storage.outputs import output_dir  # noqa: E402
+from eopd_ray.storage.run_storage import redacted  # noqa: E402
 from eopd_ray.storage.sources import local_file, local_model_dir, pin_model  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(f"{name}.samples.jsonl", "\n".join(lines) + "\n")
         print(f"{name}: Avg@{e.k} {score.avg_at_k:.2f}  Pass@{e.k} {score.pass_at_k:.2f}")
     data, table = report(scores)
-    data["model"] = spec
+    data["model"] = redacted(spec)  # a URI's credentials never go into a file
     data["settings"] = dataclasses.asdict(e)
     out.write_text("results.json", json.dumps(data, indent=2) + "\n")
     out.write_text("results.md", table)

@@ -142,7 +142,7 @@ def test_a_read_error_is_not_a_missing_checkpoint_and_deletes_nothing(tmp_path):
     store = RunStorage("run", filesystem=pafs.PyFileSystem(handler))
     c = cfg(tmp_path)
     write(store, c, 4, b"good")
-    store.write_text("config.yaml", checkpoint.config_to_yaml(c))
+    store.write_text("config.yaml", checkpoint.stored_config_yaml(c))
     handler.unreadable = "state.json"
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot read run/checkpoints/step-0+4"):
         checkpoint.latest(store)
@@ -467,3 +467,38 @@ def test_another_student_stays_refused_even_when_allowed(tmp_path, store):
     other = with_models(tmp_path, "s2", "t", allow_config_change=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.student_path changed from 's'"):
         checkpoint.check_compatible(other, ckpt, store)
+
+
+SECRET_URI = "s3://AKIAEOPD:sEcReTkEy@bucket/{}?endpoint_override=127.0.0.1:9&scheme=http"
+
+
+def test_credentials_in_uris_are_masked_in_the_checkpoints_config_and_its_messages(tmp_path, store):
+    """Issue 33: `s3://KEY:SECRET@bucket/...` (the form pyarrow accepts) was saved as given. The
+    file holds it masked; a resume with the same URIs (credentials and all) is the same run."""
+    teacher = SECRET_URI.format("models/teacher")
+    c = config_from_dict(
+        {
+            "model": {"student_path": "s", "teacher_path": f"{teacher}#listing={'a' * 16}"},
+            "data": {"train_path": SECRET_URI.format("data/train.jsonl")},
+            "run": {"output_dir": SECRET_URI.format("run"), "id": "r1"},
+        }
+    )
+    write(store, c, 1)
+    saved = store.read_text("checkpoints/step-000001/config.yaml")
+    assert "AKIAEOPD" not in saved and "sEcReTkEy" not in saved
+    assert "s3://***@bucket/models/teacher?endpoint_override=127.0.0.1:9" in saved
+    ckpt = checkpoint.latest(store)
+    assert checkpoint.check_compatible(c, ckpt, store) == []
+    changed = config_from_dict(
+        {
+            "model": {"student_path": "s", "teacher_path": f"{teacher}#listing={'b' * 16}"},
+            "data": {"train_path": SECRET_URI.format("data/other.jsonl")},
+            "run": {"output_dir": SECRET_URI.format("run"), "id": "r1"},
+        }
+    )
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_compatible(changed, ckpt, store)
+    message = str(err.value)
+    assert "data.train_path changed from 's3://***@bucket/data/train.jsonl" in message
+    assert "the objects at 's3://***@bucket/models/teacher" in message
+    assert "AKIAEOPD" not in message and "sEcReTkEy" not in message

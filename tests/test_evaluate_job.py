@@ -83,14 +83,18 @@ def test_evaluate_rejects_a_bad_benchmark_file(tmp_path):
 
 
 def test_evaluate_writes_to_a_uri_not_to_a_folder_named_s3(tiny_pair, tmp_path, s3):
-    """Issue 33: `--out s3://...` wrote to ./s3:/... and exited 0."""
+    """Issue 33: `--out s3://...` wrote to ./s3:/... and exited 0; a model URI's credentials
+    (`s3://KEY:SECRET@bucket/...`) were printed and saved in results.json."""
     out = s3.uri("eval/tiny")
+    model = s3.upload_dir(tiny_pair[0], "models/eval-student").replace(
+        "s3://", "s3://AKIAEOPD:sEcReTkEy@"
+    )
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO / "jobs" / "evaluate.py"),
             "--model",
-            str(tiny_pair[0]),
+            model,
             "--benchmarks",
             str(DATA / "synthetic_arith.jsonl"),
             "--out",
@@ -106,7 +110,7 @@ def test_evaluate_writes_to_a_uri_not_to_a_folder_named_s3(tiny_pair, tmp_path, 
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ),  # the S3 endpoint's credentials
+        env=dict(os.environ, EOPD_CACHE=str(tmp_path / "cache")),  # and the S3 credentials
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "s3:").exists()
@@ -116,3 +120,9 @@ def test_evaluate_writes_to_a_uri_not_to_a_folder_named_s3(tiny_pair, tmp_path, 
     assert set(store.listdir()) == {"results.json", "results.md", "synthetic_arith.samples.jsonl"}
     assert json.loads(store.read_text("results.json"))["benchmarks"]["synthetic_arith"]
     assert f"results in {out}" in proc.stdout
+    assert "sEcReTkEy" not in proc.stdout + proc.stderr + "".join(
+        store.read_text(name) for name in store.listdir()
+    )
+    assert json.loads(store.read_text("results.json"))["model"].startswith(
+        "s3://***@eopd-test/models/eval-student?endpoint_override="
+    )

@@ -53,6 +53,7 @@ def test_a_hub_id_or_uri_with_a_model_builder_is_refused_naming_the_key(monkeypa
         assert f"set model.{builder}=false to load it" in message, message
         assert [i.path for i in caught.value.issues] == [f"model.{builder}"] * len(keys)
         assert all(f"model.{key} = " in message for key in keys), message
+        assert "SECRET" not in message  # a URI's credentials are masked
     assert not (tmp_path / "HuggingFaceTB").exists() and not (tmp_path / "org").exists()
 
     # Switched off, the ids are loaded (pinned later by the driver); nothing is built.

@@ -41,8 +41,8 @@ def test_a_uri_that_cannot_be_opened_fails_at_once_naming_the_option():
 def test_an_option_that_must_be_local_refuses_a_uri_clearly(tmp_path):
     assert local_output_dir(str(tmp_path), "--root", "the toy cache") == tmp_path
     with pytest.raises(StorageError) as caught:
-        local_output_dir("s3://bucket/toy?scheme=http", "--root", "the toy cache")
-    assert "--root 's3://bucket/toy?scheme=http' is a URI, but the toy cache must be" in str(
+        local_output_dir("s3://KEY:SECRET@bucket/toy?scheme=http", "--root", "the toy cache")
+    assert "--root 's3://***@bucket/toy?scheme=http' is a URI, but the toy cache must be" in str(
         caught.value
     )
 

@@ -113,3 +113,25 @@ def test_fetch_downloads_only_the_files_kept_each_checked_whole(store):
         }
         with pytest.raises(StorageError, match=r"downloading .*missing.* failed"):
             store.fetch("missing")
+
+
+def test_user_info_and_secret_parameters_of_a_uri_are_masked_everywhere_shown():
+    """Issue 33: `s3://KEY:SECRET@bucket/...` was shown and saved as given."""
+    from eopd_ray.storage.run_storage import redacted, redacted_values
+
+    assert redacted("s3://KEY:SECRET@bucket/run?scheme=http") == "s3://***@bucket/run?scheme=http"
+    assert redacted("s3://KEY@bucket/a@b") == "s3://***@bucket/a@b"  # only the user info
+    assert redacted("gs://b/x?access_key=A&secret_key=S&x=1") == (
+        "gs://b/x?access_key=***&secret_key=***&x=1"
+    )
+    for plain in ("Qwen/Qwen3-1.7B@main", "/models/a@b", "s3://bucket/run#listing=abc"):
+        assert redacted(plain) == plain
+    tree = {"run": {"output_dir": "s3://K:S@b/r"}, "eval": {"benchmarks": ["hdfs://u:p@nn/x", 3]}}
+    assert redacted_values(tree) == {
+        "run": {"output_dir": "s3://***@b/r"},
+        "eval": {"benchmarks": ["hdfs://***@nn/x", 3]},
+    }
+    store = RunStorage("s3://KEY:SECRET@bucket/run?endpoint_override=127.0.0.1:9&scheme=http")
+    assert store.show("metrics.jsonl") == (
+        "s3://***@bucket/run/metrics.jsonl?endpoint_override=127.0.0.1:9&scheme=http"
+    )

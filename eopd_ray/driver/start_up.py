@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-from eopd_ray.config import config_to_yaml
 from eopd_ray.driver.actors import connect, create_placement_group, spawn, wait_started
 from eopd_ray.driver.stopping import exit_on_sigterm
 from eopd_ray.roles.learner import LearnerWorker
 from eopd_ray.roles.rollout import RolloutWorker
 from eopd_ray.roles.teacher import TeacherWorker
+from eopd_ray.storage.checkpoint import stored_config_yaml
 from eopd_ray.storage.run_claim import RunClaim
 from eopd_ray.storage.run_dir import begin_run
 
@@ -38,7 +38,7 @@ class StartUp:
         self.cfg, self._resume_from = begin_run(self.cfg, self.store)
         self.claim.set_run_id(self.cfg.run.id)
         self.claim.start()
-        self.store.write_text("config.yaml", config_to_yaml(self.cfg))
+        self.store.write_text("config.yaml", stored_config_yaml(self.cfg))  # credentials masked
         log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
         cfg = self.cfg
         self._pg = create_placement_group(cfg)

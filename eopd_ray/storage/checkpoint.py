@@ -45,12 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from eopd_ray.config import Config, config_from_dict, config_to_yaml, total_updates
+from eopd_ray.config import Config, config_from_dict, config_to_dict, total_updates
 from eopd_ray.config.strict_yaml import parse_yaml
 from eopd_ray.errors import EopdError
 from eopd_ray.storage.gguf_source import is_gguf, split_gguf_pin
-from eopd_ray.storage.run_storage import RunStorage, redacted
+from eopd_ray.storage.run_storage import RunStorage, redacted, redacted_values
 from eopd_ray.storage.sources import split_uri_pin
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def commit(
         "learner_files": sorted(learner_files),
         "trained_on": trained_on or {},
     }
-    store.write_text(f"{rel}/config.yaml", config_to_yaml(cfg))
+    store.write_text(f"{rel}/config.yaml", stored_config_yaml(cfg))
     if store.is_local:
         _fsync_tree(store.local_path(rel))
     store.write_text(f"{rel}/{STATE}", json.dumps(state))
@@ -247,6 +248,15 @@ def complete_checkpoints(store: RunStorage) -> list[Checkpoint]:
 def latest(store: RunStorage) -> Checkpoint | None:
     found = complete_checkpoints(store)
     return found[-1] if found else None
+
+
+def stored_config_yaml(cfg: Config) -> str:
+    """What a run directory's and a checkpoint's `config.yaml` hold: the resolved config, with the
+    credentials of URIs masked (`redacted`). A resume compares URIs masked on both sides and
+    reads them, credentials included, from the config it is given, never from the file."""
+    return yaml.safe_dump(
+        redacted_values(config_to_dict(cfg)), sort_keys=False, default_flow_style=False
+    )
 
 
 def saved_config(store: RunStorage, rel: str) -> Config:
@@ -334,7 +344,7 @@ def _model_changes(saved: Config, cfg: Config) -> tuple[list[str], list[str]]:
     fatal, changed = [], []
     for name in ("student_path", "teacher_path"):
         key = f"model.{name}"
-        old, new = getattr(saved.model, name), getattr(cfg.model, name)
+        old, new = redacted(getattr(saved.model, name)), redacted(getattr(cfg.model, name))
         split = split_gguf_pin if is_gguf(new) else split_uri_pin
         (old_uri, old_pin), (new_uri, new_pin) = split(old), split(new)
         if old == new or (old_uri == new_uri and old_pin is None):
@@ -374,6 +384,7 @@ def check_compatible(
     for key, why in _BREAKING.items():
         section, name = key.split(".")
         old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        old, new = redacted_values(old), redacted_values(new)  # the file's are masked
         if old != new:
             (changed if key.startswith("loss.") else fatal).append(
                 f"{key} changed from {old!r} to {new!r} ({why})"

@@ -52,8 +52,24 @@ def is_uri(location: str) -> bool:
 SECRET_PARAMETERS = ("access_key", "secret_key", "session_token", "credential")
 
 
+def redacted_values(tree):
+    """`tree` (dicts, lists, strings: a config as a dict) with every URI `redacted`."""
+    if isinstance(tree, dict):
+        return {key: redacted_values(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [redacted_values(value) for value in tree]
+    return redacted(tree) if isinstance(tree, str) else tree
+
+
 def redacted(uri: str) -> str:
-    """`uri` with the values of secret query parameters replaced by `***`."""
+    """`uri` with its user info (`s3://KEY:SECRET@bucket/...`, the form pyarrow accepts) and the
+    values of secret query parameters replaced by `***`; anything else as given."""
+    if not is_uri(uri):
+        return uri
+    scheme, _, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        uri = f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{path}"
     base, sep, query = uri.partition("?")
     if not sep:
         return uri

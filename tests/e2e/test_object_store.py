@@ -175,3 +175,53 @@ def test_a_preempted_run_on_s3_resumes_exports_and_evaluates_from_s3(
     assert results["benchmarks"]["arith"]["problems"] == 3
     assert results["model"] == s3.uri("run/hf")
     assert "testing" not in proc.stdout + proc.stderr  # credentials never printed
+
+
+def test_credentials_in_a_uri_are_never_shown_or_saved(s3, local_ray, tiny_pair, caplog, capsys):
+    """Issue 33: `s3://KEY:SECRET@bucket/...` (the form pyarrow accepts) was printed by the
+    driver and saved. Now: masked in the logs, config.yaml, the checkpoints' configs, the metrics
+    and their tags, absent from the workers' runtime env; the resume (which reads the masked
+    config) continues the run with the credentials it is given."""
+    import logging
+
+    import ray
+
+    from eopd_ray.telemetry.ray_gauges import RayMetricsSink
+
+    def with_key(uri: str) -> str:
+        return uri.replace("s3://", "s3://AKIAEOPD:sEcReTkEy@")
+
+    models = (str(tiny_pair[0]), with_key(s3.upload_dir(tiny_pair[1], "models/teacher-creds")))
+    args = [
+        *overrides(s3, models, "run.export_hf=false"),
+        f"run.output_dir={with_key(s3.uri('creds-run'))}",
+    ]
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    caplog.set_level(logging.INFO)
+    envs = []
+    for steps in (2, 3):  # then resumed
+        p = Pipeline(load_config(TINY, [*args, f"run.steps={steps}"]))
+        try:
+            p.start()
+            p.run(progress="lines")
+            for group in (p.rollout, p.teacher, p.learner):
+                call = group.handles[0].__ray_call__.remote(
+                    lambda _: ray.get_runtime_context().runtime_env
+                )
+                envs.append(json.dumps(ray.get(call, timeout=60)))
+            tags = json.dumps(RayMetricsSink(p.cfg.run.name, p.cfg.run.id).tags)
+        finally:
+            p.shutdown()
+            signal.signal(signal.SIGTERM, on_sigterm)
+    assert p.start_step == 2
+    store = RunStorage(s3.uri("creds-run"))
+    rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    files = {name: store.read_text(name) for name in ("config.yaml", "metrics.jsonl")}
+    for ckpt in checkpoint.complete_checkpoints(store):
+        files[ckpt.rel] = store.read_text(f"{ckpt.rel}/config.yaml")
+    assert "s3://***@eopd-test/creds-run?endpoint_override=" in files["config.yaml"]
+    shown = [caplog.text, *capsys.readouterr(), *files.values(), *envs, tags]
+    leaked = [text[:200] for text in shown if "AKIAEOPD" in text or "sEcReTkEy" in text]
+    assert not leaked, leaked
+    assert "outputs in s3://***@eopd-test/creds-run" in caplog.text
