@@ -67,13 +67,19 @@ def kind_of(spec: str) -> str:
         return "gguf"
     if is_uri(spec):
         return "uri"
-    if not _HUB_ID.match(spec) or Path(spec.split("@")[0]).exists():
+    if Path(spec.split("@")[0]).exists() or not _HUB_ID.match(_without_trailing_slash(spec)):
         return "local"
     return "hub"
 
 
+def _without_trailing_slash(spec: str) -> str:
+    """`org/name/` (a shell's completion) is the hub id `org/name`."""
+    repo, at, revision = spec.partition("@")
+    return f"{repo.rstrip('/')}{at}{revision}"
+
+
 def split_hub_id(spec: str) -> tuple[str, str | None]:
-    repo, _, revision = spec.partition("@")
+    repo, _, revision = _without_trailing_slash(spec).partition("@")
     return repo, revision or None
 
 
@@ -87,32 +93,12 @@ def hub_cache_dir() -> Path:
 
 
 def _hub_snapshot(spec: str, key: str) -> Path:
-    """The snapshot directory of hub id `spec` in this node's HF cache, downloaded if needed."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """The snapshot directory of hub id `spec` in this node's HF cache, downloaded if needed
+    (a pinned commit the cache holds is used without asking the hub: storage/hub_snapshot.py)."""
+    from eopd_ray.storage.hub_snapshot import hub_snapshot
 
     repo, revision = split_hub_id(spec)
-    cache = hub_cache_dir()
-    lock_dir = cache / ".eopd-locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / (repo.replace("/", "--") + ".lock"))):
-        try:
-            return Path(snapshot_download(repo, revision=revision))
-        except LocalEntryNotFoundError:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-            why = "HF_HUB_OFFLINE is set (no download)" if offline else "the hub is out of reach"
-            pin = f" --revision {revision}" if revision else ""
-            raise SourceError(
-                f"{key} = {spec!r}: not in the Hugging Face cache {cache} and {why}. Download it "
-                f"beforehand on every node (`hf download {repo}{pin}` with the same HF_HOME), put "
-                "the cache on a volume the nodes share, or give a local directory or an "
-                "object-store URI instead"
-            ) from None
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise SourceError(
-                f"{key} = {spec!r}: cannot fetch it from the Hugging Face hub ({exc}); check the "
-                "id and revision, and HF_TOKEN for a gated or private model"
-            ) from None
+    return hub_snapshot(repo, revision, spec, key, SourceError)
 
 
 def pin_model(spec: str, key: str = "model") -> str:
@@ -344,7 +330,8 @@ def pin_models(cfg: Config, resumed: Callable[[], Config | None] = lambda: None)
         if not looked:
             pinned, looked = resumed(), True
         before = getattr(pinned.model, name) if pinned is not None else ""
-        if split_hub_id(spec)[1] is None and split_hub_id(before)[0] == spec and "@" in before:
+        repo, revision = split_hub_id(spec)
+        if revision is None and split_hub_id(before)[0] == repo and "@" in before:
             spec = before  # resume with the weights the run started with
         paths[name] = pin_model(spec, f"model.{name}")
     if not paths:
