@@ -22,6 +22,7 @@ set_job_environment()  # before anything imports Ray
 from eopd_ray.config import load_config  # noqa: E402
 from eopd_ray.driver.locations import resolve_locations  # noqa: E402
 from eopd_ray.errors import EopdError  # noqa: E402
+from eopd_ray.storage.run_storage import RunStorage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = None
     try:
         cfg = resolve_locations(load_config(args.config, args.overrides))
+        RunStorage(cfg.run.output_dir).check()  # a wrong endpoint fails now, not after Ray starts
         build_models(cfg)
         from eopd_ray.driver.pipeline import Pipeline
 

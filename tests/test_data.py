@@ -76,3 +76,26 @@ def test_render_raw_and_chat(tiny_pair):
     chat = tok.decode(render_prompt("what is 1 + 2?", "chat_no_think", tok))
     assert chat.startswith("<|im_start|>user\nwhat is 1 + 2?<|im_end|>")
     assert chat.endswith("<think>\n\n</think>\n\n")
+
+
+def test_too_few_prompts_names_data_toy_prompts_for_synthetic_data(tiny_pair, tmp_path):
+    """Issue 33: run.steps past synthetic data suggested data.epochs only."""
+    from eopd_ray.config import config_from_dict
+    from eopd_ray.core.prompts import tokenize_prompts
+
+    models = {"student_path": str(tiny_pair[0]), "teacher_path": str(tiny_pair[1])}
+    toy = config_from_dict({"model": models, "data": {"toy_prompts": 4}, "run": {"steps": 10}})
+    needed = 10 * toy.rollout.prompts_per_step // toy.data.epochs
+    with pytest.raises(DataError) as exc:
+        tokenize_prompts(toy)
+    assert f"lower run.steps or raise data.toy_prompts to at least {needed} or data.epochs" in (
+        str(exc.value)
+    )
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i} + 1"}) + "\n" for i in range(4)))
+    from_file = config_from_dict(
+        {"model": models, "data": {"train_path": str(path)}, "run": {"steps": 10}}
+    )
+    with pytest.raises(DataError) as exc:
+        tokenize_prompts(from_file)
+    assert str(exc.value).endswith("lower run.steps or raise data.epochs")

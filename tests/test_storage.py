@@ -4,6 +4,7 @@ a sub-tree filesystem (the object-store code path on the local disk, shared by p
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -135,3 +136,36 @@ def test_user_info_and_secret_parameters_of_a_uri_are_masked_everywhere_shown():
     assert store.show("metrics.jsonl") == (
         "s3://***@bucket/run/metrics.jsonl?endpoint_override=127.0.0.1:9&scheme=http"
     )
+
+
+def test_a_forgotten_s3_endpoint_fails_before_ray_starts_and_says_how_to_give_one(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """Issue 33: reported ~30 s in, after Ray had started, with no word of endpoint_override or
+    AWS_ENDPOINT_URL."""
+    import ray
+
+    from eopd_ray.config import load_config
+    from eopd_ray.driver.pipeline import Pipeline
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+    overrides = [
+        f"model.student_path={tiny_pair[0]}",
+        f"model.teacher_path={tiny_pair[1]}",
+        "model.build_tiny=false",
+        "run.output_dir=s3://eopd-no-such-endpoint/run",
+    ]
+    assert not ray.is_initialized()
+    with pytest.raises(StorageError) as err:
+        Pipeline(load_config(tiny, overrides))
+    assert not ray.is_initialized()
+    message = str(err.value)
+    assert message.startswith("run.output_dir = 's3://eopd-no-such-endpoint/run': ")
+    assert "?endpoint_override=host:port&scheme=http" in message and "AWS_ENDPOINT_URL" in message
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # given, but wrong: no hint
+    with pytest.raises(StorageError) as err:
+        RunStorage("s3://eopd-no-such-endpoint/run").check()
+    assert "AWS_ENDPOINT_URL" not in str(err.value)

@@ -118,10 +118,15 @@ def tokenize_prompts(cfg: Config) -> tuple[list[list[int]], int]:
         log.warning("skipped %d prompts longer than data.max_prompt_tokens", skipped)
     needed = cfg.run.steps * cfg.rollout.prompts_per_step
     if len(kept) * d.epochs < needed:
+        # Synthetic prompts: more of them is the natural fix (a larger epoch count repeats them).
+        more = (
+            f"raise data.toy_prompts to at least {-(-needed // d.epochs)} or data.epochs"
+            if d.toy_prompts
+            else "raise data.epochs"
+        )
         raise DataError(
             f"run.steps x rollout.prompts_per_step = {needed} prompts, but the data holds "
-            f"{len(kept)} usable prompts x data.epochs = {d.epochs}: lower run.steps or raise "
-            "data.epochs"
+            f"{len(kept)} usable prompts x data.epochs = {d.epochs}: lower run.steps or {more}"
         )
     return kept, skipped
 

@@ -101,6 +101,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_locations(cfg)
         self.store = RunStorage(cfg.run.output_dir)
+        self.store.check()  # a wrong endpoint or bucket fails now, before Ray starts
         # Hub ids pinned to a commit (a resumed run's own), so every worker loads the same weights.
         cfg = pin_models(cfg, lambda: config_to_resume(cfg, self.store))
         self.cfg = cfg

@@ -52,6 +52,20 @@ def is_uri(location: str) -> bool:
 SECRET_PARAMETERS = ("access_key", "secret_key", "session_token", "credential")
 
 
+def endpoint_hint(uri: str) -> str:
+    """For an S3 URI that names no endpoint (none in its query, no AWS_ENDPOINT_URL): how to
+    give one, since a forgotten endpoint of MinIO, Ceph or a test server reaches AWS instead."""
+    if not uri.startswith("s3://") or "endpoint_override=" in uri:
+        return ""
+    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"):
+        return ""
+    return (
+        "; no S3 endpoint is given, so AWS itself was asked: for MinIO, Ceph or another "
+        "S3-compatible store put it in the URI (`?endpoint_override=host:port&scheme=http`) or "
+        "set AWS_ENDPOINT_URL"
+    )
+
+
 def redacted_values(tree):
     """`tree` (dicts, lists, strings: a config as a dict) with every URI `redacted`."""
     if isinstance(tree, dict):
@@ -119,9 +133,22 @@ class RunStorage:
             raise StorageError(
                 f"{self.key} = {redacted(self.location)!r}: cannot open it as a filesystem "
                 f"({exc}); use an absolute path or a URI pyarrow understands (s3://, gs://, "
-                "hdfs://, file://) and check the credentials"
+                f"hdfs://, file://) and check the credentials{endpoint_hint(self.location)}"
             ) from None
         self._root = root.rstrip("/") or "/"
+
+    def check(self) -> None:
+        """Open the storage and list its root (one request): a wrong endpoint, bucket or
+        credentials fail now, naming the setting, not after Ray and the workers started."""
+        try:
+            self.fs.get_file_info(self.path())
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(
+                f"{self.key} = {self.show()!r}: cannot reach it ({exc}); check the URI, the "
+                f"bucket and the credentials{endpoint_hint(self.location)}"
+            ) from None
 
     @property
     def fs(self) -> pafs.FileSystem:

@@ -47,7 +47,7 @@ from filelock import FileLock
 
 from eopd_ray.config import Config
 from eopd_ray.errors import EopdError
-from eopd_ray.storage.run_storage import is_uri, redacted
+from eopd_ray.storage.run_storage import endpoint_hint, is_uri, redacted
 
 # `org/name` or `org/name@revision`: one slash, no scheme (a URI) and no leading `.` or `/`.
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def _list_uri(uri: str, key: str) -> tuple[pafs.FileSystem, str, dict[str, list[
         raise SourceError(
             f"{key} = {shown!r}: cannot list it ({exc}); check the URI, its endpoint and the "
             "credentials (the standard environment variables, e.g. AWS_ACCESS_KEY_ID)"
+            f"{endpoint_hint(uri)}"
         ) from None
     if not listing:
         raise SourceError(f"{key} = {shown!r}: an empty directory")
