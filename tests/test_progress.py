@@ -45,12 +45,13 @@ def test_lines_first_last_and_at_most_one_per_interval(caplog):
 
     lines = progress_lines(caplog)
     # Step 0 ends at t=1 and is logged; then t=31, 61, 91 (30 s later each), and the last step.
-    assert [line.split(" (")[0] for line in lines] == [
-        "step 1/100",
-        "step 31/100",
-        "step 61/100",
-        "step 91/100",
-        "step 100/100",
+    # "step N" names the step (0-based, as metrics.jsonl and the checkpoints); the count is done.
+    assert [line.split(" |")[0] for line in lines] == [
+        "step 0 done (1/100, 1%)",
+        "step 30 done (31/100, 31%)",
+        "step 60 done (61/100, 61%)",
+        "step 90 done (91/100, 91%)",
+        "step 99 done (100/100, 100%)",
     ]
     assert all(r.levelno == logging.INFO for r in caplog.records)
 
@@ -64,11 +65,12 @@ def test_line_content(caplog):
     first = progress_lines(caplog)[0]
     # 299 steps left at 1.2 s each = 358.8 s -> 5m59s.
     assert first == (
-        "step 1/300 (0%) | loss 0.1235 | reverse KL 0.457 | 1234 tok/s | 1.2 s/step | ETA 5m59s"
+        "step 0 done (1/300, 0%) | loss 0.1235 | reverse KL 0.457 | 1234 tok/s | 1.2 s/step | "
+        "ETA 5m59s"
     )
     progress.close()  # logs step 12, not yet logged: every_s has not passed
     last = progress_lines(caplog)[-1]
-    assert last.startswith("step 12/300 (4%) | ")
+    assert last.startswith("step 11 done (12/300, 4%) | ")
     assert last.endswith("| 1.2 s/step | ETA 5m46s")  # 288 x 1.2 s = 345.6 s
 
 
@@ -80,7 +82,8 @@ def test_eta_uses_only_steps_run_by_this_process(caplog):
     run_steps(progress, clock, range(200, 201), step_s=90.0)
     # 99 steps left x 90 s = 8910 s = 2h28m30s, shown to the minute.
     assert progress_lines(caplog) == [
-        "step 201/300 (67%) | loss 0.1235 | reverse KL 0.457 | 1234 tok/s | 90.0 s/step | ETA 2h28m"
+        "step 200 done (201/300, 67%) | loss 0.1235 | reverse KL 0.457 | 1234 tok/s | "
+        "90.0 s/step | ETA 2h28m"
     ]
 
 
@@ -99,7 +102,9 @@ def test_missing_metrics_print_a_dash(caplog):
     clock.now = 2.0
     progress.update(0, {"loss/total": 0.5})
     (line,) = progress_lines(caplog)
-    assert line == "step 1/10 (10%) | loss 0.5000 | reverse KL - | - tok/s | 2.0 s/step | ETA 18s"
+    assert line == (
+        "step 0 done (1/10, 10%) | loss 0.5000 | reverse KL - | - tok/s | 2.0 s/step | ETA 18s"
+    )
 
     bar_stream = TtyStream()
     bar = StepProgress(0, 10, mode="bar", stream=bar_stream)
@@ -127,7 +132,7 @@ def test_auto_draws_lines_off_a_tty_and_a_bar_on_one(caplog):
         bar.update(step, METRICS)
     bar.close()
     drawn = tty.getvalue()
-    assert re.search(r"eopd: 100%.*\b3/3\b", drawn), drawn
+    assert re.search(r"eopd steps done: 100%.*\b3/3\b", drawn), drawn
     assert "loss=0.1235, rkl=0.457, tok_s=1234" in drawn
     assert progress_lines(caplog) == []
 

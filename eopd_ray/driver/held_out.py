@@ -299,5 +299,5 @@ class HeldOutEvaluation:
                 f"the student is at {self.version}"
             )
         metrics = held.score(batch) | {"time/eval_s": time.perf_counter() - started}
-        log.info("step %d held-out evaluation: %s", step + 1, summary_line(metrics))
+        log.info("held-out evaluation after step %d: %s", step, summary_line(metrics))
         return metrics

@@ -5,9 +5,11 @@ Under `ray job logs` stderr is no TTY, and a tqdm bar turns into one wrapped lin
 logs one plain line (logger `eopd_ray.driver.progress`) at the first step, then at most one every
 `every_s` seconds, and at the last step:
 
-    step 12/300 (4%) | loss 0.1234 | reverse KL 0.456 | 1234 tok/s | 1.2 s/step | ETA 5m40s
+    step 11 done (12/300, 4%) | loss 0.1234 | reverse KL 0.456 | 1234 tok/s | 1.2 s/step | ETA 5m40s
 
-The step count shown is steps done (step + 1), as tqdm counts, so the last line reads 300/300.
+One convention for every step a person reads (docs/running.md): "step N" is the step with
+index N, 0 to run.steps - 1, as in metrics.jsonl, the checkpoints' names (step-0000NN) and the
+stop and resume messages; a count of steps is written as a count (12/300 done, the bar's 12/300).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class StepProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                desc="eopd",
+                desc="eopd steps done",
                 unit="step",
                 total=total_steps,
                 initial=first_step,
@@ -132,7 +134,7 @@ class StepProgress:
         eta_s = step_s * max(0, self.total_steps - done)
         percent = 100 * done // self.total_steps if self.total_steps > 0 else 100
         return (
-            f"step {done}/{self.total_steps} ({percent}%)"
+            f"step {step} done ({done}/{self.total_steps}, {percent}%)"
             f" | loss {_metric(metrics, _LOSS)}"
             f" | reverse KL {_metric(metrics, _REVERSE_KL)}"
             f" | {_metric(metrics, _TOKENS_PER_S)} tok/s"

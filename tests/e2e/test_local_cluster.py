@@ -183,7 +183,7 @@ def test_toy_job_from_a_clean_clone_writes_where_it_says(cluster):
     assert (where / "checkpoints" / "step-000002" / "state.json").exists()
     assert not (clone / "runs").exists()
     # Without a terminal the driver logs one progress line now and then, never a bar.
-    assert re.search(r"step 3/3 \(100%\) \| loss [\d.]+ \| reverse KL", log), log[-3000:]
+    assert re.search(r"step 2 done \(3/3, 100%\) \| loss [\d.]+ \| reverse KL", log), log[-3000:]
     assert "\r" not in log
 
 
