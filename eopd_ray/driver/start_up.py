@@ -13,7 +13,7 @@ import logging
 import time
 
 from eopd_ray.driver.actors import connect, create_placement_group, spawn, wait_started
-from eopd_ray.driver.stopping import exit_on_sigterm
+from eopd_ray.driver.stopping import exit_on_sigterm, on_abrupt_exit
 from eopd_ray.roles.learner import LearnerWorker
 from eopd_ray.roles.rollout import RolloutWorker
 from eopd_ray.roles.teacher import TeacherWorker
@@ -35,6 +35,8 @@ class StartUp:
         exit_on_sigterm()  # again: ray.init installs its own handler
         # One driver per run directory, before anything in it is read, moved or deleted.
         self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
+        # An abandoned step or a stop during start-up exits without shutdown(): owner.json too.
+        self._forget_claim = on_abrupt_exit(self.claim.release)
         self.cfg, self._resume_from = begin_run(self.cfg, self.store)
         self.claim.set_run_id(self.cfg.run.id)
         self.claim.start()
@@ -137,6 +139,7 @@ class StartUp:
 
         if self.claim is not None:
             self.claim.release()
+            self._forget_claim()
 
         for group in (self.rollout, self.teacher, self.learner):
             for handle in group.handles if group else []:

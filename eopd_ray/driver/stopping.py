@@ -8,6 +8,9 @@ During the loop (`StopOnSigterm`): finish the current step, checkpoint, stop, al
 stop` after RAY_JOB_STOP_WAIT_TIME_S). When the step in flight and its checkpoint cannot finish
 in time, the step is abandoned a few seconds before the grace ends: the driver says which step
 the next run resumes at (after the newest complete checkpoint) and exits with 143.
+Both exits skip the normal shutdown: what must not outlive the driver (its claim on
+run.output_dir, `owner.json`) registers a cleanup with `on_abrupt_exit`, run first, within
+`CLEANUP_S`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,28 @@ from eopd_ray.building import directories_being_built
 
 # Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit.
 ABANDON_MARGIN_S = 3.0
+# Of that margin, what the cleanups (`on_abrupt_exit`) may take together; one that takes longer is
+# left behind (a claim then expires as a crashed driver's does).
+CLEANUP_S = 1.5
+
+_CLEANUPS: list[Callable[[], None]] = []
+
+
+def on_abrupt_exit(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Run `cleanup` before a SIGTERM exit that skips the normal shutdown (an abandoned step, a
+    stop during start-up). Returns the function that unregisters it (call it once the normal
+    shutdown has done the same)."""
+    _CLEANUPS.append(cleanup)
+    return lambda: _CLEANUPS.remove(cleanup) if cleanup in _CLEANUPS else None
+
+
+def _run_cleanups() -> None:
+    deadline = time.monotonic() + CLEANUP_S
+    for cleanup in list(_CLEANUPS):
+        thread = threading.Thread(target=cleanup, daemon=True, name="sigterm cleanup")
+        thread.start()
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    _CLEANUPS.clear()
 
 
 class StopOnSigterm:
@@ -62,6 +87,7 @@ class StopOnSigterm:
             message = f"SIGTERM: stopping without a clean stop ({exc})"
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
+        _run_cleanups()
         _stop_embedded_ray()
         os._exit(143)
 
@@ -83,6 +109,7 @@ def _stop_start_up(signum, frame) -> None:
         "again to start\n"
     )
     sys.stderr.flush()
+    _run_cleanups()
     _stop_embedded_ray()
     os._exit(143)
 

@@ -127,6 +127,7 @@ def test_a_preempted_run_on_s3_resumes_exports_and_evaluates_from_s3(
     assert f"resumes at step {SLOW_AT} from s3://" in stderr, stderr[-2000:]
     store = RunStorage(s3.uri("run"))
     assert [k.step for k in checkpoint.complete_checkpoints(store)] == [SLOW_AT - 1]
+    assert not store.exists("owner.json")  # the abandoned driver removed its claim
     deadline = time.monotonic() + 20
     while alive_in_group(pgid) and time.monotonic() < deadline:
         time.sleep(0.5)
