@@ -378,7 +378,7 @@ class RunStorage:
                 raise FileNotFoundError(f"no files below {self.show(rel)}")
             for name, size in sizes.items():
                 if keep is None or keep(name):
-                    self._download(f"{rel}/{name}", local / name, size)
+                    self._download(f"{rel}/{name}" if rel else name, local / name, size)
         except OSError as exc:
             shutil.rmtree(local, ignore_errors=True)
             raise StorageError(f"downloading {self.show(rel)} failed ({exc})") from None
