@@ -127,6 +127,10 @@ def test_user_info_and_secret_parameters_of_a_uri_are_masked_everywhere_shown():
     )
     for plain in ("Qwen/Qwen3-1.7B@main", "/models/a@b", "s3://bucket/run#listing=abc"):
         assert redacted(plain) == plain
+    # A pin after a secret parameter stays (a resume compares the pins of masked URIs).
+    assert redacted("s3://b/m.gguf?x=1&secret_key=S#sha256=ab12") == (
+        "s3://b/m.gguf?x=1&secret_key=***#sha256=ab12"
+    )
     tree = {"run": {"output_dir": "s3://K:S@b/r"}, "eval": {"benchmarks": ["hdfs://u:p@nn/x", 3]}}
     assert redacted_values(tree) == {
         "run": {"output_dir": "s3://***@b/r"},

@@ -84,15 +84,16 @@ def redacted(uri: str) -> str:
     netloc, slash, path = rest.partition("/")
     if "@" in netloc:
         uri = f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{path}"
+    uri, hash_, fragment = uri.partition("#")  # a pin (`#sha256=`, `#listing=`) is no secret
     base, sep, query = uri.partition("?")
     if not sep:
-        return uri
+        return f"{uri}{hash_}{fragment}"
     parts = []
     for part in query.split("&"):
         name, eq, _ = part.partition("=")
         secret = eq and any(s in name.lower() for s in SECRET_PARAMETERS)
         parts.append(f"{name}=***" if secret else part)
-    return f"{base}?{'&'.join(parts)}"
+    return f"{base}?{'&'.join(parts)}{hash_}{fragment}"
 
 
 class RunStorage:
