@@ -208,3 +208,53 @@ def test_requests_share_prompts_over_workers_with_fixed_seeds(tiny_pair):
     assert summary_line({"eval/avg@4": 0.25, "eval/x/avg@4": 1.0, "time/eval_s": 2.0}) == (
         "avg@4 0.250"
     )
+
+
+def test_short_answer_held_out_is_the_question_file_rendered_and_judged(tiny_pair, tmp_path):
+    from eopd_ray.evaluation.short_answer import ShortAnswer, write_questions
+
+    path = tmp_path / "eval.jsonl"
+    questions = [
+        ShortAnswer("what is 2 + 2?", ("4", "four"), ("3", "5"), "sum", "2+2"),
+        ShortAnswer("capital of egypt?", ("cairo",), ("paris",), "capital", "egypt"),
+    ]
+    write_questions(path, questions)
+    # auto picks the question file when no benchmarks are set
+    cfg = tiny_cfg(tiny_pair, "eval.every_steps=2", f"eval.short_answer_path={path}")
+    held = load_held_out(cfg)
+    assert held.source == "short_answer"
+    assert [held.decode(ids) for ids in held.prompts] == [q.prompt for q in questions]
+    out = held.judge([["4", "four", "3 or 4", "x"], ["Cairo.", "Paris", "cairo", "cairo!"]])
+    assert out["eval/avg@4"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert out["eval/sum/avg@4"] == 0.5 and out["eval/capital/avg@4"] == 0.75
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q"}\n')
+    with pytest.raises(HeldOutError, match=r"eval\.short_answer_path: .*bad\.jsonl, line 1"):
+        load_held_out(tiny_cfg(tiny_pair, "eval.every_steps=2", f"eval.short_answer_path={bad}"))
+    with pytest.raises(ConfigError, match=r"eval\.short_answer_path"):
+        tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.source=short_answer")
+
+
+def test_score_adds_the_eos_rate_and_the_response_length(tiny_pair, tmp_path):
+    import torch
+
+    from eopd_ray.core.wire import RolloutBatch
+
+    cfg = tiny_cfg(tiny_pair, "eval.every_steps=2", "eval.samples_per_problem=2", "eval.k=2")
+    held = load_held_out(cfg)
+    n = len(held.prompts)
+    # Per prompt: a 2-token answer that stopped and a 4-token one cut at the length cap.
+    rows = [(p, length) for p in range(n) for length in (2, 4)]
+    batch = RolloutBatch(
+        prompt_ids=torch.ones(2 * n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(2 * n, 1, dtype=torch.bool),
+        response_ids=torch.full((2 * n, 4), 5, dtype=torch.long),
+        response_mask=torch.tensor([[t < length for t in range(4)] for _, length in rows]),
+        sampler_logprobs=torch.zeros(2 * n, 4),
+        prompt_index=torch.tensor([p for p, _ in rows]),
+        finish_reason=tuple("stop" if length == 2 else "length" for _, length in rows),
+        weight_version=0,
+    )
+    out = held.score(batch)
+    assert out["eval/eos_rate"] == 0.5
+    assert out["eval/response_len_mean"] == 3.0

@@ -269,6 +269,17 @@ def benchmark_evaluation_has_benchmarks(cfg: Config) -> str | None:
     return "eval.source: benchmarks needs at least one benchmark JSONL file in eval.benchmarks"
 
 
+@rule("eval.short_answer_path", reads=("eval.every_steps", "eval.source", "eval.short_answer_path"))
+def short_answer_evaluation_has_questions(cfg: Config) -> str | None:
+    e = cfg.eval
+    if e.every_steps == 0 or e.source != "short_answer" or e.short_answer_path:
+        return None
+    return (
+        "eval.source: short_answer needs a question file (JSONL of prompt, answers, rivals) in "
+        "eval.short_answer_path, e.g. the one `jobs/real_task.py prepare` writes"
+    )
+
+
 @rule("eval.source", reads=("eval.every_steps", "eval.source", "data.toy_prompts"))
 def arithmetic_evaluation_has_synthetic_prompts(cfg: Config) -> str | None:
     e = cfg.eval

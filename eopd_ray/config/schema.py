@@ -235,9 +235,13 @@ class EvalConfig:
     # During training: evaluate the current student every this many steps and after the last
     # one, on the rollout workers (0: never). See eopd_ray/driver/held_out.py.
     every_steps: NonNegInt = 0
-    # The held-out prompts used during training. auto: eval.benchmarks when set, else the toy
-    # task's eval.jsonl beside model.student_path, else a held-out slice of data.toy_prompts.
-    source: Literal["auto", "benchmarks", "toy", "arithmetic"] = "auto"
+    # The held-out prompts used during training. auto: eval.benchmarks when set, else
+    # eval.short_answer_path when set, else the toy task's eval.jsonl beside
+    # model.student_path, else a held-out slice of data.toy_prompts.
+    source: Literal["auto", "benchmarks", "short_answer", "toy", "arithmetic"] = "auto"
+    # Short-answer questions (JSONL of {prompt, answers, rivals}; eopd_ray/evaluation/
+    # short_answer.py), e.g. the real-model task's held-out set (jobs/real_task.py prepare).
+    short_answer_path: Str = ""
     max_problems: NonNegInt = 0  # per benchmark during training (0: all)
     arithmetic_prompts: PosInt = 64  # size of the held-out slice of data.toy_prompts
     samples_per_problem: PosInt = 8

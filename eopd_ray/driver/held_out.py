@@ -12,6 +12,10 @@ Three sources (`eval.source`, `auto` picks the first that applies):
   rendered with `eval.template` and `eval.prompt_suffix`, judged like jobs/evaluate.py (last
   `\\boxed{}` against the reference, by mathematical equivalence). The headline is the
   unweighted mean over benchmarks, as in the paper's table; each benchmark is logged too.
+- `short_answer`: the questions of `eval.short_answer_path` (JSONL of prompt, accepted answers and
+  rivals; e.g. the real-model task `jobs/real_task.py prepare` writes), rendered as the training
+  prompts are, judged by eopd_ray/evaluation/short_answer.py (an accepted answer named, no
+  rival); adds `eval/<family>/avg@k` per question family.
 - `toy`: a prepared toy task (eopd_ray/toy/prepare.py) beside `model.student_path`: its
   `eval.jsonl` (prompts neither model nor the distillation saw), judged by the task's checker;
   adds `eval/distinct_correct` (distinct correct answers per prompt) and `eval/coverage` (the
@@ -22,8 +26,9 @@ Three sources (`eval.source`, `auto` picks the first that applies):
 
 Every metric is a fraction in [0, 1]: `eval/avg@k` is the mean over prompts of the fraction of
 correct samples (all `eval.samples_per_problem` of them), `eval/pass@k` the unbiased estimate of
-"at least one of k correct" (evaluation.math_answers.pass_at_k). Imports neither Ray, vLLM nor
-DeepSpeed.
+"at least one of k correct" (evaluation.math_answers.pass_at_k); every source also logs
+`eval/eos_rate` (the fraction of samples that ended with the end-of-sequence token rather than at
+`eval.max_new_tokens`) and `eval/response_len_mean`. Imports neither Ray, vLLM nor DeepSpeed.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class HeldOutError(EopdError):
 class HeldOut:
     """The prompts to evaluate on and the function that turns completions into metrics."""
 
-    source: str  # "benchmarks" | "toy" | "arithmetic"
+    source: str  # "benchmarks" | "short_answer" | "toy" | "arithmetic"
     prompts: list[list[int]]  # token ids, as the rollout workers take them
     judge: Callable[[Completions], dict[str, float]]
     tokenizer: Any  # the student's: response ids -> text
@@ -81,7 +86,7 @@ class HeldOut:
 
     def score(self, batch: RolloutBatch) -> dict[str, float]:
         """The metrics of a generated batch: its rows regrouped by prompt, decoded and judged,
-        plus `eval/response_len_mean`."""
+        plus `eval/response_len_mean` and `eval/eos_rate` (samples that stopped by themselves)."""
         completions: list[list[str]] = [[] for _ in self.prompts]
         lengths = batch.response_mask.sum(1)
         for row, prompt in enumerate(batch.prompt_index.tolist()):
@@ -89,6 +94,7 @@ class HeldOut:
             completions[prompt].append(self.decode(ids))
         metrics = self.judge(completions)
         metrics["eval/response_len_mean"] = float(lengths.float().mean())
+        metrics["eval/eos_rate"] = batch.finish_reason.count("stop") / batch.num_sequences
         return metrics
 
 
@@ -123,7 +129,12 @@ def load_held_out(cfg: Config) -> HeldOut | None:
     tokenizer = AutoTokenizer.from_pretrained(
         cfg.model.student_path, trust_remote_code=cfg.model.trust_remote_code
     )
-    build = {"benchmarks": _benchmarks, "toy": _toy_task, "arithmetic": _arithmetic}[source]
+    build = {
+        "benchmarks": _benchmarks,
+        "short_answer": _short_answer,
+        "toy": _toy_task,
+        "arithmetic": _arithmetic,
+    }[source]
     texts, judge = build(cfg)
     template, suffix = _rendering(cfg, source)
     prompts = []
@@ -142,6 +153,8 @@ def load_held_out(cfg: Config) -> HeldOut | None:
 def _auto_source(cfg: Config) -> str:
     if cfg.eval.benchmarks:
         return "benchmarks"
+    if cfg.eval.short_answer_path:
+        return "short_answer"
     if _toy_prepared_dir(cfg) is not None:
         return "toy"
     if cfg.data.toy_prompts > 0:
@@ -153,8 +166,8 @@ def _auto_source(cfg: Config) -> str:
 
 
 def _rendering(cfg: Config, source: str) -> tuple[str, str]:
-    """(template, suffix): benchmarks as jobs/evaluate.py renders them; the toy and arithmetic
-    prompts exactly as the training prompts are."""
+    """(template, suffix): benchmarks as jobs/evaluate.py renders them; the short-answer, toy
+    and arithmetic prompts exactly as the training prompts are."""
     if source == "benchmarks":
         return cfg.eval.template, cfg.eval.prompt_suffix
     return cfg.data.student_template, cfg.data.prompt_suffix
@@ -186,6 +199,28 @@ def _benchmarks(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[st
         return out
 
     return texts, judge
+
+
+# --------------------------------------------------------------------------------- short answers
+
+
+def _short_answer(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[str, float]]]:
+    from eopd_ray.evaluation.short_answer import (
+        QuestionFileError,
+        judge_completions,
+        read_questions,
+    )
+
+    try:
+        questions = read_questions(cfg.eval.short_answer_path)
+    except QuestionFileError as exc:
+        raise HeldOutError(f"eval.short_answer_path: {exc}") from None
+    k = cfg.eval.k
+
+    def judge(completions: Completions) -> dict[str, float]:
+        return judge_completions(questions, completions, k)
+
+    return [q.prompt for q in questions], judge
 
 
 # --------------------------------------------------------------------------------- toy task
