@@ -47,8 +47,9 @@ class LookupLM(torch.nn.Module):
         super().__init__()
         self.table = table
 
-    def forward(self, ids: torch.Tensor):
-        return type("Out", (), {"logits": self.table[ids]})()  # (1, L, V)
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0):
+        logits = self.table[ids][:, -logits_to_keep:]  # (N, L or logits_to_keep, V)
+        return type("Out", (), {"logits": logits})()
 
 
 def brute_force(teacher_table, model_table, prompt, answer, samples, tau):

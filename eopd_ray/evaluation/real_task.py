@@ -68,10 +68,13 @@ def _response_logprobs(model: Any, prompt: list[int], responses: list[list[int]]
     ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # (N, L)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
-    logits = model(ids).logits  # (N, L, V)
-    start = len(prompt) - 1
+    # The LM head only where a response token is predicted: the rows share the prompt, so
+    # those are the last L - (P - 1) positions of every row (most of a short answer's
+    # sequence is prompt).
+    keep = ids.shape[1] - len(prompt) + 1
+    logits = model(ids, logits_to_keep=keep).logits  # (N, keep, V)
     return [
-        torch.log_softmax(logits[i, start : start + len(r)].float(), -1)  # (T_j, V)
+        torch.log_softmax(logits[i, : len(r)].float(), -1)  # (T_j, V)
         for i, r in enumerate(responses)
     ]
 
