@@ -107,10 +107,6 @@ class LearnerWeights:
                     t.detach().to(getattr(torch, m.dtype))
                     for t, m in zip(tensors, bucket, strict=True)
                 ]
-                # Checksummed where the weights are (the GPU: fast), before the copy to the host.
-                started = time.perf_counter()
-                self._gathered_checksum += weights_checksum(wire)
-                self._checksum_s += time.perf_counter() - started
                 out = [t.to("cpu") for t in wire]
                 if self.cfg.learner.zero_stage == 3:  # the gathered storage is freed on exit
                     out = [
@@ -118,6 +114,13 @@ class LearnerWeights:
                         for c, t in zip(out, tensors, strict=True)
                     ]
                 yield index, out
+                # Checksummed where the weights are (the GPU: fast), AFTER the caller sent the
+                # bucket: nothing needs the sum before the driver compares it with the engines',
+                # so it runs while they receive, reload and checksum (0.28 s of a 1.1 s sync on
+                # CPU for a 99M-parameter student, off the sync's critical path).
+                started = time.perf_counter()
+                self._gathered_checksum += weights_checksum(wire)
+                self._checksum_s += time.perf_counter() - started
 
     def broadcast_weights(self) -> dict[str, float]:
         """Collective transport: rank 0 broadcasts every bucket. Returns the buckets sent and
