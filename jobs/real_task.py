@@ -309,6 +309,12 @@ def report(cfg: Config, command: str) -> int:
     (run_dir / "eval.json").write_text(json.dumps(columns, indent=2))
     rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line]
     plots = [p for p in plot_run(rows, run_dir / "plots") if p.stem in ("overview", "eval")]
+    if store.exists("timeline.json"):  # the last step: which role holds a step
+        from eopd_ray.evaluation.plots import plot_timeline
+        from eopd_ray.telemetry.timeline import Timeline
+
+        timeline = Timeline.from_json(store.read_text("timeline.json"))
+        plots.append(plot_timeline(timeline, run_dir / "plots" / "timeline.png"))
     task_file = task_dir / "task.json"
     task = json.loads(task_file.read_text()) if task_file.exists() else {}
     task |= {"teacher": cfg.model.teacher_path, "student": cfg.model.student_path}
