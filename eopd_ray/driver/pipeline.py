@@ -41,7 +41,7 @@ from eopd_ray.driver.locations import resolve_locations
 from eopd_ray.driver.progress import StepProgress
 from eopd_ray.driver.recovery import Recovery
 from eopd_ray.driver.run_checkpoints import RunCheckpoints
-from eopd_ray.driver.start_up import StartUp
+from eopd_ray.driver.worker_groups import StartUp
 from eopd_ray.driver.stopping import StopOnSigterm
 from eopd_ray.driver.streamed import StreamedBatch, StreamInBackground, Streaming
 from eopd_ray.driver.weight_versions import WeightVersions
