@@ -144,10 +144,11 @@ def tables(records: list[dict], methods: list[str], seeds: list[int]) -> tuple[s
     for name, stats in diffs.items():
         cells = [fmt_diff(stats[k]) for k, _, _ in TABLE_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    as_dict = {
-        "summary": {m: {k: dataclasses.asdict(v) for k, v in s.items()} for m, s in summary.items()},
-        "paired": {n: {k: dataclasses.asdict(v) for k, v in d.items()} for n, d in diffs.items()},
-    }
+
+    def as_dicts(stats: dict[str, dict[str, Summary]]) -> dict:
+        return {m: {k: dataclasses.asdict(v) for k, v in s.items()} for m, s in stats.items()}
+
+    as_dict = {"summary": as_dicts(summary), "paired": as_dicts(diffs)}
     return "\n".join(lines), as_dict
 
 
