@@ -25,6 +25,7 @@ LAYERS = [
     {"eopd_ray.evaluation"},
     {"eopd_ray.toy"},
     {"eopd_ray.roles"},
+    {"eopd_ray.serving"},
     {"eopd_ray.driver"},
 ]
 ENGINES = {"ray", "vllm", "deepspeed"}

@@ -96,6 +96,22 @@ def check_model_pair(cfg: Config) -> None:
     check_shared_vocabulary(tokenizers["model.student_path"], tokenizers["model.teacher_path"], cfg)
 
 
+def teacher_responses(batch: RolloutBatch, cfg: Config) -> list[list[int]]:
+    """The batch's responses as the teacher reads them: the student's EOS
+    (`teacher.student_eos_token_id`) mapped to the teacher's (`teacher.teacher_eos_token_id`)."""
+    responses = rows_of(batch.response_ids, batch.response_mask)
+    src, dst = cfg.teacher.student_eos_token_id, cfg.teacher.teacher_eos_token_id
+    if src is None:
+        return responses
+    return [[dst if tok == src else tok for tok in r] for r in responses]
+
+
+def merged_ids_of(cfg: Config) -> tuple[int, int] | None:
+    """(student EOS, teacher EOS) when the two differ: scored as one token under the student's."""
+    src, dst = cfg.teacher.student_eos_token_id, cfg.teacher.teacher_eos_token_id
+    return None if src is None or src == dst else (src, dst)
+
+
 class TeacherWorker:
     """Holds the frozen teacher; `score(batch)` returns TeacherScores (one Ray actor each)."""
 
@@ -123,7 +139,7 @@ class TeacherWorker:
         self.vocab_rows = min(student_rows, self.model.config.vocab_size)
         t_cfg = cfg.teacher
         src, dst = t_cfg.student_eos_token_id, t_cfg.teacher_eos_token_id
-        self.merged_ids = None if src is None or src == dst else (src, dst)
+        self.merged_ids = merged_ids_of(cfg)
         usable = self.vocab_rows - (self.merged_ids is not None)  # a merged id leaves the top-K
         if t_cfg.top_k > usable:
             raise EopdError(
@@ -153,11 +169,7 @@ class TeacherWorker:
         return [render_prompt(t, d.teacher_template, self.tokenizer) for t in texts]
 
     def _teacher_responses(self, batch: RolloutBatch) -> list[list[int]]:
-        responses = rows_of(batch.response_ids, batch.response_mask)
-        src, dst = self.cfg.teacher.student_eos_token_id, self.cfg.teacher.teacher_eos_token_id
-        if src is None:
-            return responses
-        return [[dst if tok == src else tok for tok in r] for r in responses]
+        return teacher_responses(batch, self.cfg)
 
     @property
     def _budgeted(self) -> bool:
@@ -178,10 +190,32 @@ class TeacherWorker:
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherScores:
         started = time.perf_counter()
+        scores = self.score_rows(
+            self._teacher_prompts(batch),
+            self._teacher_responses(batch),
+            batch.response_mask,
+            temperature=self.cfg.rollout.temperature,
+            merged_ids=self.merged_ids,
+        )
+        self.metrics.throughput("teacher", batch.num_response_tokens, started)
+        return scores
+
+    @torch.no_grad()
+    def score_rows(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        response_mask: torch.Tensor,
+        temperature: float,
+        merged_ids: tuple[int, int] | None,
+    ) -> TeacherScores:
+        """Scores of teacher-side rows: `prompts` rendered with the teacher's template,
+        `responses` with the student's EOS already mapped, `response_mask` (B, T) bool right-padded
+        with row b's first len(responses[b]) positions True. What `score` runs, and what the
+        served teacher (eopd_ray.serving) runs on the rows its requests carry."""
         t_cfg = self.cfg.teacher
-        b, t = batch.response_ids.shape
+        b, t = response_mask.shape
         k = t_cfg.top_k
-        prompts, responses = self._teacher_prompts(batch), self._teacher_responses(batch)
         token_logprobs = torch.zeros(b, t)
         entropy = torch.zeros(b, t)
         topk_ids = torch.zeros(b, t, k, dtype=torch.int32)
@@ -190,7 +224,7 @@ class TeacherWorker:
             # Under a token budget each forward is cut to its own longest response.
             width = max(len(responses[r]) for r in rows) if self._budgeted else t
             # Under a token budget only the real response positions reach the LM head.
-            valid = batch.response_mask[rows, : max(1, width)] if self._budgeted else None
+            valid = response_mask[rows, : max(1, width)] if self._budgeted else None
             input_ids, attention, positions = pack(
                 [prompts[r] for r in rows], [responses[r] for r in rows], max(1, width)
             )
@@ -202,9 +236,9 @@ class TeacherWorker:
                 top_k=k,
                 chunk_positions=t_cfg.chunk_positions,
                 vocab_rows=self.vocab_rows,
-                temperature=self.cfg.rollout.temperature,
+                temperature=temperature,
                 lm_head=self.lm_head,
-                merged_ids=self.merged_ids,
+                merged_ids=merged_ids,
                 valid=valid.to(self.device) if valid is not None else None,
             )
             index = torch.tensor(rows)
@@ -218,8 +252,7 @@ class TeacherWorker:
                     block = out[index, :w]
                     block[valid] = value[0].cpu()
                     out[index, :w] = block
-        mask = batch.response_mask
-        self.metrics.throughput("teacher", batch.num_response_tokens, started)
+        mask = response_mask
         return TeacherScores(  # padding is 0 (torch.where: a non-finite value there stays out)
             token_logprobs=torch.where(mask, token_logprobs, 0.0),
             entropy=torch.where(mask, entropy, 0.0),

@@ -1,0 +1,3 @@
+"""The teacher as a shared service: a Ray Serve application (app.py), its wire schema
+(schema.py), clients for Ray handles and HTTP (client.py), its metrics (metrics.py), and the
+adapter that stands where a job's teacher workers stand (adapter.py)."""
