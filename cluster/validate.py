@@ -4,7 +4,7 @@
 
 Three layers, each catching what the others cannot:
 1. yamllint (duplicate keys, syntax) — a duplicate key silently overrides the first one;
-2. the pinned KubeRay v1.7.0 CRD schemas (vendored in `cluster/crds/v1.7.0/`, or $KUBERAY_CRDS),
+2. the pinned KubeRay v1.7.0 CRD schemas (RayJob, RayCluster, RayService) (vendored in `cluster/crds/v1.7.0/`, or $KUBERAY_CRDS),
    converted to JSON Schema with unknown fields rejected, so a misspelled key fails;
 3. the rules the operator enforces at run time rather than in the schema.
 Prints one line per problem and exits 1 when there is any.
@@ -22,7 +22,11 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CRDS = HERE / "crds" / "v1.7.0"
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+CRD_FILES = {
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 YAMLLINT_CONFIG = """
 extends: default
@@ -60,7 +64,9 @@ def to_json_schema(node: Any) -> Any:
 def load_schemas(crd_dir: Path) -> dict[str, dict]:
     schemas = {}
     for kind, name in CRD_FILES.items():
-        crd = yaml.safe_load((crd_dir / name).read_text())
+        # libyaml's loader when present: the three CRDs (3.3 MB) load ~10x faster than in Python.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        crd = yaml.load((crd_dir / name).read_text(), Loader=loader)
         version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
         schemas[kind] = to_json_schema(version["schema"]["openAPIV3Schema"])
     return schemas
@@ -88,6 +94,10 @@ def operator_rules(doc: dict) -> Iterator[str]:
             yield "spec.ttlSecondsAfterFinished needs spec.shutdownAfterJobFinishes: true"
         cluster = spec.get("rayClusterSpec") or {}
         prefix = "spec.rayClusterSpec"
+    elif doc.get("kind") == "RayService":
+        yield from serve_config_rules(spec)
+        cluster = spec.get("rayClusterConfig") or {}
+        prefix = "spec.rayClusterConfig"
     else:
         cluster, prefix = spec, "spec"
     head = cluster.get("headGroupSpec") or {}
@@ -107,6 +117,40 @@ def operator_rules(doc: dict) -> Iterator[str]:
             yield (
                 f"{prefix}.{where}: needs minReplicas <= replicas <= maxReplicas ({lo}, {n}, {hi})"
             )
+
+
+def serve_config_rules(spec: dict) -> Iterator[str]:
+    """`spec.serveConfigV2` is a string the operator hands to Serve: YAML with applications that
+    each have a name, an import path and a route prefix, unique across applications."""
+    text = spec.get("serveConfigV2")
+    if not isinstance(text, str):
+        yield "spec.serveConfigV2: required, a YAML string (the Serve config file)"
+        return
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        yield f"spec.serveConfigV2: not YAML: {exc}"
+        return
+    apps = config.get("applications") if isinstance(config, dict) else None
+    if not isinstance(apps, list) or not apps:
+        yield "spec.serveConfigV2.applications: a non-empty list is required"
+        return
+    for key in ("name", "route_prefix"):
+        values = [a.get(key) for a in apps if isinstance(a, dict)]
+        if len(values) != len(set(values)):
+            yield f"spec.serveConfigV2.applications: duplicate {key} in {values}"
+    for i, app in enumerate(apps):
+        where = f"spec.serveConfigV2.applications[{i}]"
+        if not isinstance(app, dict):
+            yield f"{where}: must be a mapping"
+            continue
+        for key in ("name", "import_path"):
+            if not isinstance(app.get(key), str) or not app[key]:
+                yield f"{where}.{key}: required"
+        if ":" not in str(app.get("import_path", ":")) and "." not in str(app["import_path"]):
+            yield f"{where}.import_path: expected module:attribute, got {app['import_path']!r}"
+        if not str(app.get("route_prefix", "/")).startswith("/"):
+            yield f"{where}.route_prefix: must start with '/'"
 
 
 def validate_file(path: Path, schemas: dict[str, dict]) -> list[str]:
@@ -129,7 +173,9 @@ def validate_file(path: Path, schemas: dict[str, dict]) -> list[str]:
         where = f"{path} (document {index + 1}, {doc.get('kind', '?')})"
         schema = schemas.get(doc.get("kind"))
         if doc.get("apiVersion") != "ray.io/v1" or schema is None:
-            problems.append(f"{where}: only ray.io/v1 RayJob and RayCluster are validated here")
+            problems.append(
+                f"{where}: only ray.io/v1 RayJob, RayCluster and RayService are validated here"
+            )
             continue
         validator = jsonschema.Draft7Validator(schema)
         for error in sorted(validator.iter_errors(without_nulls(doc)), key=str):

@@ -123,3 +123,52 @@ def test_command_line_reports_and_fails(tmp_path, capsys):
     bad.write_text("apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: x}\nspec: {nope: 1}\n")
     assert validate.main([str(bad)]) == 1
     assert "nope" in capsys.readouterr().out
+
+
+def test_teacher_rayservice_serves_the_package_app_behind_a_token():
+    """cluster/rayservice-teacher.yaml: the application is eopd_ray.serving.app:build_app with
+    arguments the app accepts and a job config that exists; every pod that can host a replica
+    has the token from a Secret (the proxy listens on 0.0.0.0 there)."""
+    from eopd_ray.serving.app import ServeSettings
+
+    doc = yaml.safe_load((CLUSTER / "rayservice-teacher.yaml").read_text())
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "eopd_ray.serving.app:build_app"
+    settings = ServeSettings.from_args(app["args"])
+    assert (REPO / settings.config).is_file()
+    assert settings.min_replicas <= settings.max_replicas
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token"
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env[settings.token_env]["valueFrom"]["secretKeyRef"]["name"]
+
+
+SERVICE_MISTAKES = {
+    "misspelled RayService key": (
+        lambda d: d["spec"].update(serviceUnhealthySecondThresold=900),
+        "serviceUnhealthySecondThresold",
+    ),
+    "serve config not YAML": (lambda d: d["spec"].update(serveConfigV2="a: [b"), "not YAML"),
+    "application without import path": (
+        lambda d: d["spec"].update(serveConfigV2="applications:\n  - name: teacher\n"),
+        "import_path: required",
+    ),
+    "misspelled cluster field": (
+        lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"].update(serviceTyp="ClusterIP"),
+        "serviceTyp",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(SERVICE_MISTAKES))
+def test_each_planted_rayservice_mistake_is_caught(schemas, tmp_path, mistake):
+    plant, words = SERVICE_MISTAKES[mistake]
+    doc = copy.deepcopy(yaml.safe_load((CLUSTER / "rayservice-teacher.yaml").read_text()))
+    plant(doc)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    problems = validate.validate_file(path, schemas)
+    assert any(words in p for p in problems), problems
