@@ -152,6 +152,14 @@ class ScoreRequest:
                 "give either context_ids + context_offsets + response_starts, or prompt_texts "
                 "+ template + response_ids + response_offsets",
             )
+        other = (
+            ("context_ids", "context_offsets", "response_starts")
+            if self.by_text
+            else ("template", "response_ids", "response_offsets")
+        )
+        stray = [name for name in other if getattr(self, name) is not None]
+        if stray:
+            raise RequestError(stray[0], "belongs to the other form of request; send one form")
         if not (isinstance(self.temperature, float) and 0 < self.temperature < math.inf):
             raise RequestError("temperature", f"must be a number > 0, got {self.temperature!r}")
         if self.merged_ids is not None and (
