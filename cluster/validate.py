@@ -4,7 +4,8 @@
 
 Three layers, each catching what the others cannot:
 1. yamllint (duplicate keys, syntax) — a duplicate key silently overrides the first one;
-2. the pinned KubeRay v1.7.0 CRD schemas (RayJob, RayCluster, RayService) (vendored in `cluster/crds/v1.7.0/`, or $KUBERAY_CRDS),
+2. the pinned KubeRay v1.7.0 CRD schemas of RayJob, RayCluster and RayService (vendored in
+   `cluster/crds/v1.7.0/`, or $KUBERAY_CRDS),
    converted to JSON Schema with unknown fields rejected, so a misspelled key fails;
 3. the rules the operator enforces at run time rather than in the schema.
 Prints one line per problem and exits 1 when there is any.
