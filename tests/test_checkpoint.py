@@ -293,7 +293,7 @@ def test_two_ranks_reporting_one_file_with_two_sizes_are_refused():
 
 
 class FakeLearnerGroup:
-    """The driver's learner group as commit_uploaded_checkpoint uses it: `upload_state` answers
+    """The driver's learner group as RunCheckpoints.commit_uploaded uses it: `upload_state` answers
     one list per poll (one state per rank, as LearnerWorker.upload_state)."""
 
     def __init__(self, polls: list[list[str]]) -> None:
@@ -315,22 +315,27 @@ class FakeClaim:
 def test_a_failed_upload_is_reported_while_another_rank_still_uploads(tmp_path, store):
     """Rank 1's upload failed while rank 0's still ran: its error (reported once, then
     forgotten by the learner) was dropped, and the checkpoint committed once rank 0 finished."""
+    from types import SimpleNamespace
+
+    from eopd_ray.core.prompts import PromptStream
     from eopd_ray.driver.run_checkpoints import RunCheckpoints
+    from eopd_ray.driver.run_state import RunState, SavedState
     from eopd_ray.errors import EopdError
 
-    driver = RunCheckpoints()
-    driver.cfg, driver.store, driver.claim = cfg(tmp_path), store, FakeClaim()
-    driver.prompts, driver._identity, driver.last_checkpoint = PROMPTS, None, None
+    learner = FakeLearnerGroup(
+        [["running", "uploading ... failed (503)"], ["done", "none"], ["none", "none"]]
+    )
+    state = RunState.begin(PromptStream(len(PROMPTS)))
+    groups = SimpleNamespace(learner=learner)
+    driver = RunCheckpoints(cfg(tmp_path), store, FakeClaim(), groups, None, state, PROMPTS)
     rel = checkpoint.begin(store, 3)
     store.write_bytes(f"{rel}/learner/rank-0.pt", b"zero")
     written = [["learner/rank-0.pt"], ["learner/rank-1.pt"]]
-    driver._uploading = (rel, 3, 4, {"epoch": 0, "offset": 3}, written, checkpoint.rng_state())
-    driver.learner = FakeLearnerGroup(
-        [["running", "uploading ... failed (503)"], ["done", "none"], ["none", "none"]]
-    )
+    saved = SavedState(3, 4, {"epoch": 0, "offset": 3}, checkpoint.rng_state())
+    driver._uploading = (rel, written, saved)  # as save(3, wait=False) leaves it on S3
     with pytest.raises(EopdError, match=r"learner\[1\]: uploading \.\.\. failed \(503\)"):
-        driver.commit_uploaded_checkpoint(wait=False)
-    assert driver.commit_uploaded_checkpoint(wait=False) is None  # nothing left to commit
+        driver.commit_uploaded(wait=False)
+    assert driver.commit_uploaded(wait=False) is None  # nothing left to commit
     assert checkpoint.latest(store) is None
 
 

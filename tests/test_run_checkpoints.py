@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from eopd_ray.driver.run_checkpoints import RunCheckpoints, checkpoint_due
+from eopd_ray.driver.run_checkpoints import checkpoint_due
 
 
 def _cadence(step_s: list[float], every: int, every_s: float) -> list[int]:
@@ -66,10 +66,12 @@ def test_the_lost_time_is_bounded_by_the_interval_plus_a_step():
 
 
 def test_the_pipeline_decides_with_the_same_function():
-    assert RunCheckpoints.checkpoint_due is checkpoint_due
+    import eopd_ray.driver.pipeline as pipeline_module
+
+    assert pipeline_module.checkpoint_due is checkpoint_due
 
 
-class _RunWithoutWorkers(RunCheckpoints):
+class _RunWithoutWorkers:
     """What `Pipeline.run` calls on its pipeline, without Ray or workers: each step takes
     `step_s` seconds of a fake clock, and the checkpoints are only recorded."""
 
@@ -78,18 +80,17 @@ class _RunWithoutWorkers(RunCheckpoints):
         self.start_step, self.config_changes, self.stopped_early = 0, [], False
         self.saved: list[int] = []
         self.claim = type("Claim", (), {"check": lambda self, what: None})()
+        self.evaluation = type("Evaluation", (), {"due": lambda self, step: False})()
+        self.checkpoints = self  # save() and commit_uploaded() below
 
     def step(self, step: int) -> dict[str, float]:
         self.clock[0] += self.step_s
         return {"loss/opd": 1.0}
 
-    def evaluation_due(self, step: int) -> bool:
-        return False
-
-    def commit_uploaded_checkpoint(self, wait: bool) -> None:
+    def commit_uploaded(self, wait: bool) -> None:
         return None
 
-    def save_checkpoint(self, step: int, wait: bool = True) -> None:
+    def save(self, step: int, wait: bool = True) -> None:
         self.clock[0] += 5.0  # the checkpoint's own time does not delay the next one
         self.saved.append(step)
 

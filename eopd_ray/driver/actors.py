@@ -67,10 +67,12 @@ class _Identified:
 
     ROLE = "worker"
     FROM_STEP = 0  # > 0: this attempt resumed a run at that step
+    rank: int  # set by every worker class it is mixed into
+    _beating = False  # heartbeats started (by the first identity() call)
 
     def identity(self) -> WorkerIdentity:
         """Answered once the worker is built; from then on it beats (`Heartbeats`)."""
-        if not getattr(self, "_beating", False):
+        if not self._beating:
             self._beating = True
             name = ray.get_runtime_context().get_actor_name()
             threading.Thread(target=beat, args=(name,), daemon=True, name="heartbeat").start()
@@ -86,12 +88,14 @@ class _Identified:
         """What the dashboard's Actors page (Repr) and the worker log prefixes show."""
         # Ray records it once, when the actor starts: say what holds from the start on.
         cfg = getattr(self, "cfg", None)
+        version = getattr(self, "version", None)  # a rollout worker's
+        trained = getattr(self, "step", None)  # a learner's
         if self.FROM_STEP:
             state = f" resumed at step {self.FROM_STEP}"
-        elif hasattr(self, "version"):
-            state = f" weights v{self.version}"
-        elif hasattr(self, "step"):
-            state = f" trained {self.step} steps"
+        elif version is not None:
+            state = f" weights v{version}"
+        elif trained is not None:
+            state = f" trained {trained} steps"
         else:
             state = ""
         return f"{self.ROLE}-{getattr(self, 'rank', '?')}{state} [{cfg.run.id if cfg else '?'}]"
@@ -256,7 +260,7 @@ class ActorGroup:
                 if left <= 0:
                     raise ray.exceptions.GetTimeoutError()
                 if watch:
-                    self._kill_silent(
+                    self.kill_silent(
                         [r for r, ref in zip(ranks, refs, strict=True) if ref in pending], what
                     )
         except ray.exceptions.GetTimeoutError:
@@ -286,7 +290,7 @@ class ActorGroup:
                 role=self.role,
             ) from exc
 
-    def _kill_silent(self, ranks: list[int], what: str) -> None:
+    def kill_silent(self, ranks: list[int], what: str) -> None:
         """Kill the workers among `ranks` whose heartbeat stopped; raise WorkerError(died)."""
         if self.heartbeats is None:
             return

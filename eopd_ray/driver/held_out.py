@@ -39,13 +39,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eopd_ray.config import Config, EvalConfig
 from eopd_ray.core.prompts import render_prompt, toy_prompts
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.errors import EopdError, VersionMismatch
 from eopd_ray.evaluation.math_answers import load_benchmark, pass_at_k, score_benchmark
+
+if TYPE_CHECKING:  # the driver's parts, for their types only: this module stays engine-free
+    from eopd_ray.driver.recovery import Recovery
+    from eopd_ray.driver.run_state import RunState
+    from eopd_ray.driver.worker_groups import WorkerGroups
 
 log = logging.getLogger(__name__)
 
@@ -304,34 +309,45 @@ def _arithmetic(cfg: Config) -> tuple[list[str], Callable[[Completions], dict[st
 
 
 class HeldOutEvaluation:
-    """Evaluation during training (`eval.every_steps`), part of `Pipeline`: the current student
-    on the rollout workers, judged by the run's `HeldOut` set."""
+    """Evaluation during training (`eval.every_steps`): the current student on the rollout
+    workers, judged by the run's `HeldOut` set."""
 
-    def evaluation_due(self, step: int) -> bool:
+    def __init__(
+        self,
+        cfg: Config,
+        groups: WorkerGroups,
+        state: RunState,
+        recovery: Recovery,
+        held_out: HeldOut | None,
+    ) -> None:
+        self.cfg, self.groups, self.state, self.recovery = cfg, groups, state, recovery
+        self.held_out = held_out
+
+    def due(self, step: int) -> bool:
         every = self.cfg.eval.every_steps
         return bool(every) and ((step + 1) % every == 0 or step == self.cfg.run.steps - 1)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The student after `step` (the weights the rollout workers hold since the sync) on the
         held-out prompts, judged by the held-out set (eopd_ray/driver/held_out.py)."""
-        held = self.held_out
+        held, rollout = self.held_out, self.groups.rollout
         assert held is not None, "evaluate() needs eval.every_steps > 0"
-        args = held.requests(self.cfg.eval, len(self.rollout))
+        args = held.requests(self.cfg.eval, len(rollout))
         ranks = list(range(len(args)))
 
         def generate() -> RolloutBatch:
-            refs = self.rollout.call_each_async("generate", args)
+            refs = rollout.call_each_async("generate", args)
             what = f"step {step} evaluation"
             return RolloutBatch.concat(
-                self.rollout.get(refs, self.cfg.run.step_timeout_s, what, ranks=ranks)
+                rollout.get(refs, self.cfg.run.step_timeout_s, what, ranks=ranks)
             )
 
         started = time.perf_counter()
-        batch = self._recovering(self.rollout, generate, f"step {step} evaluation")
-        if batch.weight_version != self.version:
+        batch = self.recovery.recovering(rollout, generate, f"step {step} evaluation")
+        if batch.weight_version != self.state.version:
             raise VersionMismatch(
                 f"step {step} evaluation: sampled with weight version {batch.weight_version}, "
-                f"the student is at {self.version}"
+                f"the student is at {self.state.version}"
             )
         metrics = held.score(batch) | {"time/eval_s": time.perf_counter() - started}
         log.info("held-out evaluation after step %d: %s", step, summary_line(metrics))

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -32,26 +30,23 @@ from eopd_ray.core.invariants import (
 from eopd_ray.core.micro_batches import StepShares, share_step
 from eopd_ray.core.prompts import PromptStream, tokenize_prompts
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
-from eopd_ray.driver.actors import (
-    ActorGroup,
-    WorkerError,
-)
+from eopd_ray.driver.actors import WorkerError, connect
 from eopd_ray.driver.held_out import HeldOutEvaluation, load_held_out
 from eopd_ray.driver.locations import resolve_locations
 from eopd_ray.driver.progress import StepProgress
 from eopd_ray.driver.recovery import Recovery
-from eopd_ray.driver.run_checkpoints import RunCheckpoints
-from eopd_ray.driver.worker_groups import StartUp
-from eopd_ray.driver.stopping import StopOnSigterm
-from eopd_ray.driver.streamed import StreamedBatch, StreamInBackground, Streaming
+from eopd_ray.driver.rollouts import Rollouts
+from eopd_ray.driver.run_checkpoints import RunCheckpoints, checkpoint_due
+from eopd_ray.driver.run_state import RunState
+from eopd_ray.driver.stopping import StopOnSigterm, exit_on_sigterm, on_abrupt_exit
+from eopd_ray.driver.streamed import ModelShape
 from eopd_ray.driver.weight_versions import WeightVersions
-from eopd_ray.errors import VersionMismatch
-from eopd_ray.roles.rollout import prompt_seeds
+from eopd_ray.driver.worker_groups import WorkerGroups
 from eopd_ray.roles.teacher import check_model_pair
 from eopd_ray.storage import checkpoint
-from eopd_ray.storage.checkpoint import Checkpoint
+from eopd_ray.storage.checkpoint import stored_config_yaml
 from eopd_ray.storage.run_claim import RunClaim
-from eopd_ray.storage.run_dir import config_to_resume
+from eopd_ray.storage.run_dir import begin_run, config_to_resume
 from eopd_ray.storage.run_storage import RunStorage
 from eopd_ray.storage.sources import pin_models, with_local_paths
 from eopd_ray.telemetry.ray_gauges import RayMetricsSink
@@ -61,25 +56,9 @@ from eopd_ray.telemetry.timeline import Timeline, role_metrics
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PendingRollout:
-    """A rollout in flight: its Ray refs, the weight version it must carry, and the prompt-stream
-    position before its prompts were taken (to redo it, or to checkpoint as if not started)."""
-
-    step: int
-    refs: list[Any]
-    expected_version: int
-    stream_state: dict[str, int]
-    parts: list[RolloutBatch] | None = field(default=None)
-    times: list[tuple[float, float]] = field(default_factory=list)  # per worker: start, end
-    # rollout.stream: the streamed rollout and scoring running in a driver thread, and then
-    # what it returned
-    background: StreamInBackground | None = None
-    streamed: StreamedBatch | None = None
-
-
-def _student_shape(cfg: Config) -> tuple[int, int]:
-    """(vocabulary rows the teacher scores over, those both models have; student hidden size)."""
+def _model_shape(cfg: Config) -> ModelShape:
+    """The vocabulary rows the teacher scores over (those both models have) and the attention
+    weight of the student's plans."""
     from transformers import AutoConfig
 
     remote = cfg.model.trust_remote_code
@@ -87,7 +66,8 @@ def _student_shape(cfg: Config) -> tuple[int, int]:
         AutoConfig.from_pretrained(path, trust_remote_code=remote)
         for path in (cfg.model.student_path, cfg.model.teacher_path)
     )
-    return min(student.vocab_size, teacher.vocab_size), student.hidden_size
+    # Attention work per token relative to the linear layers' grows as L / (6 * hidden).
+    return ModelShape(min(student.vocab_size, teacher.vocab_size), 1.0 / (6 * student.hidden_size))
 
 
 @contextmanager
@@ -97,7 +77,18 @@ def _timed(metrics: dict[str, float], key: str):
     metrics[key] = time.perf_counter() - start
 
 
-class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, HeldOutEvaluation):
+class Pipeline:
+    """One run: its config, prompts and state (`RunState`), and the parts that do the work,
+    made in `start()` once the run directory is claimed and the run's id known:
+
+    groups       WorkerGroups      the three worker groups and their placement
+    weights      WeightVersions    push the learner's weights, confirm and probe them
+    checkpoints  RunCheckpoints    save, upload, commit, resume, export
+    recovery     Recovery          which worker was lost and which part brings what back
+    rollouts     Rollouts          the step's data, whole or streamed, and its prefetch
+    evaluation   HeldOutEvaluation the held-out set during training
+    """
+
     def __init__(self, cfg: Config) -> None:
         cfg = resolve_locations(cfg)
         self.store = RunStorage(cfg.run.output_dir)
@@ -108,99 +99,102 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         # This node's copies of hub or object-store models and data; workers make their own.
         local = with_local_paths(cfg)
         check_model_pair(local)
-        self._resume_from: Checkpoint | None = None
         self.claim: RunClaim | None = None
-        self._identity: dict | None = None
+        self._forget_claim = lambda: None  # start(): stop releasing the claim on an abrupt exit
         # run.allow_config_change: what changed since the resumed checkpoint (shown in metrics)
         self.config_changes: list[str] = []
-        self.version = 0
         self.start_step = 0
         self.stopped_early = False
         self.step_in_flight: int | None = None
-        self.last_checkpoint: Checkpoint | None = None  # the newest complete one: the resume point
-        self._uploading: tuple | None = None  # a checkpoint whose learner files are going up
-        self.num_recoveries = 0
-        self.learner_failures = 0  # learner groups replaced (run.max_failures)
         self.prompts, self.num_skipped_prompts = tokenize_prompts(local)
         self.held_out = load_held_out(local)  # eval.every_steps: before any worker starts
-        self.stream = PromptStream(
+        stream = PromptStream(
             len(self.prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle, epochs=cfg.data.epochs
         )
-        # Where a learner restart with no checkpoint yet goes back to.
-        self._initial_stream, self._initial_rng = self.stream.state_dict(), checkpoint.rng_state()
-        self._prefetched: PendingRollout | None = None  # rollout.async_lag: the next step's rollout
+        self.state = RunState.begin(stream)
         self.timeline = Timeline(-1, "start-up")  # the step in flight's (eopd_ray.telemetry)
         # vLLM scores a prompt of at most max_model_len - 1 tokens (one more is generated).
         self.probe_ids = probe_sequence(
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
         )
-        self.vocab_rows, hidden = _student_shape(local)  # vocab rows bound the entropy: ln V
-        # Attention work per token relative to the linear layers' grows as L / (6 * hidden).
-        self.attention_weight = 1.0 / (6 * hidden)
-        self.rollout: ActorGroup | None = None
-        self.teacher: ActorGroup | None = None
-        self.learner: ActorGroup | None = None
-        self._pg = None
-        self.sync_parts: dict[str, float] = {}  # where the step's weight sync went (sync/*_s)
+        self.shape = _model_shape(local)
+        self.groups: WorkerGroups | None = None
+        self.weights: WeightVersions | None = None
+        self.checkpoints: RunCheckpoints | None = None
+        self.recovery: Recovery | None = None
+        self.rollouts: Rollouts | None = None
+        self.evaluation: HeldOutEvaluation | None = None
 
     @property
     def run_id(self) -> str | None:
         return self.cfg.run.id
 
+    # Read-only views of the run so far, for the job's messages and the tests.
+    version = property(lambda self: self.state.version)
+    last_checkpoint = property(lambda self: self.state.last_checkpoint)
+    num_recoveries = property(lambda self: self.recovery.num_recoveries if self.recovery else 0)
+    learner_failures = property(lambda self: self.recovery.learner_failures if self.recovery else 0)
+    rollout = property(lambda self: self.groups.rollout if self.groups else None)
+    teacher = property(lambda self: self.groups.teacher if self.groups else None)
+    learner = property(lambda self: self.groups.learner if self.groups else None)
+
+    # --- start and shutdown --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, claim run.output_dir, begin (or resume) the run, make the parts, spawn the
+        three roles in one placement group, set up DeepSpeed and the weight-sync group,
+        resume."""
+        # The run directory before any worker: it decides the run id (actor names, metric tags)
+        # and whether this resumes; an earlier run's files move to previous/ first.
+        exit_on_sigterm()
+        connect(self.cfg)
+        exit_on_sigterm()  # again: ray.init installs its own handler
+        # One driver per run directory, before anything in it is read, moved or deleted.
+        self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
+        # An abandoned step or a stop during start-up exits without shutdown(): owner.json too.
+        self._forget_claim = on_abrupt_exit(self.claim.release)
+        self.cfg, resume_from = begin_run(self.cfg, self.store)
+        self.claim.set_run_id(self.cfg.run.id)
+        self.claim.start()
+        self.store.write_text("config.yaml", stored_config_yaml(self.cfg))  # credentials masked
+        log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
+        self._make_parts()
+        self.groups.start(resume_from.step + 1 if resume_from else 0)
+        if resume_from is not None:
+            self.config_changes = self.checkpoints.resume(resume_from)
+            self.start_step = self.state.next_step
+
+    def _make_parts(self) -> None:
+        """Each part gets the run's config (its id set) and the parts it calls."""
+        cfg, store, state = self.cfg, self.store, self.state
+        self.groups = groups = WorkerGroups(cfg, store)
+        self.weights = weights = WeightVersions(cfg, groups, state, self.probe_ids)
+        self.checkpoints = RunCheckpoints(
+            cfg, store, self.claim, groups, weights, state, self.prompts
+        )
+        self.recovery = Recovery(cfg, store, groups, weights, self.checkpoints, state)
+        self.rollouts = Rollouts(
+            cfg, groups, weights, self.recovery, state, self.prompts, self.shape
+        )
+        self.evaluation = HeldOutEvaluation(cfg, groups, state, self.recovery, self.held_out)
+
+    def shutdown(self) -> None:
+        """Release the claim, kill the workers, free the placement group."""
+        if self.claim is not None:
+            self.claim.release()
+            self._forget_claim()
+        if self.groups is not None:
+            self.groups.shutdown()
+
     # --- one step ------------------------------------------------------------------------------
-
-    def _take_prompts(self, step: int) -> tuple[dict[str, int], list[tuple[list, list, list]]]:
-        """(the prompt stream's position before, each rollout worker's (prompts, their indices,
-        their seeds)) for the step: worker r takes every W-th prompt from the r-th."""
-        cfg = self.cfg
-        stream_state = self.stream.state_dict()
-        indices = self.stream.take(cfg.rollout.prompts_per_step)
-        # Seeds by position in the step: the same streams whatever the number of workers.
-        seeds = prompt_seeds(f"{cfg.rollout.seed}/{step}", range(len(indices)))
-        workers = len(self.rollout)
-        work = [
-            (
-                [self.prompts[j] for j in indices[rank::workers]],
-                indices[rank::workers],
-                seeds[rank::workers],
-            )
-            for rank in range(workers)
-        ]
-        return stream_state, work
-
-    def _launch_rollout(self, step: int) -> PendingRollout:
-        """Hand the step's prompts to the rollout workers; returns without waiting."""
-        stream_state, work = self._take_prompts(step)
-        refs = self.rollout.call_each_async("timed", [("generate", *w) for w in work])
-        return PendingRollout(step, refs, self.version, stream_state)
-
-    def _wait_rollout(self, pending: PendingRollout) -> None:
-        if pending.parts is None:
-            timed = self.rollout.get(
-                pending.refs, self.cfg.run.step_timeout_s, f"step {pending.step} rollout"
-            )
-            pending.parts = [part for part, _, _ in timed]
-            pending.times = [(start, end) for _, start, end in timed]
-
-    def _collect_rollout(self, pending: PendingRollout) -> RolloutBatch:
-        self._wait_rollout(pending)
-        versions = [part.weight_version for part in pending.parts]
-        if any(v != pending.expected_version for v in versions):
-            exc = VersionMismatch(
-                f"step {pending.step}: rollout batch parts carry weight versions {versions}, the "
-                f"driver expects {pending.expected_version}: a weight sync was lost"
-            )
-            # A worker that crashed while idle comes back with the initial weights: recovered.
-            self._blame_replaced_workers(f"step {pending.step} rollout", exc)
-            raise exc
-        return RolloutBatch.concat(pending.parts)
 
     def _score(
         self, batch: RolloutBatch, step: int, timeline: Timeline | None = None
     ) -> TeacherScores:
-        shards = batch.split(min(len(self.teacher), batch.num_sequences))
-        timed = self.teacher.get(
-            self.teacher.call_each_async("timed", [("score", s) for s in shards]),
+        teacher = self.groups.teacher
+        shards = batch.split(min(len(teacher), batch.num_sequences))
+        timed = teacher.get(
+            teacher.call_each_async("timed", [("score", s) for s in shards]),
             self.cfg.run.step_timeout_s,
             f"step {step} teacher scoring",
             ranks=list(range(len(shards))),
@@ -211,8 +205,8 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                 timeline.add(f"teacher-{rank}", "score", start, end)
         scores = TeacherScores.concat(parts)
         scores.check_matches(batch)
-        for shard, part, ident in zip(shards, parts, self.teacher.identities, strict=False):
-            check_teacher_scores(part, shard, self.vocab_rows, step, str(ident))
+        for shard, part, ident in zip(shards, parts, teacher.identities, strict=False):
+            check_teacher_scores(part, shard, self.shape.vocab_rows, step, str(ident))
         return scores
 
     def _learner_shares(self, batch: RolloutBatch) -> StepShares:
@@ -222,18 +216,18 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         return share_step(
             batch.sequence_lengths,
             batch.num_sequences // lrn.mini_batch_size,
-            len(self.learner),
+            len(self.groups.learner),
             micro_batch_size=lrn.micro_batch_size,
             max_tokens_per_micro_batch=lrn.max_tokens_per_micro_batch,
             balance=lrn.balance_tokens,
-            attention_weight=self.attention_weight,
+            attention_weight=self.shape.attention_weight,
         )
 
     def _recompute_old_logprobs_async(self, batch: RolloutBatch, shares: StepShares) -> list | None:
         if self.cfg.learner.old_logprobs != "recompute":
             return None
         args = [("recompute_old_logprobs", batch.select(rows), plan) for rows, plan in shares.ranks]
-        return self.learner.call_each_async("timed", args)
+        return self.groups.learner.call_each_async("timed", args)
 
     def _train(
         self,
@@ -245,7 +239,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         old: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """`old`: pi_old per row of the step, recomputed per streamed group."""
-        lrn = self.cfg.learner
+        lrn, learner = self.cfg.learner, self.groups.learner
         num_updates = len(shares.plan)
         m = lrn.mini_batch_size
         tokens = [int(batch.response_mask[u * m : (u + 1) * m].sum()) for u in range(num_updates)]
@@ -261,13 +255,11 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
         ]
         try:
             if recompute is not None:
-                timed = self.learner.get(
-                    recompute, self.cfg.run.step_timeout_s, f"step {step} pi_old"
-                )
+                timed = learner.get(recompute, self.cfg.run.step_timeout_s, f"step {step} pi_old")
                 for rank, (_, start, end) in enumerate(timed):
                     self.timeline.add(f"learner-{rank}", "pi_old", start, end)
-            per_rank_metrics = self.learner.get(
-                self.learner.call_each_async("train_step", args),
+            per_rank_metrics = learner.get(
+                learner.call_each_async("train_step", args),
                 self.cfg.run.step_timeout_s,
                 f"step {step} training",
             )
@@ -291,10 +283,10 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             "+async" if cfg.rollout.async_lag else ""
         )
         timeline = self.timeline = Timeline(step, mode)
-        pending, self._prefetched = self._prefetched, None
+        pending = self.state.take_prefetched()
         old = recompute = None
-        if cfg.rollout.stream:
-            streamed = self._streamed_with_recovery(step, pending, timeline)
+        if cfg.rollout.stream:  # rollout and scoring, group by group
+            streamed = self.rollouts.streamed(step, pending, timeline)
             batch, scores, old = streamed.batch, streamed.scores, streamed.old
             metrics["time/rollout_s"] = max(0.0, streamed.rollout_done - timeline.started)
             metrics["time/teacher_s"] = time.time() - timeline.started - metrics["time/rollout_s"]
@@ -302,31 +294,32 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             shares = self._learner_shares(batch)
         else:
             with _timed(metrics, "time/rollout_s"):
-                batch = self._rollout_with_recovery(step, pending, timeline)
+                batch = self.rollouts.generated(step, pending, timeline)
             shares = self._learner_shares(batch)
             # pi_old does not need the teacher: the learners recompute it while the teacher
             # scores.
             recompute = self._recompute_old_logprobs_async(batch, shares)
             with _timed(metrics, "time/teacher_s"):
-                scores = self._recovering(
-                    self.teacher,
+                scores = self.recovery.recovering(
+                    self.groups.teacher,
                     lambda: self._score(batch, step, timeline),
                     f"step {step} teacher scoring",
                 )
-        self._prefetch_next(step)
+        self.rollouts.prefetch_next(step, timeline)
+        learners, rollouts = len(self.groups.learner), len(self.groups.rollout)
         with _timed(metrics, "time/train_s"):
             started = time.time()
             metrics.update(self._train(batch, scores, step, shares, recompute, old))
-            timeline.add_role("learner", len(self.learner), "train", started, time.time())
+            timeline.add_role("learner", learners, "train", started, time.time())
         with _timed(metrics, "time/rollout_wait_s"):  # async: what training did not hide
-            self._finish_prefetch(step)
-        self.sync_parts = {}
+            self.rollouts.finish_prefetch(step)
+        self.weights.sync_parts.clear()  # the step's sync/*_s: this sync's parts only
         with _timed(metrics, "time/sync_s"):
             started = time.time()
             self._sync(step)
-            timeline.add_role("learner", len(self.learner), "sync", started, time.time())
-            timeline.add_role("rollout", len(self.rollout), "sync", started, time.time())
-        metrics.update({f"sync/{part}_s": s for part, s in self.sync_parts.items()})
+            timeline.add_role("learner", learners, "sync", started, time.time())
+            timeline.add_role("rollout", rollouts, "sync", started, time.time())
+        metrics.update({f"sync/{part}_s": s for part, s in self.weights.sync_parts.items()})
         tokens = batch.num_response_tokens
         lengths = batch.response_mask.sum(1).float()
         step_s = sum(v for k, v in metrics.items() if k.startswith("time/"))
@@ -343,7 +336,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                 "teacher/entropy_exact": float(scores.entropy_is_exact),
                 "train/tokens_per_s": tokens / metrics["time/train_s"],
                 "rollout/weight_version": float(batch.weight_version),
-                "rollout/version_lag": float(self.version - 1 - batch.weight_version),
+                "rollout/version_lag": float(self.state.version - 1 - batch.weight_version),
                 "time/step_s": step_s,
                 "data/skipped_prompts": float(self.num_skipped_prompts),
             }
@@ -353,6 +346,19 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
             metrics["rollout/tokens_per_s"] = tokens / max(1e-9, rollout_busy)
         self._write_timeline(timeline)
         return metrics
+
+    def _sync(self, step: int) -> None:
+        """Send the new weights to every rollout worker; all must report version v + 1.
+        Rollout workers lost while the teacher or the learners worked (their node went down)
+        are first seen here: once Ray has restarted them, the sync is redone, to the same
+        version (the probe may have failed after the workers took v + 1)."""
+        new_version = self.state.version + 1
+        self.recovery.recovering(
+            self.groups.rollout,
+            lambda: self.weights.push(new_version, f"step {step}"),
+            f"step {step} weight sync",
+            catch_up=False,  # the redone sync is the catch-up
+        )
 
     def _write_timeline(self, timeline: Timeline) -> None:
         """The latest step's timeline, for `jobs/plot_metrics.py` (small; best effort)."""
@@ -365,7 +371,7 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
 
     def _abandoned_message(self) -> str:
         """What the driver says when SIGTERM's grace period ends before the step could finish."""
-        last, grace = self.last_checkpoint, self.cfg.run.stop_grace_s
+        last, grace = self.state.last_checkpoint, self.cfg.run.stop_grace_s
         where = (
             f"resumes at step {last.step + 1} from {last.uri}"
             if last
@@ -400,8 +406,8 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                 self.step_in_flight = step
                 try:
                     metrics = self.step(step)
-                    if self.evaluation_due(step):
-                        metrics.update(self.evaluate(step))
+                    if self.evaluation.due(step):
+                        metrics.update(self.evaluation.evaluate(step))
                     if self.config_changes:  # resumed with run.allow_config_change
                         metrics["run/config_changed"] = 1.0
                     self.claim.check(f"step {step}")
@@ -412,20 +418,20 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                     last = step == run.steps - 1
                     ended_at = time.monotonic()
                     since_s = ended_at - checkpointed_at
-                    periodic = self.checkpoint_due(
+                    periodic = checkpoint_due(
                         step, since_s, run.checkpoint_every, run.checkpoint_every_s
                     )
                     # A periodic checkpoint on an object store goes up while the next step
                     # runs; the last one, and one on SIGTERM, are complete before going on.
                     complete_now = last or stop.requested or run.checkpoint_upload == "blocking"
-                    self.commit_uploaded_checkpoint(wait=complete_now)
+                    self.checkpoints.commit_uploaded(wait=complete_now)
                     if last or periodic or stop.requested:
-                        self.save_checkpoint(step, wait=complete_now)
+                        self.checkpoints.save(step, wait=complete_now)
                         checkpointed_at = ended_at
                 except WorkerError as exc:
                     if not (exc.died and exc.role == "learner"):
                         raise
-                    step = self._restart_learners(step, exc)
+                    step = self.recovery.restart_learners(step, exc)
                     checkpointed_at = time.monotonic()  # back at a checkpoint: nothing at risk
                     sinks[0].rewind(step)  # the steps after the checkpoint are trained again
                     del history[step - self.start_step :]
@@ -435,9 +441,9 @@ class Pipeline(StartUp, RunCheckpoints, WeightVersions, Recovery, Streaming, Hel
                     self.stopped_early = True
                     break
                 step += 1
-            self.commit_uploaded_checkpoint(wait=True)
+            self.checkpoints.commit_uploaded(wait=True)
             if run.export_hf and history and not self.stopped_early:
-                self.export_hf()
+                self.checkpoints.export_hf()
         finally:
             shown.close()
             stop.restore()

@@ -1,17 +1,28 @@
-"""The run's checkpoints from the driver's side: resume, save, what they were trained on, export.
+"""The run's checkpoints from the driver's side: resume, save, upload, commit, export.
 
-Part of `Pipeline` (its base class). A checkpoint is the learners' DeepSpeed state plus the
-driver's (`eopd_ray.storage.checkpoint`): step, weight version, prompt-stream position, RNG.
+    checkpoints = RunCheckpoints(cfg, store, claim, groups, weights, state, prompts)
+    checkpoints.resume(ckpt)          # learners load it, weights pushed, the run state restored
+    checkpoints.save(step, wait)      # learners write, the driver commits state.json last
+    checkpoints.commit_uploaded(wait) # a background upload's commit, once every rank is through
+
+A checkpoint is the learners' DeepSpeed state plus the driver's (`RunState.to_save`: step, weight
+version, prompt-stream position, RNG; eopd_ray.storage.checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
 
+from eopd_ray.config import Config
+from eopd_ray.driver.run_state import RunState, SavedState
+from eopd_ray.driver.weight_versions import WeightVersions
+from eopd_ray.driver.worker_groups import WorkerGroups
 from eopd_ray.errors import EopdError
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
 from eopd_ray.storage.learner_files import learner_file_sizes
+from eopd_ray.storage.run_claim import RunClaim
+from eopd_ray.storage.run_storage import RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -30,72 +41,93 @@ def checkpoint_due(step: int, since_s: float, every: int, every_s: float) -> boo
 
 
 class RunCheckpoints:
-    """Checkpoint, resume and export of `Pipeline` (see the module docstring)."""
+    """Checkpoint, resume and export of one run (see the module docstring)."""
 
-    checkpoint_due = staticmethod(checkpoint_due)
+    def __init__(
+        self,
+        cfg: Config,
+        store: RunStorage,
+        claim: RunClaim,
+        groups: WorkerGroups,
+        weights: WeightVersions,
+        state: RunState,
+        prompts: list[list[int]],
+    ) -> None:
+        self.cfg, self.store, self.claim = cfg, store, claim
+        self.groups, self.weights, self.state, self.prompts = groups, weights, state, prompts
+        # A checkpoint whose learner files are going up: (its directory, what the learners
+        # wrote, the driver's part), committed once every rank's upload is through.
+        self._uploading: tuple[str, list, SavedState] | None = None
+        self._identity: dict | None = None
 
-    def _resume(self, ckpt: Checkpoint) -> None:
+    def resume(self, ckpt: Checkpoint) -> list[str]:
         """Continue from checkpoint `ckpt`: learner state on every rank, weights pushed to the
-        rollout workers, data position, RNG, step and version."""
-        self.config_changes = checkpoint.check_compatible(
-            self.cfg, ckpt, self.store, self.training_identity
-        )
-        for change in self.config_changes:
+        rollout workers, the run state restored (`RunState.restore`). Returns what changed
+        since (run.allow_config_change)."""
+        changes = checkpoint.check_compatible(self.cfg, ckpt, self.store, self.training_identity)
+        for change in changes:
             log.warning("resuming with run.allow_config_change: %s", change)
-        timeout = self.cfg.run.step_timeout_s
-        self.learner.get(
-            self.learner.call_async("load_checkpoint", self.store, ckpt.rel),
-            timeout,
-            f"loading {ckpt.uri}",
-        )
-        self._push_weights(ckpt.weight_version, "resume")
-        self.stream.load_state_dict(ckpt.stream)
-        checkpoint.restore_rng(ckpt)
-        self.start_step = ckpt.step + 1
-        self.last_checkpoint = ckpt
+        self.load_learners(ckpt)
+        self.weights.push(ckpt.weight_version, "resume")
+        self.state.restore(ckpt)
         log.info(
             "resumed from %s: next step %d, weight version %d",
             ckpt.uri,
-            self.start_step,
-            self.version,
+            self.state.next_step,
+            self.state.version,
+        )
+        return changes
+
+    def load_learners(self, ckpt: Checkpoint) -> None:
+        """Every learner rank loads its DeepSpeed state from `ckpt`."""
+        learner = self.groups.learner
+        learner.get(
+            learner.call_async("load_checkpoint", self.store, ckpt.rel),
+            self.cfg.run.step_timeout_s,
+            f"loading {ckpt.uri}",
         )
 
-    def save_checkpoint(self, step: int, wait: bool = True) -> Checkpoint | None:
+    def save(self, step: int, wait: bool = True) -> Checkpoint | None:
         """An atomic checkpoint after `step` (every learner rank writes its DeepSpeed state).
         On an object store with `wait=False` the learners upload in the background while the
         next step runs, and the checkpoint is committed (`state.json`) once every rank's upload
-        is through (`commit_uploaded_checkpoint`); returns None then. At most one upload is in
-        flight: an earlier one is finished and committed first."""
-        self.commit_uploaded_checkpoint(wait=True)
+        is through (`commit_uploaded`); returns None then. At most one upload is in flight: an
+        earlier one is finished and committed first."""
+        self.commit_uploaded(wait=True)
         self.claim.check(f"checkpoint after step {step}")
         rel = checkpoint.begin(self.store, step)
         background = not wait and not self.store.is_local
-        written = self.learner.get(
-            self.learner.call_async("save_checkpoint", self.store, rel, background),
+        learner = self.groups.learner
+        written = learner.get(
+            learner.call_async("save_checkpoint", self.store, rel, background),
             self.cfg.run.step_timeout_s,
             f"checkpoint after step {step}",
         )
-        # A prefetched rollout is not part of the state: a resumed run takes its prompts again.
-        stream = self._prefetched.stream_state if self._prefetched else self.stream.state_dict()
-        self._uploading = (rel, step, self.version, stream, written, checkpoint.rng_state())
+        self._uploading = (rel, written, self.state.to_save(step))
         if background:
             return None
-        return self.commit_uploaded_checkpoint(wait=True)
+        return self.commit_uploaded(wait=True)
 
-    def commit_uploaded_checkpoint(self, wait: bool) -> Checkpoint | None:
+    def drop_upload(self) -> None:
+        """Forget the checkpoint going up (a learner group lost: its files may be incomplete);
+        it is never committed."""
+        self._uploading = None
+
+    def commit_uploaded(self, wait: bool) -> Checkpoint | None:
         """Commit the checkpoint whose learner files are going up, once they all are: at once
         when `wait`, else only if every rank's upload has finished. A failed upload stops the
         run with its URI (nothing of it is marked complete), even while other ranks are still
         uploading: a rank reports its error once (`upload_state` then forgets it)."""
         if self._uploading is None:
             return None
-        rel, step, version, stream, written, rng = self._uploading
-        what = f"checkpoint after step {step} (upload)"
+        rel, written, saved = self._uploading
+        what = f"checkpoint after step {saved.step} (upload)"
         timeout = self.cfg.run.step_timeout_s
+        learner = self.groups.learner
         if wait:
-            self.learner.get(self.learner.call_async("wait_uploaded"), timeout, what)
+            learner.get(learner.call_async("wait_uploaded"), timeout, what)
         else:
-            states = self.learner.get(self.learner.call_async("upload_state"), timeout, what)
+            states = learner.get(learner.call_async("upload_state"), timeout, what)
             failed = [f"learner[{r}]: {s}" for r, s in enumerate(states) if s not in UNFAILED]
             if failed:
                 self._uploading = None
@@ -106,19 +138,19 @@ class RunCheckpoints:
             if "running" in states:
                 return None
         self._uploading = None
-        self.claim.check(f"checkpoint after step {step}")
-        self.last_checkpoint = checkpoint.commit(
+        self.claim.check(f"checkpoint after step {saved.step}")
+        self.state.last_checkpoint = checkpoint.commit(
             self.store,
             rel,
             self.cfg,
-            step,
-            version,
-            stream,
+            saved.step,
+            saved.weight_version,
+            saved.stream,
             learner_files=learner_file_sizes(written),
             trained_on=self.training_identity,
-            rng=rng,
+            rng=saved.rng,
         )
-        return self.last_checkpoint
+        return self.state.last_checkpoint
 
     @property
     def training_identity(self) -> dict:
@@ -129,8 +161,9 @@ class RunCheckpoints:
 
     def export_hf(self) -> str:
         """The current student as a Hugging Face model in <run.output_dir>/hf; returns where."""
-        self.learner.get(
-            self.learner.call_async("export_hf", self.store, "hf"),
+        learner = self.groups.learner
+        learner.get(
+            learner.call_async("export_hf", self.store, "hf"),
             self.cfg.run.step_timeout_s,
             "HF export",
         )

@@ -26,23 +26,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import torch
 
+from eopd_ray.config import Config
 from eopd_ray.core.invariants import check_teacher_scores
 from eopd_ray.core.micro_batches import check_every_row_once, plan_step, rank_share
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.driver.actors import GONE, ActorGroup, WorkerError
 from eopd_ray.driver.cancelling import cancel_calls
 from eopd_ray.driver.heartbeats import HEARTBEAT_S
+from eopd_ray.driver.worker_groups import WorkerGroups
 from eopd_ray.errors import EopdError, VersionMismatch
 from eopd_ray.telemetry.timeline import Timeline
 
-if TYPE_CHECKING:
-    from eopd_ray.driver.pipeline import PendingRollout
+# Recovery.brought_back(group, what, catch_up): a worker Ray restarted, back in sync.
+BringBack = Callable[[ActorGroup, str, bool], None]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,14 @@ class StreamLost(EopdError):
 
 class StreamCancelled(EopdError):
     """A streamed rollout was stopped by the driver (a prefetch dropped on a learner restart)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the driver's checks and plans need to know of the model pair."""
+
+    vocab_rows: int  # vocabulary rows the teacher scores over: the entropy's bound, ln V
+    attention_weight: float  # attention work per token relative to the linear layers', per L
 
 
 @dataclass
@@ -80,11 +91,14 @@ class StepStream:
     (prompts, prompt_index, seeds) of rollout worker `rank`, as the synchronous step deals them;
     `pi_old`: also recompute pi_old per group; `prefetch`: a rollout.async_lag prefetch (a
     rollout worker lost then fails the stream: the step takes the prompts again, see
-    `Recovery._finish_prefetch`)."""
+    `Rollouts.finish_prefetch`). A lost worker is brought back by `bring_back`."""
 
     def __init__(
         self,
-        pipeline,
+        cfg: Config,
+        workers: WorkerGroups,
+        bring_back: BringBack,
+        shape: ModelShape,
         step: int,
         work: list[tuple[list, list, list]],
         expected_version: int,
@@ -92,7 +106,8 @@ class StepStream:
         pi_old: bool,
         prefetch: bool = False,
     ) -> None:
-        self.p, self.cfg, self.step = pipeline, pipeline.cfg, step
+        self.cfg, self.workers, self.bring_back, self.shape = cfg, workers, bring_back, shape
+        self.step = step
         self.work, self.expected_version = work, expected_version
         self.timeline, self.pi_old, self.prefetch = timeline, pi_old, prefetch
         n = self.cfg.rollout.samples_per_prompt
@@ -151,11 +166,11 @@ class StepStream:
 
     def _launch(self, rank: int, rows: list[int] | None) -> None:
         prompts, index, seeds = self.work[rank]
-        handle = self.p.rollout.handles[rank]
+        handle = self.workers.rollout.handles[rank]
         gen = handle.generate_stream.options(num_returns="streaming").remote(
             prompts, index, seeds, rows, self.cfg.rollout.stream_group_tokens
         )
-        self.p.rollout.num_calls += 1
+        self.workers.rollout.num_calls += 1
         self.streams[gen] = rank
 
     def _next_group(self, gen) -> None:
@@ -188,7 +203,7 @@ class StepStream:
                 f"{self.expected_version}: a weight sync was lost"
             )
             # A worker that crashed while idle comes back with the initial weights: recovered.
-            if rank not in self.p.rollout.replaced(self.cfg.run.step_timeout_s, str(exc)):
+            if rank not in self.workers.rollout.replaced(self.cfg.run.step_timeout_s, str(exc)):
                 raise exc
             del self.streams[gen]
             self._end_generations({gen: rank})
@@ -211,19 +226,19 @@ class StepStream:
 
     def _send_to_teacher(self, gid: int) -> None:
         """To the teacher with the fewest groups queued (ties: the lowest rank)."""
-        queued = [0] * len(self.p.teacher)
+        queued = [0] * len(self.workers.teacher)
         for rank, _ in self.scoring.values():
             queued[rank] += 1
         rank = min(range(len(queued)), key=queued.__getitem__)
-        ref = self.p.teacher.handles[rank].timed.remote("score", self.groups[gid].batch)
-        self.p.teacher.num_calls += 1
+        ref = self.workers.teacher.handles[rank].timed.remote("score", self.groups[gid].batch)
+        self.workers.teacher.num_calls += 1
         self.scoring[ref] = (rank, gid)
 
     def _send_to_learners(self, gid: int) -> None:
         """pi_old of the group, its rows dealt to the ranks as a one-update step (every rank runs
         the same number of forwards: ZeRO-3 gathers parameters in each)."""
         group, lrn = self.groups[gid], self.cfg.learner
-        ranks = len(self.p.learner)
+        ranks = len(self.workers.learner)
         plan = plan_step(
             group.batch.sequence_lengths,
             1,
@@ -231,7 +246,7 @@ class StepStream:
             micro_batch_size=lrn.micro_batch_size,
             max_tokens_per_micro_batch=lrn.max_tokens_per_micro_batch,
             balance=lrn.balance_tokens,
-            attention_weight=self.p.attention_weight,
+            attention_weight=self.shape.attention_weight,
         )
         check_every_row_once(
             plan, group.batch.num_sequences, f"step {self.step}'s pi_old of a streamed group"
@@ -239,7 +254,7 @@ class StepStream:
         shares = [rank_share(plan, rank) for rank in range(ranks)]
         # A rank with no rows still runs its placeholder forwards, on row 0.
         args = [("old_logprobs", group.batch.select(rows or [0]), p) for rows, p in shares]
-        refs = self.p.learner.call_each_async("timed", args)
+        refs = self.workers.learner.call_each_async("timed", args)
         group.old, group.old_rows = torch.zeros_like(group.batch.sampler_logprobs), []
         for rank, (ref, (rows, _)) in enumerate(zip(refs, shares, strict=True)):
             self.old_refs[ref] = (gid, rank, rows)
@@ -260,7 +275,7 @@ class StepStream:
         group = self.groups[gid]
         scores.check_matches(group.batch)
         check_teacher_scores(
-            scores, group.batch, self.p.vocab_rows, self.step, self._who("teacher", rank)
+            scores, group.batch, self.shape.vocab_rows, self.step, self._who("teacher", rank)
         )
         group.scores = scores
         self.timeline.add(f"teacher-{rank}", "score", started, ended)
@@ -299,9 +314,10 @@ class StepStream:
             self._who(role, rank),
             type(exc).__name__,
         )
-        group: ActorGroup = getattr(self.p, role)
-        group.refresh_identities(self.cfg.run.step_timeout_s)
-        self.p.num_recoveries += 1
+        group: ActorGroup = getattr(self.workers, role)
+        # A rollout worker is also brought to the current weights.
+        what = f"step {self.step} streamed {role}"
+        self.bring_back(group, what, role == "rollout")
 
     def _rollout_lost(self, rank: int, exc: Exception) -> None:
         """Restart, bring to the current weights, and ask for the rows not handed out yet."""
@@ -313,9 +329,6 @@ class StepStream:
                 role="rollout",
             ) from exc
         self._lost("rollout", rank, exc)
-        if self.cfg.sync.transport == "collective":
-            self.p._join_sync_group()
-        self.p._push_weights(self.p.version, f"step {self.step} streamed rollout recovery")
         if self.remaining[rank]:
             self.rows_redone += len(self.remaining[rank])
             self._launch(rank, sorted(self.remaining[rank]))
@@ -347,7 +360,7 @@ class StepStream:
         step, its requests aborted in the engine) and read them to their end."""
         cancel_calls(
             list(streams),
-            [self.p.rollout.handles[rank] for rank in streams.values()],
+            [self.workers.rollout.handles[rank] for rank in streams.values()],
             self.cfg.run.worker_timeout_s,
             f"step {self.step} (streamed)",
         )
@@ -356,13 +369,13 @@ class StepStream:
         """Kill a worker with work in flight whose heartbeat stopped; its calls then fail and
         the loss is handled as a death."""
         busy = {
-            self.p.rollout: sorted(set(self.streams.values())),
-            self.p.teacher: sorted({r for r, _ in self.scoring.values()}),
-            self.p.learner: list(range(len(self.p.learner))) if self.old_refs else [],
+            self.workers.rollout: sorted(set(self.streams.values())),
+            self.workers.teacher: sorted({r for r, _ in self.scoring.values()}),
+            self.workers.learner: list(range(len(self.workers.learner))) if self.old_refs else [],
         }
         for group, ranks in busy.items():
             try:
-                group._kill_silent(ranks, f"step {self.step} (streamed)")
+                group.kill_silent(ranks, f"step {self.step} (streamed)")
             except WorkerError as exc:
                 log.warning("%s", exc)
 
@@ -377,7 +390,7 @@ class StepStream:
         )
 
     def _who(self, role: str, rank: int) -> str:
-        group: ActorGroup = getattr(self.p, role)
+        group: ActorGroup = getattr(self.workers, role)
         return str(group.identities[rank]) if rank < len(group.identities) else f"{role}-{rank}"
 
     # --- the batch -----------------------------------------------------------------------------
@@ -453,34 +466,3 @@ class StreamInBackground:
         self._thread.join(timeout_s + 2 * HEARTBEAT_S)
         if self._thread.is_alive():
             log.warning("the cancelled prefetch stream did not stop within %.0fs", timeout_s)
-
-
-class Streaming:
-    """`rollout.stream` for `Pipeline` (its base class): the step's data streamed."""
-
-    def _step_stream(self, step: int, timeline: Timeline, prefetch: bool):
-        """(the prompt stream's position before, the step's StepStream, not started)."""
-        stream_state, work = self._take_prompts(step)
-        pi_old = self.cfg.learner.old_logprobs == "recompute" and not prefetch
-        stream = StepStream(self, step, work, self.version, timeline, pi_old, prefetch)
-        return stream_state, stream
-
-    def _streamed_with_recovery(
-        self, step: int, pending: PendingRollout | None, timeline: Timeline
-    ) -> StreamedBatch:
-        """The step's streamed data: the prefetch's when there is one, else streamed now (a
-        lost rollout or teacher worker is recovered inside the stream)."""
-        if pending is not None and pending.streamed is not None:
-            return pending.streamed
-        _, stream = self._step_stream(step, timeline, prefetch=False)
-        return stream.run()
-
-    def _prefetch_stream(self, step: int) -> PendingRollout:
-        """rollout.async_lag: step `step`'s stream, run in a driver thread while the current
-        step trains (its intervals go on the current step's timeline: they happen during it)."""
-        from eopd_ray.driver.pipeline import PendingRollout
-
-        stream_state, stream = self._step_stream(step, self.timeline, prefetch=True)
-        return PendingRollout(
-            step, [], self.version, stream_state, background=StreamInBackground(stream)
-        )

@@ -1,10 +1,14 @@
-"""Bringing a run up and down: Ray, the run directory and its claim, the workers, the groups.
+"""The three worker groups of a run and their placement: start, respawn, shut down.
 
-    start()     connect, claim run.output_dir, begin (or resume) the run, spawn the three roles
-                in one placement group, set up DeepSpeed and the weight-sync group, resume
-    shutdown()  release the claim, kill the workers, free the placement group
+    groups = WorkerGroups(cfg, store)   # cfg: the run's, its run.id set
+    groups.start(resumed_at)            # one placement group; rollout, teacher, learner spawned;
+                                        # DeepSpeed and the weight-sync group set up
+    groups.rollout / .teacher / .learner
+    groups.replace_learners(from_step, attempt)   # a new learner group, set up
+    groups.shutdown()                   # kill the workers, free the placement group
 
-Part of `Pipeline` (its base class): it sets the worker groups the step loop uses.
+The groups are replaced only here (a new learner group after a learner loss): every part that
+uses a group reads it from `WorkerGroups` when it calls, never keeps its own.
 """
 
 from __future__ import annotations
@@ -12,48 +16,43 @@ from __future__ import annotations
 import logging
 import time
 
-from eopd_ray.driver.actors import connect, create_placement_group, spawn, wait_started
-from eopd_ray.driver.stopping import exit_on_sigterm, on_abrupt_exit
+import ray
+
+from eopd_ray.config import Config
+from eopd_ray.driver.actors import ActorGroup, create_placement_group, spawn, wait_started
 from eopd_ray.roles.learner import LearnerWorker
 from eopd_ray.roles.rollout import RolloutWorker
 from eopd_ray.roles.teacher import TeacherWorker
-from eopd_ray.storage.checkpoint import stored_config_yaml
-from eopd_ray.storage.run_claim import RunClaim
-from eopd_ray.storage.run_dir import begin_run
+from eopd_ray.storage.run_storage import RunStorage
 
 log = logging.getLogger(__name__)
 
 
-class StartUp:
-    """Start-up and shutdown of `Pipeline` (see the module docstring)."""
+class WorkerGroups:
+    """The rollout, teacher and learner groups of one run, in one placement group."""
 
-    def start(self) -> None:
-        # The run directory before any worker: it decides the run id (actor names, metric tags)
-        # and whether this resumes; an earlier run's files move to previous/ first.
-        exit_on_sigterm()
-        connect(self.cfg)
-        exit_on_sigterm()  # again: ray.init installs its own handler
-        # One driver per run directory, before anything in it is read, moved or deleted.
-        self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
-        # An abandoned step or a stop during start-up exits without shutdown(): owner.json too.
-        self._forget_claim = on_abrupt_exit(self.claim.release)
-        self.cfg, self._resume_from = begin_run(self.cfg, self.store)
-        self.claim.set_run_id(self.cfg.run.id)
-        self.claim.start()
-        self.store.write_text("config.yaml", stored_config_yaml(self.cfg))  # credentials masked
-        log.info("run %s: outputs in %s", self.cfg.run.id, self.store.uri)
+    def __init__(self, cfg: Config, store: RunStorage) -> None:
+        self.cfg, self.store = cfg, store
+        self.rollout: ActorGroup | None = None
+        self.teacher: ActorGroup | None = None
+        self.learner: ActorGroup | None = None
+        self.placement_group = None
+
+    def start(self, resumed_at: int) -> None:
+        """Spawn the three roles (`resumed_at` > 0: this attempt resumes the run at that step),
+        set up DeepSpeed and the weight-sync group, and check the learners reach the run
+        directory."""
         cfg = self.cfg
-        self._pg = create_placement_group(cfg)
+        self.placement_group = create_placement_group(cfg)
         r, s = cfg.rollout.num_workers, cfg.teacher.num_workers
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
         # multi-process engine receives them as lists and fails half-way through a reload).
         rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        resumed_at = self._resume_from.step + 1 if self._resume_from else 0
         self.rollout = spawn(
             "rollout",
             RolloutWorker,
             cfg,
-            self._pg,
+            self.placement_group,
             0,
             r,
             [(cfg, i) for i in range(r)],
@@ -64,7 +63,7 @@ class StartUp:
             "teacher",
             TeacherWorker,
             cfg,
-            self._pg,
+            self.placement_group,
             r,
             s,
             [(cfg, i) for i in range(s)],
@@ -78,12 +77,20 @@ class StartUp:
         wait_started([self.rollout, self.teacher], timeout)
         self.learner.get(setup, timeout, "learner set-up")
         if cfg.sync.transport == "collective":
-            self._join_sync_group()
-        self._check_learners_see_storage()
-        if self._resume_from is not None:
-            self._resume(self._resume_from)
+            self.join_sync_group()
+        self.check_learners_see_storage()
 
-    def _spawn_learners(self, from_step: int, attempt: int = 0):
+    def replace_learners(self, from_step: int, attempt: int) -> None:
+        """Kill the learner group and start a new one, set up; WorkerError if it is lost while
+        it starts."""
+        for handle in self.learner.handles:
+            ray.kill(handle)
+        self.learner = self._spawn_learners(from_step, attempt)
+        self.learner.get(
+            self._set_up_learners_async(), self.cfg.run.step_timeout_s, "learner restart"
+        )
+
+    def _spawn_learners(self, from_step: int, attempt: int = 0) -> ActorGroup:
         """The learner group, in its bundles of the placement group (after rollout and teacher)."""
         cfg = self.cfg
         n = cfg.learner.num_workers
@@ -91,7 +98,7 @@ class StartUp:
             "learner",
             LearnerWorker,
             cfg,
-            self._pg,
+            self.placement_group,
             cfg.rollout.num_workers + cfg.teacher.num_workers,
             n,
             [(cfg, i, n) for i in range(n)],
@@ -110,7 +117,7 @@ class StartUp:
         )[0]
         return self.learner.call_async("setup", addr, port)
 
-    def _check_learners_see_storage(self) -> None:
+    def check_learners_see_storage(self) -> None:
         marker, token = ".storage-check", f"{self.cfg.run.id}/{time.time_ns()}"
         self.store.write_text(marker, token)
         self.learner.get(
@@ -120,7 +127,8 @@ class StartUp:
         )
         self.store.delete(marker)
 
-    def _join_sync_group(self) -> None:
+    def join_sync_group(self) -> None:
+        """Form the collective weight-sync group: learner rank 0 and every rollout worker."""
         timeout = self.cfg.sync.timeout_s
         buckets = self.learner.get(
             self.learner.call_async("sync_buckets", ranks=[0]), timeout, "sync plan"
@@ -135,16 +143,11 @@ class StartUp:
         self.rollout.get(refs_r, timeout, "joining the weight-sync group")
 
     def shutdown(self) -> None:
-        import ray
-
-        if self.claim is not None:
-            self.claim.release()
-            self._forget_claim()
-
+        """Kill every worker and free the placement group."""
         for group in (self.rollout, self.teacher, self.learner):
             for handle in group.handles if group else []:
                 ray.kill(handle)
-        if self._pg is not None:
+        if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
 
-            remove_placement_group(self._pg)
+            remove_placement_group(self.placement_group)

@@ -87,7 +87,7 @@ def module_names(path: Path) -> ModuleNames:
         for n in ast.walk(tree)
         if isinstance(n, ast.Import | ast.ImportFrom)
         for alias in n.names
-    }
+    } | {"ray"}  # also taken from sys.modules where it may not be imported yet
     for n in ast.walk(tree):
         if (
             isinstance(n, ast.Attribute)

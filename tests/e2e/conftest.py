@@ -89,7 +89,7 @@ def toy_prepared(tmp_path_factory) -> Path:
 def sync_step_data(pipeline, step: int):
     """(batch, teacher scores, pi_old) of `step` made the synchronous way (`rollout.stream:
     false`) with the pipeline's current weights; it takes the step's prompts from the stream."""
-    batch = pipeline._collect_rollout(pipeline._launch_rollout(step))
+    batch = pipeline.rollouts.collect(pipeline.rollouts.launch(step))
     scores = pipeline._score(batch, step)
     return batch, scores, learner_old_logprobs(pipeline, batch, pipeline._learner_shares(batch))
 

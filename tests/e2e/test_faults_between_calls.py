@@ -73,12 +73,8 @@ def test_workers_killed_while_idle_and_between_buckets_are_recovered(
         ),
     )
     pipeline = Pipeline(cfg)
-    score, launch, finish_prefetch = (
-        pipeline._score,
-        pipeline._launch_rollout,
-        pipeline._finish_prefetch,
-    )
-    sync, step = pipeline._sync, pipeline.step
+    score, sync, step = pipeline._score, pipeline._sync, pipeline.step
+    launch = finish_prefetch = None  # the rollouts part's own, once start() made it
     killed: dict[str, int] = {}
     took: dict[int, list[float]] = {}
 
@@ -124,10 +120,16 @@ def test_workers_killed_while_idle_and_between_buckets_are_recovered(
             os.kill(killed["rollout between buckets"], signal.SIGKILL)
 
     pipeline._score = kill_rollout_then_score
-    pipeline._launch_rollout = kill_teacher_then_launch
     pipeline._sync = sync_then_kill_rollout
-    pipeline._finish_prefetch = kill_learner_before_sync
     pipeline.step = timed_step
+
+    def hook_parts() -> None:
+        """After start(), which makes the parts: the rollouts part's calls meet the faults."""
+        nonlocal launch, finish_prefetch
+        launch, finish_prefetch = pipeline.rollouts.launch, pipeline.rollouts.finish_prefetch
+        pipeline.rollouts.launch = kill_teacher_then_launch
+        pipeline.rollouts.finish_prefetch = kill_learner_before_sync
+
     caplog.set_level("WARNING")
     call_async = ActorGroup.call_async
 
@@ -139,6 +141,7 @@ def test_workers_killed_while_idle_and_between_buckets_are_recovered(
     try:
         ActorGroup.call_async = call_then_maybe_kill  # the learner group is replaced at step 2
         pipeline.start()
+        hook_parts()
         history = pipeline.run(progress="lines")
         greedy = Sampling(temperature=0.0, max_new_tokens=8)
         refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], [0], greedy)
@@ -194,7 +197,7 @@ def test_a_learner_lost_mid_stream_leaves_no_generation_running(local_ray, tiny_
         ),
     )
     pipeline = Pipeline(cfg)
-    send, restart = streamed.StepStream._send_to_learners, pipeline._restart_learners
+    send, restart = streamed.StepStream._send_to_learners, None  # recovery's, after start()
     seen: dict[str, float] = {}
 
     def send_then_kill(self, gid):
@@ -212,9 +215,10 @@ def test_a_learner_lost_mid_stream_leaves_no_generation_running(local_ray, tiny_
         return restart(step, exc)
 
     streamed.StepStream._send_to_learners = send_then_kill
-    pipeline._restart_learners = timed_restart
     try:
         pipeline.start()
+        restart = pipeline.recovery.restart_learners
+        pipeline.recovery.restart_learners = timed_restart
         history = pipeline.run(progress="lines")
     finally:
         streamed.StepStream._send_to_learners = send

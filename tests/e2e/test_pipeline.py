@@ -84,7 +84,7 @@ def _run(cfg, kills: dict) -> tuple[Pipeline, list[dict], dict]:
     pipeline = Pipeline(cfg)
     done, data = set(), {}
     next_group, send = streamed.StepStream._next_group, streamed.StepStream._send_to_teacher
-    step, streamed_data = pipeline.step, pipeline._streamed_with_recovery
+    step, streamed_data = pipeline.step, None  # the rollouts part's, once start() made it
 
     def kill(role: str, sig: int) -> None:
         done.add(role)
@@ -103,9 +103,9 @@ def _run(cfg, kills: dict) -> tuple[Pipeline, list[dict], dict]:
             kill("teacher", signal.SIGSTOP)
 
     def step_both_ways(n):
-        before = pipeline.stream.state_dict()
+        before = pipeline.state.stream.state_dict()
         data[n] = [sync_step_data(pipeline, n)]
-        pipeline.stream.load_state_dict(before)  # the streamed step takes the same prompts
+        pipeline.state.stream.load_state_dict(before)  # the streamed step: the same prompts
         return step(n)
 
     def keeping_streamed_data(n, pending, timeline):
@@ -113,11 +113,13 @@ def _run(cfg, kills: dict) -> tuple[Pipeline, list[dict], dict]:
         data[n].append(result)
         return result
 
-    pipeline.step, pipeline._streamed_with_recovery = step_both_ways, keeping_streamed_data
+    pipeline.step = step_both_ways
     streamed.StepStream._next_group = next_group_then_kill
     streamed.StepStream._send_to_teacher = send_then_kill
     try:
         pipeline.start()
+        streamed_data = pipeline.rollouts.streamed
+        pipeline.rollouts.streamed = keeping_streamed_data
         return pipeline, pipeline.run(progress="lines"), data
     finally:
         streamed.StepStream._next_group, streamed.StepStream._send_to_teacher = next_group, send
@@ -317,16 +319,16 @@ def test_async_rollout_runs_one_version_behind_and_checkpoints_before_the_prefet
         ),
     )
     pipeline = Pipeline(cfg)
-    launch = pipeline._prefetch_next
 
-    def launch_then_kill(step: int) -> None:
-        launch(step)
+    def launch_then_kill(step: int, timeline) -> None:
+        launch(step, timeline)
         if step == 3:  # the generate call for step 4 is in flight: its worker dies
             os.kill(pipeline.rollout.identities[0].pid, signal.SIGKILL)
 
-    pipeline._prefetch_next = launch_then_kill
     try:
         pipeline.start()
+        launch = pipeline.rollouts.prefetch_next
+        pipeline.rollouts.prefetch_next = launch_then_kill
         rows = pipeline.run(progress="lines")
     finally:
         pipeline.shutdown()

@@ -111,11 +111,12 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
         history = pipeline.run(progress="lines")
         # One more rollout with the final weights, scored by the teacher, to inspect.
         step = cfg.run.steps
-        before = pipeline.stream.state_dict()
+        before = pipeline.state.stream.state_dict()
         batch, scores, old = sync_step_data(pipeline, step)
         # The same step streamed (the mode the run trained in): the same prompts again.
-        pipeline.stream.load_state_dict(before)
-        _, stream = pipeline._step_stream(step, Timeline(step, "streamed"), prefetch=False)
+        pipeline.state.stream.load_state_dict(before)
+        timeline = Timeline(step, "streamed")
+        _, stream = pipeline.rollouts.step_stream(step, timeline, prefetch=False)
         streamed = stream.run()
         buckets = pipeline.learner.get(
             pipeline.learner.call_async("weight_buckets"), 300, "learner weights"

@@ -152,8 +152,8 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
         ),
     )
     pipeline = Pipeline(cfg)
-    launch, score, train = pipeline._launch_rollout, pipeline._score, pipeline._train
-    step = pipeline.step
+    score, train, step = pipeline._score, pipeline._train, pipeline.step
+    launch = push = None  # the parts' own, once start() has made them (hook_parts)
     calls: list[tuple[int, dict]] = []
 
     took: dict[int, float] = {}
@@ -189,11 +189,9 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
             fault("learner", 1, signal.SIGKILL)
         return train(batch, scores, step, *rest)
 
-    pipeline._launch_rollout = launch_then_stop_rollout
     pipeline._score = stop_teacher_then_score
     pipeline._train = kill_learner_then_train
     pipeline.step = recorded_step
-    push = pipeline._push_weights
 
     def push_and_lose_a_rollout_worker(version, what):
         if what == "step 4" and "broadcast" not in faults:
@@ -216,10 +214,17 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
                 pipeline.learner.call_async = learner_call
         return push(version, what)
 
-    pipeline._push_weights = push_and_lose_a_rollout_worker
+    def hook_parts() -> None:
+        """After start(), which makes the parts: their launches and pushes meet the faults."""
+        nonlocal launch, push
+        launch, push = pipeline.rollouts.launch, pipeline.weights.push
+        pipeline.rollouts.launch = launch_then_stop_rollout
+        pipeline.weights.push = push_and_lose_a_rollout_worker
+
     caplog.set_level("WARNING", logger="eopd_ray.driver.recovery")
     try:
         pipeline.start()
+        hook_parts()
         history = pipeline.run(progress="lines")
         # The restarted rollout worker holds exactly the current weights.
         from eopd_ray.roles.rollout import Sampling
