@@ -44,6 +44,9 @@ BF16_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
 # The learner's LM head runs fused with the loss by default (loss.fused_head, every case above,
 # ZeRO-3 gathering its partitioned weight); these run the head on full logits instead.
 LOGITS_CASES = [(stage, 2, False) for stage in (0, 1, 2, 3)]
+# One update per step: pi_old is the update's own forward by default (every case above); these
+# recompute it in a separate eval-mode forward first (learner.old_logprobs_from_update: false).
+SEPARATE_OLD_CASES = [(stage, 2, False) for stage in (0, 3)]
 # Token-budget plans (core.micro_batches), each micro-batch cut to its own longest sequence:
 # "split" (budget 17, ranks by count) gives the ranks 3 and 4 micro-batches, so one splits;
 # "balanced" (budget 20, ranks by tokens) deals rows by length; "placeholder" (a hand plan)
@@ -71,6 +74,8 @@ def _config(
     dtype: str,
     max_tokens: int | None = None,
     fused_head: bool = True,
+    old_from_update: bool = True,
+    max_sampler_gap: float | None = 1e9,
 ):
     from eopd_ray.config import config_from_dict
 
@@ -91,7 +96,8 @@ def _config(
                 "gradient_checkpointing": checkpointing,
                 "max_tokens_per_micro_batch": max_tokens,
                 # The synthetic sampler log-probs are random, not the model's: no gap stop.
-                "max_sampler_gap": 1e9,
+                "max_sampler_gap": max_sampler_gap,
+                "old_logprobs_from_update": old_from_update,
             },
             "loss": {"name": "eopd", "chunk_positions": 3, "fused_head": fused_head},
             "run": {"steps": 1},
@@ -243,10 +249,19 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         results: dict = {"updates": {}, "checkpoint": {}}
         cases = [(c, "float32") for c in FP32_CASES] + [(c, "bfloat16") for c in BF16_CASES]
         cases += [(c, "logits") for c in LOGITS_CASES]  # loss.fused_head: false, the reference
+        cases += [(c, "separate_old") for c in SEPARATE_OLD_CASES]
         for (stage, micro, checkpointing), kind in cases:
             started = time.perf_counter()
-            dtype = "float32" if kind == "logits" else kind
-            cfg = _config(student, stage, micro, checkpointing, dtype, fused_head=kind != "logits")
+            dtype = "float32" if kind in ("logits", "separate_old") else kind
+            cfg = _config(
+                student,
+                stage,
+                micro,
+                checkpointing,
+                dtype,
+                fused_head=kind != "logits",
+                old_from_update=kind != "separate_old",
+            )
             worker = LearnerWorker(cfg, rank, WORLD)
             worker.setup("127.0.0.1", port)  # init_distributed joins the group once
             engine = worker.engine
@@ -261,6 +276,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
                 "ds_config": deepspeed_config(cfg, WORLD),
                 "boundaries": sum("learner/grad_norm" in m for m in metrics),
                 "micro_batches": len(metrics),
+                "old_from_update": metrics[0]["learner/old_logprobs_from_update"],
                 "checkpointing": engine.module.hf.is_gradient_checkpointing and engine.training,
                 "seconds": time.perf_counter() - started,
             }
@@ -301,6 +317,31 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             worker.engine.destroy()
             del worker
 
+        # The sampler-gap check stops the step before its update is applied, whether pi_old is
+        # the update's own forward or a separate one (the synthetic sampler log-probs are random).
+        from eopd_ray.core.invariants import WeightsOutOfSync
+
+        shard, shard_scores, tokens = _shard(batch, scores, rank)
+        results["gap_stop"] = {}
+        for from_update in (True, False):
+            cfg = _config(student, 0, 2, False, "float32", old_from_update=from_update,
+                          max_sampler_gap=None)  # fmt: skip
+            worker = LearnerWorker(cfg, rank, WORLD)
+            worker.setup("127.0.0.1", port)
+            before = _full_params(worker, "float32")
+            try:
+                worker.train_step(shard, shard_scores, tokens)
+                outcome = "trained"
+            except WeightsOutOfSync as exc:
+                outcome = str(exc)
+            after = _full_params(worker, "float32")
+            results["gap_stop"][from_update] = {
+                "outcome": outcome,
+                "changed": _max_difference(before, after),
+            }
+            worker.engine.destroy()
+            del worker
+
         # pi_old of a model with dropout: recomputed in eval mode, deterministic, and the
         # engine is back in train mode for the updates.
         cfg = _config(dropout_student, 3, 2, False, "float32")
@@ -315,6 +356,8 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             "first": first,
             "second": second,
             "training_after": worker.engine.module.training,
+            # a model with dropout never takes pi_old from the (train-mode) update's forward
+            "old_from_update": worker._old_from_update(fixed),
             "probe": worker.token_logprobs(PROBE),  # the weight-sync probe, temperature 1
         }
         worker.engine.destroy()
@@ -442,6 +485,8 @@ def _check(results, reference, key, tol) -> float:
     assert info["micro_batches"] == MICRO_BATCHES[micro]
     assert info["checkpointing"] == checkpointing
     assert info["boundaries"] == 1  # one optimizer update per mini-batch
+    # One update per step: pi_old is that update's own forward unless a case turns it off.
+    assert info["old_from_update"] == float(kind != "separate_old")
     errors = {n: _relative_error(info["grad"][n], reference[n]) for n in reference}
     worst = max(errors, key=errors.get)
     print(f"{key}: max relative error {errors[worst]:.2e} ({worst}), {info['seconds']:.1f} s")
@@ -487,6 +532,20 @@ def test_the_head_on_full_logits_applies_the_same_update(learner_run, stage):
     _check(results, reference, (stage, 2, False, "logits"), FP32_TOL)
 
 
+@pytest.mark.parametrize("stage", [stage for stage, _, _ in SEPARATE_OLD_CASES])
+def test_pi_old_from_a_separate_forward_applies_the_same_update(learner_run, stage):
+    """learner.old_logprobs_from_update: false: pi_old from its own eval-mode forward first."""
+    results, reference, _ = learner_run
+    _check(results, reference, (stage, 2, False, "separate_old"), FP32_TOL)
+
+
+def test_the_sampler_gap_stops_the_step_before_its_update(learner_run):
+    results, _, _ = learner_run
+    for from_update, info in results["gap_stop"].items():
+        assert "opd/sampler_gap" in info["outcome"], (from_update, info["outcome"])
+        assert info["changed"] == 0.0, (from_update, info["changed"])
+
+
 @pytest.mark.parametrize("stage", [stage for stage, _, _ in BF16_CASES])
 def test_bf16_accumulates_and_reduces_in_fp32(learner_run, stage):
     results, reference, _ = learner_run
@@ -519,6 +578,7 @@ def test_old_logprobs_are_recomputed_in_eval_mode(learner_run):
     results, _, batch = learner_run
     got = results["dropout"]
     assert got["training_after"], "the updates must run in train mode"
+    assert not got["old_from_update"], "a train-mode forward with dropout is not pi_old"
     assert torch.equal(got["first"], got["second"])
     rank0 = batch.select(list(range(MINI_BATCH // WORLD)))  # rank 0's shard
     model = AutoModelForCausalLM.from_pretrained(results["dropout"]["path"], dtype=torch.float64)

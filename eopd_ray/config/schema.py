@@ -139,6 +139,13 @@ class LearnerConfig:
     # Deal each mini-batch's sequences to the ranks by tokens (and attention work), not count.
     balance_tokens: Bool = True
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # source of pi_old
+    # With `recompute` and ONE optimizer update per step (mini_batch_size = the step's sequences),
+    # take pi_old from that update's own forward, detached: the weights that sampled, the same
+    # numbers, one forward fewer per step (2N of the learner's 8N FLOPs per token; TRL's GRPO does
+    # the same with one iteration). The sampler-gap check runs on it before the update is
+    # applied. A separate eval-mode forward still runs with several updates per step, a
+    # streamed step (pi_old per group, as the groups arrive) or a model with dropout.
+    old_logprobs_from_update: Bool = True
     # Mean |log pi_sampler - log pi_old| per token (opd/sampler_gap, learner.old_logprobs:
     # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
     # for bfloat16 (eopd_ray/core/invariants.py says how they were chosen).

@@ -64,6 +64,7 @@ class LearnerWorker(LearnerWeights):
         self.metrics = WorkerMetrics("learner", rank, cfg.run.id)
         # (response ids of the shard, its pi_old) from recompute_old_logprobs, for train_step
         self._early_old: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dropout = False  # the student has dropout (set up with the engine)
         self._upload: BackgroundUpload | None = None  # a checkpoint going up (object stores)
 
     def free_address(self) -> tuple[str, int]:
@@ -79,6 +80,7 @@ class LearnerWorker(LearnerWeights):
         self.engine, self.fused, self.checkpointing = build_engine(
             self.cfg, self.rank, self.world_size, master_addr, master_port
         )
+        self._dropout = has_dropout(self.engine.module)
         self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -211,8 +213,34 @@ class LearnerWorker(LearnerWeights):
 
     def recompute_old_logprobs(self, shard: RolloutBatch, plan: list[list[list[int]]]) -> None:
         """Recompute pi_old of the shard the next `train_step` will get (with the same plan),
-        before the teacher's scores exist: the driver overlaps it with teacher scoring."""
+        before the teacher's scores exist: the driver overlaps it with teacher scoring. Nothing
+        to do when `train_step` takes pi_old from its update's forward."""
+        if self._old_from_update(plan):
+            self._early_old = None
+            return
         self._early_old = (shard.response_ids, self._recompute_old_logprobs(shard, plan))
+
+    def _old_from_update(self, plan: list[list[list[int]]]) -> bool:
+        """pi_old can be the update's own forward, detached (learner.old_logprobs_from_update):
+        one update in the plan (the weights stay those that sampled until it is applied; every
+        rank's plan has the same number of updates, so the ranks agree) and no dropout (that
+        forward runs in train mode)."""
+        learner = self.cfg.learner
+        return (
+            learner.old_logprobs == "recompute"
+            and learner.old_logprobs_from_update
+            and len(plan) == 1
+            and not self._dropout
+        )
+
+    def _sampled_logprobs(self, student, mask: torch.Tensor, response_ids: torch.Tensor):
+        """log pi(y_t) of the sampled tokens from `_logits`' output, in its layout (packed
+        under a token budget): what pi_old is."""
+        if isinstance(student, StudentAtIds):
+            return student.logprobs[..., 0]  # the sampled token is the first of loss_ids
+        ids = self._packed(mask, response_ids).to(student.device)
+        lp, _ = student_logprobs_at(student, ids[..., None], self.cfg.loss.chunk_positions)
+        return lp[..., 0]
 
     def old_logprobs(self, shard: RolloutBatch, plan: list[list[list[int]]]) -> torch.Tensor:
         """log pi_old of `shard`'s sampled tokens, returned (a streamed step: the driver sends
@@ -232,13 +260,7 @@ class LearnerWorker(LearnerWeights):
                 if not rows:
                     continue  # a placeholder: the forward only keeps ZeRO-3's gathers in step
                 mask = mb.response_mask
-                if isinstance(student, StudentAtIds):
-                    lp = student.logprobs
-                else:
-                    ids = self._packed(mask, mb.response_ids).to(student.device)
-                    chunk = self.cfg.loss.chunk_positions
-                    lp, _ = student_logprobs_at(student, ids[..., None], chunk)
-                lp = lp[..., 0].float().cpu()
+                lp = self._sampled_logprobs(student, mask, mb.response_ids).float().cpu()
                 t = mb.response_ids.shape[1]
                 if self._budgeted:  # packed: back to the rows' valid positions
                     block = torch.zeros(mask.shape)
@@ -286,7 +308,11 @@ class LearnerWorker(LearnerWeights):
         self.engine.train()
         old = shard.sampler_logprobs
         gap, overlapped = 0.0, 0.0
-        if cfg.learner.old_logprobs == "recompute":
+        # pi_old from this update's own forward (checked before the update is applied, below)
+        from_update = old_logprobs is None and self._old_from_update(plan)
+        if from_update:
+            self._early_old = None
+        if cfg.learner.old_logprobs == "recompute" and not from_update:
             early, self._early_old = self._early_old, None
             if old_logprobs is not None:  # per streamed group, as the groups arrived
                 old, overlapped = old_logprobs, 1.0
@@ -324,11 +350,18 @@ class LearnerWorker(LearnerWeights):
                 def packed(x: torch.Tensor, mask=mask, device=device) -> torch.Tensor:
                     return self._packed(mask, x).to(device)
 
+                if from_update:  # the weights that sampled: nothing has been applied yet
+                    mb_old = self._sampled_logprobs(logits, mask, mb.response_ids).detach()
+                    if rows:
+                        sampler = packed(mb.sampler_logprobs)
+                        gap += float((mb_old - sampler).abs()[packed(mask)].sum())
+                else:
+                    mb_old = packed(old[rows or [0], :t])
                 inputs = LossInputs(
                     student_logits=logits,
                     response_ids=packed(mb.response_ids),
                     response_mask=packed(mask),
-                    old_logprobs=packed(old[rows or [0], :t]),
+                    old_logprobs=mb_old,
                     teacher_logprobs=packed(mb_scores.token_logprobs),
                     teacher_entropy=packed(mb_scores.entropy),
                     teacher_topk_ids=packed(mb_scores.topk_ids),
@@ -349,6 +382,10 @@ class LearnerWorker(LearnerWeights):
                 # token-mean. A placeholder contributes a zero gradient.
                 weight = self.world_size if rows else 0.0
                 self.engine.backward(out.loss * weight, scale_wrt_gas=False)
+                if from_update and boundary:  # before the only update of the step is applied
+                    mean_gap = gap / max(1, int(shard.response_mask.sum()))
+                    worker = f"learner[{self.rank}]"
+                    check_sampler_gap(mean_gap, sampler_gap_bound(cfg), self.step, worker)
                 # Without ZeRO DeepSpeed clips in place and keeps no norm: measure it first.
                 unclipped_norm = (
                     self._gradient_norm() if boundary and deepspeed_zero_stage(cfg) == 0 else None
@@ -369,11 +406,27 @@ class LearnerWorker(LearnerWeights):
                     results.append(metrics)
         results[0]["opd/sampler_gap_sum"] = gap
         results[0]["learner/old_logprobs_overlapped"] = overlapped
+        results[0]["learner/old_logprobs_from_update"] = float(from_update)
         self.step += 1
         self.metrics.throughput("train", shard.num_response_tokens, started)
         losses = [r["loss/total"] for r in results if "loss/total" in r]
         self.metrics.set("train/loss", sum(losses) / max(1, len(losses)))
         return results
+
+
+def has_dropout(module: torch.nn.Module) -> bool:
+    """Whether a forward in train mode differs from eval mode's by dropout: an active
+    nn.Dropout, or a Hugging Face config's *dropout* rate above 0 (attention dropout is applied
+    functionally, without a module)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            rates = [v for k, v in config.to_dict().items() if "dropout" in k]
+            if any(isinstance(v, int | float) and v > 0 for v in rates):
+                return True
+    return False
 
 
 def _files_under(root) -> dict[str, int]:
