@@ -335,7 +335,7 @@ def test_a_stop_during_start_up_ends_cleanly(cluster):
         "    runtime_env={'working_dir': '.'},\n"
         ")\n"
         "deadline = time.time() + 120\n"
-        "while 'eopd_ray.driver.worker_groups: run ' not in client.get_job_logs(job):\n"
+        "while 'eopd_ray.driver.pipeline: run ' not in client.get_job_logs(job):\n"
         "    assert time.time() < deadline, client.get_job_logs(job)[-3000:]\n"
         "    time.sleep(0.5)\n"
         "client.stop_job(job)\n"
