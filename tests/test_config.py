@@ -181,6 +181,22 @@ def test_checkpoint_every_s_must_be_a_finite_non_negative_duration(value, shown)
     assert config_from_dict(PATHS, ["run.checkpoint_every_s=600"]).run.checkpoint_every_s == 600
 
 
+def test_a_served_teacher_needs_a_name_and_the_synchronous_step():
+    cfg = config_from_dict(PATHS, ["teacher.serve=teacher", "rollout.stream=false"])
+    assert cfg.teacher.serve == "teacher"
+    assert config_from_dict(PATHS).teacher.serve is None  # default: the job's own workers
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["teacher.serve=teacher"])  # rollout.stream: true by default
+    message = issues_of(exc)["teacher.serve"]
+    assert "rollout.stream=false" in message and "'teacher'" in message
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["teacher.serve=' '", "rollout.stream=false"])
+    assert "name of a running teacher application" in issues_of(exc)["teacher.serve"]
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(PATHS, ["teacher.serve=3", "rollout.stream=false"])
+    assert list(issues_of(exc)) == ["teacher.serve"]  # a type error, reported once
+
+
 def test_every_loss_name_the_config_accepts_exists_in_the_loss_module():
     from typing import get_args, get_type_hints
 

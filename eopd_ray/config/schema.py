@@ -100,6 +100,9 @@ class TeacherConfig:
     # A transformers forward whose LM head makes fp32 logits (an fp32 copy of the head on CPU, a
     # bf16 GEMM with fp32 output on CUDA): full-vocabulary entropy within 1e-3 nats of float64,
     # teacher logits divided by rollout.temperature.
+    # A running teacher application (jobs/serve_teacher.py: its name) scores instead of teacher
+    # workers of this job; none is started, and the keys below only set the application's own.
+    serve: Str | None = None
     num_workers: PosInt = 1
     gpus_per_worker: NonNegInt = 0
     cpus_per_worker: PosFloat = 0.5

@@ -135,7 +135,7 @@ def connect(cfg: Config) -> None:
         _check_reachable(address)
         ray.init(address=address, log_to_driver=cfg.run.worker_logs)
         return
-    needed = sum(c.num_workers * c.cpus_per_worker for c in (cfg.rollout, cfg.teacher, cfg.learner))
+    needed = sum(c.num_workers * c.cpus_per_worker for _, c in worker_roles(cfg))
     num_cpus = cfg.run.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(
         address="local",
@@ -161,9 +161,16 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def worker_roles(cfg: Config) -> list[tuple[str, Any]]:
+    """(role, its config section) of the workers this job starts, in bundle order: no teacher
+    workers when `teacher.serve` names a running application."""
+    roles = [("rollout", cfg.rollout), ("teacher", cfg.teacher), ("learner", cfg.learner)]
+    return [(role, c) for role, c in roles if not (role == "teacher" and cfg.teacher.serve)]
+
+
 def _bundles(cfg: Config) -> list[tuple[str, dict[str, float]]]:
     out = []
-    for role, c in (("rollout", cfg.rollout), ("teacher", cfg.teacher), ("learner", cfg.learner)):
+    for role, c in worker_roles(cfg):
         bundle = {"CPU": c.cpus_per_worker, **c.resources}
         if c.gpus_per_worker:
             bundle["GPU"] = float(c.gpus_per_worker)

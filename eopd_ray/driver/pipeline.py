@@ -38,6 +38,7 @@ from eopd_ray.driver.recovery import Recovery
 from eopd_ray.driver.rollouts import Rollouts
 from eopd_ray.driver.run_checkpoints import RunCheckpoints, checkpoint_due
 from eopd_ray.driver.run_state import RunState
+from eopd_ray.driver.served_teacher import ServedScoring, load_student_tokenizer
 from eopd_ray.driver.stopping import StopOnSigterm, exit_on_sigterm, on_abrupt_exit
 from eopd_ray.driver.streamed import ModelShape
 from eopd_ray.driver.weight_versions import WeightVersions
@@ -87,6 +88,7 @@ class Pipeline:
     recovery     Recovery          which worker was lost and which part brings what back
     rollouts     Rollouts          the step's data, whole or streamed, and its prefetch
     evaluation   HeldOutEvaluation the held-out set during training
+    served       ServedScoring     teacher.serve: a running application scores (no teacher workers)
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -118,6 +120,8 @@ class Pipeline:
             self.prompts, min(PROBE_TOKENS, cfg.rollout.max_model_len - 1)
         )
         self.shape = _model_shape(local)
+        self.student_tokenizer = load_student_tokenizer(local) if cfg.teacher.serve else None
+        self.served: ServedScoring | None = None  # teacher.serve: scores instead of workers
         self.groups: WorkerGroups | None = None
         self.weights: WeightVersions | None = None
         self.checkpoints: RunCheckpoints | None = None
@@ -149,6 +153,8 @@ class Pipeline:
         exit_on_sigterm()
         connect(self.cfg)
         exit_on_sigterm()  # again: ray.init installs its own handler
+        if self.cfg.teacher.serve:  # refused before the run directory is touched
+            self.served = ServedScoring.connect(self.cfg, self.shape, self.student_tokenizer)
         # One driver per run directory, before anything in it is read, moved or deleted.
         self.claim = RunClaim.acquire(self.store, self.cfg.run.claim_heartbeat_s)
         # An abandoned step or a stop during start-up exits without shutdown(): owner.json too.
@@ -191,6 +197,8 @@ class Pipeline:
     def _score(
         self, batch: RolloutBatch, step: int, timeline: Timeline | None = None
     ) -> TeacherScores:
+        if self.served is not None:
+            return self.served.score(batch, step, timeline)
         teacher = self.groups.teacher
         shards = batch.split(min(len(teacher), batch.num_sequences))
         timed = teacher.get(

@@ -57,10 +57,14 @@ class Recovery:
         return self.workers_brought_back + self.weights.groups_reformed
 
     def recovering(
-        self, group: ActorGroup, work: Callable[[], T], what: str, catch_up: bool = True
+        self, group: ActorGroup | None, work: Callable[[], T], what: str, catch_up: bool = True
     ) -> T:
         """Run `work()`; if a worker of `group` died, wait for Ray to restart it, bring it back
-        in sync (`brought_back`), and redo the work, up to `run.max_worker_restarts` times."""
+        in sync (`brought_back`), and redo the work, up to `run.max_worker_restarts` times.
+        `group` None (no teacher workers: teacher.serve): nothing to restart, the work runs once
+        (the served teacher's client retries a lost replica itself)."""
+        if group is None:
+            return work()
         for attempt in range(self.cfg.run.max_worker_restarts + 1):
             try:
                 return work()

@@ -3,7 +3,7 @@
     groups = WorkerGroups(cfg, store)   # cfg: the run's, its run.id set
     groups.start(resumed_at)            # one placement group; rollout, teacher, learner spawned;
                                         # DeepSpeed and the weight-sync group set up
-    groups.rollout / .teacher / .learner
+    groups.rollout / .teacher / .learner   # .teacher None: teacher.serve scores instead
     groups.replace_learners(from_step, attempt)   # a new learner group, set up
     groups.shutdown()                   # kill the workers, free the placement group
 
@@ -44,7 +44,7 @@ class WorkerGroups:
         directory."""
         cfg = self.cfg
         self.placement_group = create_placement_group(cfg)
-        r, s = cfg.rollout.num_workers, cfg.teacher.num_workers
+        r, s = cfg.rollout.num_workers, self._num_teachers()
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
         # multi-process engine receives them as lists and fails half-way through a reload).
         rollout_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -59,22 +59,23 @@ class WorkerGroups:
             rollout_env,
             resumed_at,
         )
-        self.teacher = spawn(
-            "teacher",
-            TeacherWorker,
-            cfg,
-            self.placement_group,
-            r,
-            s,
-            [(cfg, i) for i in range(s)],
-            None,
-            resumed_at,
-        )
+        if s:  # none with teacher.serve: the application scores
+            self.teacher = spawn(
+                "teacher",
+                TeacherWorker,
+                cfg,
+                self.placement_group,
+                r,
+                s,
+                [(cfg, i) for i in range(s)],
+                None,
+                resumed_at,
+            )
         self.learner = self._spawn_learners(resumed_at)
         timeout = cfg.run.step_timeout_s
         # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.
         setup = self._set_up_learners_async()
-        wait_started([self.rollout, self.teacher], timeout)
+        wait_started([g for g in (self.rollout, self.teacher) if g is not None], timeout)
         self.learner.get(setup, timeout, "learner set-up")
         if cfg.sync.transport == "collective":
             self.join_sync_group()
@@ -90,6 +91,10 @@ class WorkerGroups:
             self._set_up_learners_async(), self.cfg.run.step_timeout_s, "learner restart"
         )
 
+    def _num_teachers(self) -> int:
+        """Teacher workers this job starts: none when teacher.serve names an application."""
+        return 0 if self.cfg.teacher.serve else self.cfg.teacher.num_workers
+
     def _spawn_learners(self, from_step: int, attempt: int = 0) -> ActorGroup:
         """The learner group, in its bundles of the placement group (after rollout and teacher)."""
         cfg = self.cfg
@@ -99,7 +104,7 @@ class WorkerGroups:
             LearnerWorker,
             cfg,
             self.placement_group,
-            cfg.rollout.num_workers + cfg.teacher.num_workers,
+            cfg.rollout.num_workers + self._num_teachers(),
             n,
             [(cfg, i, n) for i in range(n)],
             {"DS_ACCELERATOR": "cpu"} if cfg.learner.gpus_per_worker == 0 else {},
