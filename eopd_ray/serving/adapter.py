@@ -69,11 +69,12 @@ def check_served_teacher(
             f"{TEMPERATURE_SEMANTICS!r}"
         )
     if problems:
+        app = f"teacher.serve = {cfg.teacher.serve!r}" if cfg.teacher.serve else "the application"
         raise ServedTeacherMismatch(
-            "the served teacher is not this job's teacher: "
+            f"the served teacher ({app}) is not this job's teacher: "
             + "; ".join(problems)
-            + ". Serve the configured teacher (config=<this job's YAML>) or point the job at "
-            "the application that serves it"
+            + ". Serve the configured teacher (config=<this job's YAML>) or point teacher.serve "
+            "at the application that serves it"
         )
 
 
