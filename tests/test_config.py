@@ -181,19 +181,16 @@ def test_checkpoint_every_s_must_be_a_finite_non_negative_duration(value, shown)
     assert config_from_dict(PATHS, ["run.checkpoint_every_s=600"]).run.checkpoint_every_s == 600
 
 
-def test_a_served_teacher_needs_a_name_and_the_synchronous_step():
-    cfg = config_from_dict(PATHS, ["teacher.serve=teacher", "rollout.stream=false"])
-    assert cfg.teacher.serve == "teacher"
+def test_a_served_teacher_is_named():
+    for stream in ("true", "false"):  # both steps send their rows to a served teacher
+        cfg = config_from_dict(PATHS, ["teacher.serve=teacher", f"rollout.stream={stream}"])
+        assert cfg.teacher.serve == "teacher"
     assert config_from_dict(PATHS).teacher.serve is None  # default: the job's own workers
     with pytest.raises(ConfigError) as exc:
-        config_from_dict(PATHS, ["teacher.serve=teacher"])  # rollout.stream: true by default
-    message = issues_of(exc)["teacher.serve"]
-    assert "rollout.stream=false" in message and "'teacher'" in message
-    with pytest.raises(ConfigError) as exc:
-        config_from_dict(PATHS, ["teacher.serve=' '", "rollout.stream=false"])
+        config_from_dict(PATHS, ["teacher.serve=' '"])
     assert "name of a running teacher application" in issues_of(exc)["teacher.serve"]
     with pytest.raises(ConfigError) as exc:
-        config_from_dict(PATHS, ["teacher.serve=3", "rollout.stream=false"])
+        config_from_dict(PATHS, ["teacher.serve=3"])
     assert list(issues_of(exc)) == ["teacher.serve"]  # a type error, reported once
 
 

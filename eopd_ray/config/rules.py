@@ -204,17 +204,6 @@ def a_served_teacher_is_named(cfg: Config) -> str | None:
     return "empty: the name of a running teacher application (jobs/serve_teacher.py), or unset"
 
 
-@rule("teacher.serve", reads=("teacher.serve", "rollout.stream"))
-def a_served_teacher_scores_whole_batches(cfg: Config) -> str | None:
-    if not cfg.teacher.serve or not cfg.rollout.stream:
-        return None
-    return (
-        f"a served teacher ({cfg.teacher.serve!r}) scores the step's batch at once: set "
-        "rollout.stream=false with it (the streamed step sends its groups to teacher workers "
-        "only), or unset teacher.serve to start this job's own teacher workers"
-    )
-
-
 @rule("data.train_path", reads=("data.train_path", "data.toy_prompts"))
 def exactly_one_prompt_source(cfg: Config) -> str | None:
     d = cfg.data

@@ -180,7 +180,7 @@ class Pipeline:
         )
         self.recovery = Recovery(cfg, store, groups, weights, self.checkpoints, state)
         self.rollouts = Rollouts(
-            cfg, groups, weights, self.recovery, state, self.prompts, self.shape
+            cfg, groups, weights, self.recovery, state, self.prompts, self.shape, self.served
         )
         self.evaluation = HeldOutEvaluation(cfg, groups, state, self.recovery, self.held_out)
 

@@ -15,6 +15,7 @@ worker died is dropped (its prompts go to the next step), not redone.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from eopd_ray.config import Config
 from eopd_ray.core.wire import RolloutBatch
@@ -43,9 +44,11 @@ class Rollouts:
         state: RunState,
         prompts: list[list[int]],
         shape: ModelShape,
+        served: Any = None,
     ) -> None:
         self.cfg, self.groups, self.weights, self.recovery = cfg, groups, weights, recovery
         self.state, self.prompts, self.shape = state, prompts, shape
+        self.served = served  # ServedScoring with teacher.serve: the streamed groups go to it
 
     # --- whole batches -------------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Rollouts:
             timeline,
             pi_old,
             prefetch,
+            self.served,
         )
         return stream_state, stream
 

@@ -4,7 +4,8 @@
                       rollout.stream_group_tokens response tokens while the rest still decode
     teacher workers   each group goes to the teacher with the fewest groups queued, as it arrives
                       (its token-budget micro-batches within the group; the run-time score
-                      checks per group)
+                      checks per group); with teacher.serve, to the served application
+                      (`ServedScoring.score_async`, eopd_ray.driver.served_teacher)
     learner ranks     pi_old of each group as it arrives (learner.old_logprobs: recompute, and
                       only when the learners hold the weights that sampled it: not for a
                       rollout.async_lag prefetch)
@@ -91,7 +92,8 @@ class StepStream:
     (prompts, prompt_index, seeds) of rollout worker `rank`, as the synchronous step deals them;
     `pi_old`: also recompute pi_old per group; `prefetch`: a rollout.async_lag prefetch (a
     rollout worker lost then fails the stream: the step takes the prompts again, see
-    `Rollouts.finish_prefetch`). A lost worker is brought back by `bring_back`."""
+    `Rollouts.finish_prefetch`). A lost worker is brought back by `bring_back`. `served`:
+    the ServedScoring that scores the groups with teacher.serve (no teacher workers then)."""
 
     def __init__(
         self,
@@ -105,8 +107,10 @@ class StepStream:
         timeline: Timeline,
         pi_old: bool,
         prefetch: bool = False,
+        served: Any = None,
     ) -> None:
         self.cfg, self.workers, self.bring_back, self.shape = cfg, workers, bring_back, shape
+        self.served = served
         self.step = step
         self.work, self.expected_version = work, expected_version
         self.timeline, self.pi_old, self.prefetch = timeline, pi_old, prefetch
@@ -226,6 +230,9 @@ class StepStream:
 
     def _send_to_teacher(self, gid: int) -> None:
         """To the teacher with the fewest groups queued (ties: the lowest rank)."""
+        if self.served is not None:  # one application: its replicas share the groups
+            self.scoring[self.served.score_async(self.groups[gid].batch)] = (0, gid)
+            return
         queued = [0] * len(self.workers.teacher)
         for rank, _ in self.scoring.values():
             queued[rank] += 1
@@ -262,7 +269,9 @@ class StepStream:
     def _scored(self, ref) -> None:
         rank, gid = self.scoring.pop(ref)
         try:
-            scores, started, ended = ray.get(ref)
+            scores, started, ended = (
+                self.served.scored(ref, self.step) if self.served else ray.get(ref)
+            )
         except GONE as exc:
             self._teacher_lost(rank, [gid], exc)
             return
@@ -374,6 +383,8 @@ class StepStream:
             self.workers.learner: list(range(len(self.workers.learner))) if self.old_refs else [],
         }
         for group, ranks in busy.items():
+            if group is None:  # teacher.serve: no teacher workers to watch
+                continue
             try:
                 group.kill_silent(ranks, f"step {self.step} (streamed)")
             except WorkerError as exc:
@@ -391,6 +402,8 @@ class StepStream:
 
     def _who(self, role: str, rank: int) -> str:
         group: ActorGroup = getattr(self.workers, role)
+        if group is None:  # teacher.serve
+            return self.served.name
         return str(group.identities[rank]) if rank < len(group.identities) else f"{role}-{rank}"
 
     # --- the batch -----------------------------------------------------------------------------
