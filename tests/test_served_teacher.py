@@ -101,3 +101,14 @@ def test_a_dead_application_fails_the_step_saying_what_to_check(scored):
     message = str(exc.value)
     assert message.startswith("step 3 teacher scoring: teacher application 'teacher-x'")
     assert "teacher.serve = 'teacher-x'" in message and "serve status" in message
+
+
+def test_a_served_teacher_job_places_no_teacher_workers(tiny_pair):
+    from eopd_ray.driver.actors import _bundles, worker_roles
+
+    own = make_cfg(tiny_pair)
+    shared = make_cfg(tiny_pair, serve="teacher-x")
+    assert [role for role, _ in worker_roles(own)] == ["rollout", "teacher", "learner"]
+    assert [role for role, _ in worker_roles(shared)] == ["rollout", "learner"]
+    roles = [role for role, _ in _bundles(shared)]
+    assert "teacher" not in roles and len(roles) == len(_bundles(own)) - own.teacher.num_workers
