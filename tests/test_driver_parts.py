@@ -68,15 +68,9 @@ def cycles_within_packages(graph: dict[str, set[str]]) -> list[list[str]]:
     return [[*ring, ring[0]] for ring in unique]
 
 
-# Cycles already there when this check came (issue 34), each to be undone in its own change:
-# sources.py dispatches to gguf_source.py lazily, which builds on sources.py's helpers.
-KNOWN = [["eopd_ray.storage.gguf_source", "eopd_ray.storage.sources"]]
-
-
 def test_no_import_cycle_inside_a_package():
     found = [cycle[:-1] for cycle in cycles_within_packages(import_graph())]
-    assert [c for c in found if c not in KNOWN] == []
-    assert [c for c in KNOWN if c not in found] == [], "a known cycle is gone: drop it from KNOWN"
+    assert found == []
 
 
 def test_the_cycle_check_sees_a_cycle():

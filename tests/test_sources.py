@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoConfig
 
 from eopd_ray.config import config_from_dict
-from eopd_ray.storage import sources
+from eopd_ray.storage import object_source
 from eopd_ray.storage.sources import (
     SourceError,
     kind_of,
@@ -126,7 +126,7 @@ def test_a_hub_id_missing_offline_says_how_to_get_it(hub_cache):
 def test_a_model_on_s3_is_downloaded_once_and_loads(s3, node_cache, tiny_pair, caplog):
     student, _ = tiny_pair
     uri = s3.upload_dir(student, "models/once/student")
-    caplog.set_level("INFO", logger="eopd_ray.storage.sources")
+    caplog.set_level("INFO", logger="eopd_ray.storage.object_source")
     first = local_model_dir(uri, "model.student_path")
     assert Path(first).is_relative_to(node_cache)
     assert AutoConfig.from_pretrained(first).vocab_size > 0
@@ -156,12 +156,12 @@ def test_an_interrupted_download_leaves_nothing_used(s3, node_cache, tiny_pair, 
         copied.append(src)
         return real_copy(src, dst, **kw)
 
-    monkeypatch.setattr(sources.pafs, "copy_files", copy_then_fail)
+    monkeypatch.setattr(object_source.pafs, "copy_files", copy_then_fail)
     with pytest.raises(SourceError, match=r"download to .* failed .*connection reset"):
         local_model_dir(uri, "model.student_path")
     objects = node_cache / "objects"
     assert [p.name for p in objects.iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(sources.pafs, "copy_files", real_copy)
+    monkeypatch.setattr(object_source.pafs, "copy_files", real_copy)
     assert AutoConfig.from_pretrained(local_model_dir(uri, "model.student_path"))
 
 

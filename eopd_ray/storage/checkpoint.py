@@ -51,8 +51,8 @@ from eopd_ray.config import Config, config_from_dict, config_to_dict, total_upda
 from eopd_ray.config.strict_yaml import parse_yaml
 from eopd_ray.errors import EopdError
 from eopd_ray.storage.gguf_source import is_gguf, split_gguf_pin
+from eopd_ray.storage.object_source import split_uri_pin
 from eopd_ray.storage.run_storage import RunStorage, redacted, redacted_values
-from eopd_ray.storage.sources import split_uri_pin
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
     gguf_model_dir(spec, dtype="float32")        # ~/.cache/eopd-ray/gguf/<name>-<sha>-float32
 
 `model.student_path`, `model.teacher_path` and `jobs/evaluate.py --model` accept a `.gguf` file,
-a local path or an object-store URI (fetched as any URI is, eopd_ray.storage.sources). The
+a local path or an object-store URI (fetched as any URI is, eopd_ray.storage.object_source). The
 driver pins it to the file's sha256 (`<spec>#sha256=<hex>`, in config.yaml and every
 checkpoint's config), so every worker and a resumed run load the same weights: a worker whose
 node has no converted copy yet hashes the file and refuses one that differs from the pin.
@@ -41,8 +41,14 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from eopd_ray.storage.object_source import (
+    SourceError,
+    cache_root,
+    local_file,
+    manifest_of,
+    posix_name,
+)
 from eopd_ray.storage.run_storage import is_uri, redacted
-from eopd_ray.storage.sources import SourceError, cache_root, local_file, manifest_of, posix_name
 
 log = logging.getLogger(__name__)
 
