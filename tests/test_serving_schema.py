@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -146,4 +147,17 @@ def test_the_driver_refuses_a_served_teacher_that_is_not_its_own():
         with pytest.raises(ServedTeacherMismatch, match=words):
             check_served_teacher(dataclasses.replace(ok, **change), cfg, 320, "abc")
     assert TeacherIdentity.from_json(ok.to_json()) == ok
+    # The application names local directories by absolute path; a job may give a relative one.
+    relative = config_from_dict(
+        {
+            "model": {"student_path": "runs/s", "teacher_path": "runs/tiny/t"},
+            "data": {"toy_prompts": 8},
+        }
+    )
+    served_here = dataclasses.replace(ok, model=os.path.abspath("runs/tiny/t"))
+    check_served_teacher(served_here, relative, 320, "abc")
+    with pytest.raises(ServedTeacherMismatch, match="serves '/elsewhere/runs/tiny/t'"):
+        check_served_teacher(
+            dataclasses.replace(ok, model="/elsewhere/runs/tiny/t"), relative, 320, "abc"
+        )
     assert np.isfinite(ok.default_temperature)

@@ -15,6 +15,7 @@ TeacherScores cut to `teacher.top_k` (the served top-K is sorted, so its first K
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from eopd_ray.serving.schema import (
     ScoreRequest,
     TeacherIdentity,
 )
+from eopd_ray.storage.sources import kind_of
 
 
 class Client(Protocol):
@@ -41,13 +43,22 @@ class ServedTeacherMismatch(EopdError):
     """The served teacher is not the configured one: its scores would train the wrong target."""
 
 
+def same_model(served: str, configured: str) -> bool:
+    """The same pinned spec, or the same local directory however each side wrote it (the
+    application makes its local paths absolute; a job may give a relative one)."""
+    if served == configured:
+        return True
+    local = kind_of(served) == "local" and kind_of(configured) == "local"
+    return local and os.path.abspath(served) == os.path.abspath(configured)
+
+
 def check_served_teacher(
     identity: TeacherIdentity, cfg: Config, vocab_rows: int, student_vocab_digest: str
 ) -> None:
     """Refuse a served teacher that differs from the job's: model (pinned spec), vocabulary
     (the student's tokenizer, and the rows scored over), top-K, temperature semantics."""
     problems = []
-    if identity.model != cfg.model.teacher_path:
+    if not same_model(identity.model, cfg.model.teacher_path):
         problems.append(
             f"it serves {identity.model!r}, model.teacher_path is {cfg.model.teacher_path!r}"
         )

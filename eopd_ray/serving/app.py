@@ -345,14 +345,20 @@ def _rows(answer: ScoreAnswer, a: int, b: int) -> ScoreAnswer:
 
 def teacher_config(settings: ServeSettings) -> Config:
     """The served job config with its models pinned (every replica loads the same weights)."""
-    from eopd_ray.storage.sources import pin_models
+    from eopd_ray.storage.sources import kind_of, pin_models
 
     if not settings.config:
         raise EopdError(
             "the teacher application needs config=<a job YAML> naming model.teacher_path and "
             "model.student_path (the vocabulary it scores over)"
         )
-    return pin_models(load_config(settings.config, settings.overrides))
+    cfg = pin_models(load_config(settings.config, settings.overrides))
+    # Local model directories as absolute paths: the identity every answer carries must name
+    # the same directory for a job that runs from another working directory.
+    m = cfg.model
+    local = {name: os.path.abspath(getattr(m, name)) for name in ("student_path", "teacher_path")
+             if kind_of(getattr(m, name)) == "local"}  # fmt: skip
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **local))
 
 
 def build(settings: ServeSettings, cfg: Config | None = None) -> serve.Application:
