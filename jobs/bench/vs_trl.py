@@ -1,6 +1,7 @@
 """eopd-ray vs TRL on-policy distillation: same models, prompts, token budget and machine, one run.
 
     python jobs/bench/vs_trl.py [--configs tiny toy bench] [--steps 3] [--quick] [--out FILE]
+                                [--modes streamed sync streamed-async]
 
 For each config, our pipeline (jobs/bench/throughput.py's measurement: warm-up steps, then timed
 steps) and TRL 1.16 on the same student, teacher, prompts, sequences per step and max new tokens:
@@ -15,7 +16,10 @@ step's wall time. A TRL run whose completions hold less than half or more than t
 per step is flagged `comparable: false` (marked * in the table): same prompts, different work.
 TRL gets every core in its one process (torch threads = cores); ours runs each worker with the
 threads its config gives it (`<role>.cpus_per_worker`). JSON key `ratio_vs_trl_gkd`: our
-tokens/s over gkd_rkl's.
+tokens/s over gkd_rkl's. `--modes` (jobs/bench/throughput.py's MODES) runs our side once per
+step hand-off, in the same run: `sync` and `streamed` are strictly on-policy like TRL; `async`
+and `streamed-async` train on rollouts one weight version old (labelled so). `eopd_ray_tokens_per_s`
+is the first mode's.
 
 TRL is not a dependency of eopd-ray: it is installed on first use into a throwaway virtual
 environment (--trl-env, default runs/bench/trl-env) that sees this project's torch and
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(throughput.CONFIGS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1-2 warm-up)")
+    parser.add_argument(
+        "--modes", nargs="+", default=["streamed"], choices=list(throughput.MODES),
+        help="our step hand-offs, each measured in this run (the first is the headline)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny only, gkd_rkl only, 2 steps")
     parser.add_argument("--trl-env", type=Path, default=REPO / "runs" / "bench" / "trl-env")
     parser.add_argument("--out", help="write the results as JSON (a path or a URI)")
@@ -119,15 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="eopd-vs-trl-") as tmp_name:
         tmp = Path(tmp_name)
         for name in args.configs:
-            cfg = throughput.config_for(name, tmp / name, 2 + args.steps, [])
-            print(f"{name}: eopd-ray ...", flush=True)
-            rows = throughput.measure(cfg, 2, args.steps)
-            ours = sum(r["tokens/trained"] for r in rows) / sum(r["wall_s"] for r in rows)
-            ours_per_step = sum(r["tokens/trained"] for r in rows) / len(rows)
+            modes = {}
+            for mode in args.modes:
+                overrides = throughput.MODES[mode]
+                cfg = throughput.config_for(name, tmp / name / mode, 2 + args.steps, overrides)
+                print(f"{name}: eopd-ray ({mode}) ...", flush=True)
+                rows = throughput.measure(cfg, 2, args.steps)
+                modes[mode] = {
+                    "tokens_per_s": sum(r["tokens/trained"] for r in rows)
+                    / sum(r["wall_s"] for r in rows),
+                    "tokens_per_step": sum(r["tokens/trained"] for r in rows) / len(rows),
+                    "step_s": sum(r["wall_s"] for r in rows) / len(rows),
+                    "on_policy": cfg.rollout.async_lag == 0,
+                }
+            first = modes[args.modes[0]]
+            ours, ours_per_step = first["tokens_per_s"], first["tokens_per_step"]
             row = {
                 "config": name,
                 "eopd_ray_tokens_per_s": ours,
                 "eopd_ray_tokens_per_step": ours_per_step,
+                "modes": modes,
                 "trl": {},
             }
             prompts = load_prompt_texts(cfg.data)
@@ -163,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             + (f"   ours / gkd_rkl = {ratio:.2f}" if ratio else "")
         )
     print("* TRL's completions had less than half or more than twice our tokens per step")
+    for row in results:
+        trl_rates = [t["tokens_per_s"] for t in row["trl"].values() if "tokens_per_s" in t]
+        best = max(trl_rates, default=None)
+        print(f"\n{row['config']}: our modes against TRL's best trainer ({best or 0:.0f} tok/s)")
+        for mode, m in row["modes"].items():
+            label = "on-policy" if m["on_policy"] else "one version off-policy"
+            vs = f"{m['tokens_per_s'] / best:.2f}x" if best else "-"
+            print(f"  {mode:15s} {m['step_s']:6.2f} s/step {m['tokens_per_s']:7.0f} tok/s  "
+                  f"{vs:>6s}  ({label})")  # fmt: skip
     for row in results:
         for v, trl in row["trl"].items():
             if "error" in trl:
