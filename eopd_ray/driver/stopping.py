@@ -25,8 +25,9 @@ from collections.abc import Callable
 
 from eopd_ray.building import directories_being_built
 
-# Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit.
-ABANDON_MARGIN_S = 3.0
+# Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit
+# (their graceful stop took up to 3.4 s on a loaded 2-core machine).
+ABANDON_MARGIN_S = 4.0
 # Of that margin, what the cleanups (`on_abrupt_exit`) may take together; one that takes longer is
 # left behind (a claim then expires as a crashed driver's does).
 CLEANUP_S = 1.5
