@@ -82,7 +82,8 @@ PY
 }
 
 free_port() {
-    "$VENV_BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    # Outside the kernel's ephemeral range, where another Ray's own ports come from (ports.py).
+    "$VENV_BIN/python" "$REPO/eopd_ray/ports.py"
 }
 
 choose_ports() {

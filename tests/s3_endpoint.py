@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from eopd_ray.ports import free_port
 
 BUCKET = "eopd-test"
 CREDENTIALS = {
@@ -62,9 +63,7 @@ class S3Endpoint:
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._saved_env: dict[str, str | None] = {}
 

@@ -5,12 +5,12 @@ cache with a warning that names HF_HUB_OFFLINE=1; a misspelt id gets the closest
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import pytest
 from test_sources import add_to_hub_cache, commit
 
+from eopd_ray.ports import free_port
 from eopd_ray.storage.sources import SourceError, kind_of, local_model_dir, pin_model
 
 
@@ -22,9 +22,7 @@ def no_hub(tmp_path, monkeypatch):
 
     cache = tmp_path / "hf-cache"
     cache.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: connections are refused
+    port = free_port()  # closed again: connections are refused
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")

@@ -18,13 +18,14 @@ that pi_old of a model with dropout is recomputed in eval mode.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from eopd_ray.ports import free_port
 
 WORLD = 2
 MINI_BATCH = 8  # sequences per optimizer update, 4 per rank
@@ -368,15 +369,9 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         os._exit(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(student: Path, dropout_student: Path, out_dir: Path, timeout_s: float = 600.0):
     ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_rank_main,

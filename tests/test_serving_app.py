@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ import torch
 from test_teacher import make_cfg, ragged_batch
 
 from eopd_ray.core.invariants import check_teacher_scores
+from eopd_ray.ports import free_port
 from eopd_ray.roles.teacher import TeacherWorker
 from eopd_ray.serving.adapter import ServedTeacher, check_served_teacher
 from eopd_ray.serving.client import HttpTeacherClient, TeacherClient
@@ -37,12 +37,6 @@ APP = "teacher-under-test"
 TOKEN_ENV = "EOPD_TEST_TEACHER_TOKEN"
 TOKEN = "s3cret"
 BATCH_WAIT_S = 1.0  # a lone request waits this long in its replica: the window to kill it in
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 import torch
 
+from eopd_ray.ports import free_port
 from eopd_ray.roles.weight_sync import (
     RetiredGroups,
     SyncAborted,
@@ -37,9 +37,7 @@ def test_buckets_respect_size_order_and_dtype():
 def test_broadcast_delivers_every_bucket_bit_exact():
     tensors = {f"w{i}": torch.randn(3, i + 1) for i in range(6)}
     plan = plan_buckets([TensorMeta(n, tuple(t.shape), "float32") for n, t in tensors.items()], 40)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     received: list = []
 
     def receive():
@@ -64,9 +62,7 @@ def test_a_cancelled_broadcast_ends_in_a_second_not_at_the_group_timeout():
     driver cancelled ends at the next poll, and the group can be retired without blocking."""
     plan = plan_buckets(metas(*[64 * 1024] * 6), 256 * 1024)  # 6 buckets of 256 KiB
     assert len(plan) == 6
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     stop = threading.Event()
     outcome: dict[str, object] = {}
     lost: list = []  # the "lost" receiver's end stays open: silent, not closed

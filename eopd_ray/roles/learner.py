@@ -37,6 +37,7 @@ from eopd_ray.core.micro_batches import count_micro_batches
 from eopd_ray.core.student_logprobs import StudentAtIds, loss_ids, student_logprobs_at
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
+from eopd_ray.ports import free_port
 from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender, plan_buckets
@@ -71,9 +72,7 @@ class LearnerWorker(LearnerWeights):
         """This node's address and a free port (rank 0 hosts the rendezvous)."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return ray.util.get_node_ip_address(), free_port(host="")
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the data-parallel group and build the DeepSpeed engine (all ranks at once)."""

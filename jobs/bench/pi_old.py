@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ else:
     os.environ["OMP_NUM_THREADS"] = "2"
 
 import torch  # noqa: E402
+
+from eopd_ray.ports import free_port  # noqa: E402
 
 SETTINGS = {"from_update": True, "separate": False}
 
@@ -79,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     student, _ = ensure_bench_models(REPO / "runs" / "bench" / "models")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", DS_ACCELERATOR="cpu")  # fmt: skip
     batch, scores = synthetic_step(AutoConfig.from_pretrained(student).vocab_size)

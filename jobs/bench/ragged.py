@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import torch  # noqa: E402
 
 from eopd_ray.core.micro_batches import share_step  # noqa: E402
 from eopd_ray.core.wire import RolloutBatch, TeacherScores  # noqa: E402
+from eopd_ray.ports import free_port  # noqa: E402
 
 WORLD = 2
 CONFIGS = ("fixed", "budget")
@@ -180,9 +180,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
 def run_learners(jobs: dict, work: Path) -> dict:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.save(jobs, work / "jobs.pt")
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, port, str(work))) for r in range(WORLD)]

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from eopd_ray.env import set_job_environment  # noqa: E402
+from eopd_ray.ports import free_port  # noqa: E402
 
 set_job_environment()
 
@@ -250,12 +250,6 @@ def print_table(rows: list[dict]) -> None:
             f"{mem['teacher']['peak_mib']:,.0f} ({r['teacher_processes']}){infra} | "
             f"{mem['all']['peak_mib']:,.0f} | {r['startup_s']:.1f} |"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from eopd_ray.env import set_job_environment  # noqa: E402
+from eopd_ray.ports import free_port  # noqa: E402
 
 set_job_environment()
 
@@ -71,12 +71,6 @@ def llama_metas(hidden: int, layers: int, vocab: int):
     metas.append(TensorMeta("model.norm.weight", (hidden,), "float32"))
     metas.append(TensorMeta("lm_head.weight", (vocab, hidden), "float32"))
     return metas
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_receiver_class():

@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from eopd_ray.ports import free_port
 
 BIN_ENV = "EOPD_PROMETHEUS_BIN"
 INSTALL_HINT = "install Debian's prometheus package: apt-get install prometheus (.ci/run does it)"
@@ -36,12 +37,6 @@ def find_prometheus() -> str | None:
     if found:
         return found
     return "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(target: str, interval_s: int) -> str:
@@ -71,7 +66,7 @@ class Prometheus:
         self._dir = Path(tempfile.mkdtemp(prefix="prom"))
         config = self._dir / "prometheus.yml"
         config.write_text(_config(self.target, self.interval_s))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The child keeps its own copy of the log's descriptor: ours can close at once.
         with open(self._dir / "prometheus.log", "wb") as log:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from eopd_ray.ports import free_ports
+
 from .conftest import short_tmpdir
-from .test_local_cluster import BIN, clean_clone, free_ports, head_env, head_up, submit
+from .test_local_cluster import BIN, clean_clone, head_env, head_up, submit
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from eopd_ray.ports import free_ports
 from eopd_ray.telemetry.step_metrics import read_jsonl
 
 from .conftest import REPO, short_tmpdir
@@ -40,17 +40,6 @@ from .prometheus import INSTALL_HINT, Prometheus, find_prometheus
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def clean_clone(dest: Path) -> Path:

@@ -6,7 +6,6 @@ start-up before its run directory is touched."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ import torch
 
 from eopd_ray.config import load_config
 from eopd_ray.driver.pipeline import Pipeline
+from eopd_ray.ports import free_port
 from eopd_ray.roles.teacher import TeacherWorker
 from eopd_ray.serving.adapter import ServedTeacherMismatch
 from eopd_ray.serving.client import TeacherUnavailable
@@ -31,12 +31,6 @@ SMALL = [
     "learner.num_workers=1",
     "run.steps=2",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
