@@ -24,14 +24,8 @@ from eopd_ray.ports import free_port
 from eopd_ray.roles.teacher import TeacherWorker
 from eopd_ray.serving.adapter import ServedTeacher, check_served_teacher
 from eopd_ray.serving.client import HttpTeacherClient, TeacherClient
-from eopd_ray.serving.schema import (
-    BINARY_TYPE,
-    JSON_TYPE,
-    RequestError,
-    ScoreRequest,
-    encode_request,
-    vocab_digest,
-)
+from eopd_ray.serving.codec import BINARY_TYPE, JSON_TYPE, encode_request
+from eopd_ray.serving.schema import RequestError, ScoreRequest, vocab_digest
 
 APP = "teacher-under-test"
 TOKEN_ENV = "EOPD_TEST_TEACHER_TOKEN"

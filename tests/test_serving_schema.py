@@ -17,11 +17,7 @@ from eopd_ray.core.wire import TeacherScores
 from eopd_ray.errors import EopdError
 from eopd_ray.serving.adapter import ServedTeacherMismatch, check_served_teacher
 from eopd_ray.serving.client import split_rows
-from eopd_ray.serving.schema import (
-    RequestError,
-    ScoreAnswer,
-    ScoreRequest,
-    TeacherIdentity,
+from eopd_ray.serving.codec import (
     answer_from_json,
     answer_to_json,
     decode_answer,
@@ -31,6 +27,7 @@ from eopd_ray.serving.schema import (
     request_from_json,
     request_to_json,
 )
+from eopd_ray.serving.schema import RequestError, ScoreAnswer, ScoreRequest, TeacherIdentity
 
 PROMPTS, RESPONSES = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
 

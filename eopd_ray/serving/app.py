@@ -14,7 +14,7 @@ Replicas take `teacher.gpus_per_worker` GPUs and `teacher.cpus_per_worker` CPUs 
 between `min_replicas` and `max_replicas`.
 
 HTTP, under `route_prefix` (default /teacher): `GET /identity` (TeacherIdentity as JSON) and
-`POST /score` with a binary (safetensors) or JSON body (eopd_ray.serving.schema). When the
+`POST /score` with a binary (safetensors) or JSON body (eopd_ray.serving.codec). When the
 environment variable `token_env` is set on the replicas, every request must carry
 `Authorization: Bearer <token>`; a replica refuses to start when Serve's HTTP proxy listens
 beyond loopback without one.
@@ -35,17 +35,19 @@ import torch
 
 from eopd_ray.config import Config, load_config
 from eopd_ray.errors import EopdError
-from eopd_ray.serving.schema import (
+from eopd_ray.serving.codec import (
     BINARY_TYPE,
     JSON_TYPE,
-    RequestError,
-    ScoreAnswer,
-    ScoreRequest,
-    TeacherIdentity,
     answer_to_json,
     decode_request,
     encode_answer,
     request_from_json,
+)
+from eopd_ray.serving.schema import (
+    RequestError,
+    ScoreAnswer,
+    ScoreRequest,
+    TeacherIdentity,
     vocab_digest,
 )
 

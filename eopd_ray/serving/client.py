@@ -21,18 +21,15 @@ import urllib.request
 from collections.abc import Sequence
 
 from eopd_ray.errors import EopdError
-from eopd_ray.serving.schema import (
+from eopd_ray.serving.codec import (
     BINARY_TYPE,
     JSON_TYPE,
-    RequestError,
-    ScoreAnswer,
-    ScoreRequest,
-    TeacherIdentity,
     answer_from_json,
     decode_answer,
     encode_request,
     request_to_json,
 )
+from eopd_ray.serving.schema import RequestError, ScoreAnswer, ScoreRequest, TeacherIdentity
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = (500, 502, 503, 504)

@@ -67,13 +67,13 @@ def measure(model_dir: Path, b: int, t: int, k: int, repeats: int, app: str, por
     from eopd_ray.serving.adapter import ServedTeacher
     from eopd_ray.serving.app import ServeSettings, serve_teacher
     from eopd_ray.serving.client import HttpTeacherClient, TeacherClient
-    from eopd_ray.serving.schema import (
-        ScoreRequest,
+    from eopd_ray.serving.codec import (
         answer_to_json,
         encode_answer,
         encode_request,
         request_to_json,
     )
+    from eopd_ray.serving.schema import ScoreRequest
 
     cfg = config_from_dict(
         {
