@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from eopd_ray.core.prompts import render_prompt
-    from eopd_ray.roles.rollout import ENGINES, Sampling, prompt_seeds
+    from eopd_ray.roles.rollout_engines import ENGINES, Sampling, prompt_seeds
 
     e = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(

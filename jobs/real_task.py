@@ -69,7 +69,7 @@ def answer(cfg: Config, model_path: str, prompts: list[list[int]], samples: int,
     """The model's responses to `prompts` (token ids): per prompt, `samples` samples with the
     eval.* sampling (fixed seeds: those of the held-out evaluation during training), or one
     greedy answer. vLLM in this process; the engine is dropped before returning."""
-    from eopd_ray.roles.rollout import ENGINES, Sampling, prompt_seeds
+    from eopd_ray.roles.rollout_engines import ENGINES, Sampling, prompt_seeds
 
     e = cfg.eval
     sampling = (

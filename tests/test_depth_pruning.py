@@ -219,7 +219,7 @@ def test_a_teacher_of_another_vocabulary_is_refused(llama, tmp_path):
 _VLLM = r"""
 import json, sys
 from eopd_ray.config import config_from_dict
-from eopd_ray.roles.rollout import HfEngine, Sampling, VllmEngine
+from eopd_ray.roles.rollout_engines import HfEngine, Sampling, VllmEngine
 path = sys.argv[1]
 cfg = config_from_dict({
     "model": {"student_path": path, "teacher_path": path}, "data": {"toy_prompts": 8},

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from eopd_ray.config import config_from_dict
 from eopd_ray.core.weight_checksum import weights_checksum
-from eopd_ray.roles.rollout import RolloutWorker, Sampling, prompt_seeds
+from eopd_ray.roles.rollout import RolloutWorker
+from eopd_ray.roles.rollout_engines import Sampling, prompt_seeds
 
 
 def test_generate_builds_a_prompt_major_batch_with_sampler_logprobs(tiny_pair):

@@ -17,7 +17,7 @@ _SCRIPT = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from eopd_ray.config import config_from_dict
-from eopd_ray.roles.rollout import HfEngine, Sampling, VllmEngine
+from eopd_ray.roles.rollout_engines import HfEngine, Sampling, VllmEngine
 from eopd_ray.core.weight_checksum import weights_checksum
 from eopd_ray.roles.weight_sync import TensorMeta, plan_buckets
 

@@ -16,7 +16,7 @@ import torch
 from eopd_ray.config import load_config
 from eopd_ray.driver.actors import ActorGroup
 from eopd_ray.driver.pipeline import Pipeline
-from eopd_ray.roles.rollout import Sampling
+from eopd_ray.roles.rollout_engines import Sampling
 from eopd_ray.telemetry.step_metrics import read_jsonl
 
 from .conftest import TINY, tiny_overrides

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from eopd_ray.config import load_config
 from eopd_ray.driver import streamed
 from eopd_ray.driver.pipeline import Pipeline
-from eopd_ray.roles.rollout import Sampling
+from eopd_ray.roles.rollout_engines import Sampling
 from eopd_ray.telemetry.ray_gauges import metric_name
 from eopd_ray.telemetry.step_metrics import read_jsonl
 from eopd_ray.telemetry.timeline import Timeline

@@ -52,7 +52,7 @@ def _teacher_reference(cfg, prompt_ids: list[int], response_ids: list[int]) -> t
 _VLLM_LOADS_EXPORT = r"""
 import json, sys
 from eopd_ray.config import config_from_dict
-from eopd_ray.roles.rollout import HfEngine, VllmEngine
+from eopd_ray.roles.rollout_engines import HfEngine, VllmEngine
 path, ids = sys.argv[1], json.loads(sys.argv[2])
 cfg = config_from_dict({
     "model": {"student_path": path, "teacher_path": path, "dtype": "bfloat16"},

@@ -227,7 +227,7 @@ def test_lost_workers_of_every_role_are_recovered(local_ray, tiny_pair, tmp_path
         hook_parts()
         history = pipeline.run(progress="lines")
         # The restarted rollout worker holds exactly the current weights.
-        from eopd_ray.roles.rollout import Sampling
+        from eopd_ray.roles.rollout_engines import Sampling
 
         greedy = Sampling(temperature=0.0, max_new_tokens=8)
         refs = pipeline.rollout.call_async("generate", [[5, 6, 7]], [0], [0], greedy)
