@@ -19,15 +19,19 @@ and reports:
   in the same run. Per sequence of P prompt + R response tokens, with N = a model's parameters
   that multiply (embedding lookups excluded, the LM head included) and H its LM head:
   rollout 2 N_s (P + R); teacher 2 (N_t - H_t)(P + R) + 2 H_t R (head on response positions
-  only); learner 2 N_s-style forward for pi_old when recomputed, and 6 (N_s - H_s)(P + R) +
-  6 H_s R for the update. Attention score FLOPs are left out (sequences here are <= 200 tokens).
-  `ratio_to_compute_floor` = measured wall time / floor (1.0 = every core multiplying all the
-  time).
+  only); learner 2 N_s-style forward for pi_old when it was a forward of its own (not when the
+  step took it from the update's forward: `learner/old_logprobs_from_update`), and
+  6 (N_s - H_s)(P + R) + 6 H_s R for the update. Attention score FLOPs are left out (sequences
+  here are <= 200 tokens). `ratio_to_compute_floor` = measured wall time / floor (1.0 = every
+  core multiplying all the time).
 
 The machine's matmul throughput is the best of: torch.mm on all cores, and one core's rate times
 the number of cores (the pipeline runs one single-threaded process per worker), over the GEMM
 shapes of the models in the run, sampled before every mode and after the last, best of all
 samples: a shared machine's mood changes through a run, and the floor must not move with it.
+It is measured in each dtype the run's configs use (`model.dtype=bfloat16` as an override: a CPU
+with avx512_bf16 or AMX multiplies bf16 several times faster than fp32); the teacher's LM head is
+counted at the fp32 rate in every dtype (on CPU it is an fp32 copy: exact entropies).
 Models: tiny (built), toy (jobs/prepare_toy.py's cache, built when missing, ~2 min), bench
 (built, ~10 s).
 
@@ -74,16 +78,19 @@ MODES = {
 STOP_P = 1 / 50  # --ragged: per-token chance the bench student ends its response
 
 
-def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.5) -> dict[str, float]:
-    """Best sustained torch.mm GFLOP/s over `shapes` (m, k, n): all cores in one process, and
-    one core times the core count."""
+def matmul_gflops(
+    shapes: list[tuple[int, int, int]], seconds: float = 0.5, dtype: str = "float32"
+) -> dict[str, float]:
+    """Best sustained torch.mm GFLOP/s over `shapes` (m, k, n) in `dtype`: all cores in one
+    process, and one core times the core count."""
     import torch
 
     def rate(threads: int) -> float:
         torch.set_num_threads(threads)
         best = 0.0
         for m, k, n in shapes:
-            a, b = torch.randn(m, k), torch.randn(k, n)
+            a = torch.randn(m, k, dtype=getattr(torch, dtype))
+            b = torch.randn(k, n, dtype=getattr(torch, dtype))
             torch.mm(a, b)  # warm-up
             done, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
@@ -113,18 +120,23 @@ def multiplying_parameters(model_dir: str | Path) -> tuple[int, int, int]:
     return total - (0 if config.tie_word_embeddings else embed), head, config.hidden_size
 
 
-def step_flops(cfg, prompt_tokens: float, response_tokens: float) -> dict[str, float]:
-    """Matmul FLOPs of one step, per stage, for the step's total prompt / response tokens."""
+def step_flops(
+    cfg, prompt_tokens: float, response_tokens: float, old_from_update: bool
+) -> dict[str, float]:
+    """Matmul FLOPs of one step, per stage, for the step's total prompt / response tokens;
+    `teacher_head`: the teacher's LM head, apart (fp32 on CPU whatever model.dtype is).
+    `old_from_update`: pi_old came from the update's forward (no forward of its own)."""
     n_s, h_s, _ = multiplying_parameters(cfg.model.student_path)
     n_t, h_t, _ = multiplying_parameters(cfg.model.teacher_path)
     p, r = prompt_tokens, response_tokens
     forward_s = 2 * (n_s - h_s) * (p + r) + 2 * h_s * r
     flops = {
         "rollout": 2 * n_s * (p + r),
-        "teacher": 2 * (n_t - h_t) * (p + r) + 2 * h_t * r,
+        "teacher": 2 * (n_t - h_t) * (p + r),
+        "teacher_head": 2 * h_t * r,
         "train": 3 * forward_s,  # forward + backward = 3 forwards
     }
-    if cfg.learner.old_logprobs == "recompute":
+    if cfg.learner.old_logprobs == "recompute" and not old_from_update:
         flops["train"] += forward_s
     return flops
 
@@ -197,14 +209,22 @@ def measure(cfg, warmup: int, steps: int) -> list[dict[str, float]]:
     return rows
 
 
-def summarize(name: str, mode: str, cfg, rows: list[dict], gflops: float) -> dict:
+def stage_rates(cfg, rates: dict[str, float]) -> dict[str, float]:
+    """GFLOP/s each stage of step_flops multiplies at, from the measured rate per dtype."""
+    rate = rates[cfg.model.dtype]
+    return {"rollout": rate, "teacher": rate, "teacher_head": rates["float32"], "train": rate}
+
+
+def summarize(name: str, mode: str, cfg, rows: list[dict], rates: dict[str, float]) -> dict:
     mean = lambda key: sum(r.get(key, 0.0) for r in rows) / len(rows)  # noqa: E731
     wall = mean("wall_s")
     sequences = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     response = mean("tokens/trained")
     prompt = mean("rollout/prompt_tokens") if "rollout/prompt_tokens" in rows[0] else 0.0
-    flops = step_flops(cfg, prompt, response)
-    floor = sum(flops.values()) / (gflops * 1e9)
+    flops = step_flops(cfg, prompt, response, mean("learner/old_logprobs_from_update") == 1)
+    per_stage = stage_rates(cfg, rates)
+    floor_stage_s = {k: v / (per_stage[k] * 1e9) for k, v in flops.items()}
+    floor = sum(floor_stage_s.values())
     shares = {stage: mean(f"time/{stage}_s") / wall for stage in STAGES}
     shares["overhead"] = 1.0 - sum(shares.values())
     lengths = sorted(length for r in rows for length in r.get("_lengths", []))
@@ -226,39 +246,85 @@ def summarize(name: str, mode: str, cfg, rows: list[dict], gflops: float) -> dic
         "stage_s": {stage: mean(f"time/{stage}_s") for stage in STAGES},
         "flops_per_step": flops,
         "floor_s": floor,
-        "floor_stage_s": {k: v / (gflops * 1e9) for k, v in flops.items()},
+        "floor_stage_s": floor_stage_s,
+        "dtype": cfg.model.dtype,
         "ratio_to_compute_floor": wall / floor,
     }
 
 
-def print_table(results: list[dict], machine: dict) -> None:
-    print(
-        f"\nmatmul: {machine['one_core']:.1f} GFLOP/s one core, {machine['all_cores']:.1f} all "
-        f"{machine['cores']} cores -> floor rate {machine['peak']:.1f} GFLOP/s (best of "
-        f"{machine['samples']} samples through the run)\n"
-    )
+def print_table(results: list[dict], machines: dict[str, dict]) -> None:
+    print()
+    for dtype, m in machines.items():
+        print(
+            f"matmul {dtype}: {m['one_core']:.1f} GFLOP/s one core, {m['all_cores']:.1f} all "
+            f"{m['cores']} cores -> floor rate {m['peak']:.1f} GFLOP/s (best of "
+            f"{m['samples']} samples through the run)"
+        )
+    print()
     stages = " ".join(f"{s:>12s}" for s in (*STAGES, "overhead"))
     busy = " ".join(f"{r + ' busy':>13s}" for r in ROLES)
     print(
-        f"{'config':7s} {'mode':15s} {'step s':>7s} {'tok/s':>7s} {'floor s':>7s} {'ratio':>6s} "
+        f"{'config':7s} {'dtype':8s} {'mode':15s} {'step s':>7s} {'tok/s':>7s} {'floor s':>7s} "
+        f"{'ratio':>6s} "
         f"{'len p50':>7s} {'at cap':>6s}  {stages}  {busy} {'step/slowest':>12s}"
     )
     for r in results:
         shares = " ".join(f"{100 * r['stage_share'][s]:11.1f}%" for s in (*STAGES, "overhead"))
         fracs = " ".join(f"{100 * r['busy_frac'][role]:12.1f}%" for role in ROLES)
         print(
-            f"{r['config']:7s} {r['mode']:15s} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} "
+            f"{r['config']:7s} {r['dtype']:8s} {r['mode']:15s} {r['step_s']:7.3f} "
+            f"{r['tokens_per_s']:7.0f} "
             f"{r['floor_s']:7.3f} {r['ratio_to_compute_floor']:6.1f} "
             f"{r['response_len_median']:7.0f} {100 * r['at_cap_frac']:5.0f}%  {shares}  {fracs} "
             f"{r['step_over_slowest']:12.2f}"
         )
-    for name in dict.fromkeys(r["config"] for r in results):
-        by_mode = {r["mode"]: r["step_s"] for r in results if r["config"] == name}
+    for name, dtype in dict.fromkeys((r["config"], r["dtype"]) for r in results):
+        by_mode = {
+            r["mode"]: r["step_s"] for r in results if (r["config"], r["dtype"]) == (name, dtype)
+        }
         if "sync" in by_mode:
             ratios = ", ".join(
                 f"{mode} {step / by_mode['sync']:.2f}x" for mode, step in by_mode.items()
             )
-            print(f"{name}: step time / sync: {ratios}")
+            print(f"{name} {dtype}: step time / sync: {ratios}")
+
+
+def measure_against_floor(
+    runs: list[tuple[str, str, object]], warmup: int, steps: int
+) -> tuple[list[dict], dict[str, dict]]:
+    """Measure each (config name, mode, cfg) and sample the matmul rate of every dtype the runs
+    use before each and after the last: (summaries, the best sample per dtype)."""
+    dtypes = sorted({"float32", *(cfg.model.dtype for _, _, cfg in runs)})
+    shapes = set()
+    for _, _, cfg in runs:
+        for path in (cfg.model.student_path, cfg.model.teacher_path):
+            _, _, hidden = multiplying_parameters(path)
+            shapes.add((1024, hidden, 4 * hidden))
+    samples: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
+
+    def sample() -> None:  # interleaved with the runs: the floor's best sample wins
+        for dtype in dtypes:
+            samples[dtype].append(matmul_gflops(sorted(shapes), dtype=dtype))
+
+    measured = []
+    for name, mode, cfg in runs:
+        sample()
+        print(
+            f"{name} {cfg.model.dtype} {mode}: {warmup} warm-up + {steps} timed steps ...",
+            flush=True,
+        )
+        measured.append((name, mode, cfg, measure(cfg, warmup, steps)))
+    sample()
+    machines = {}
+    for dtype, taken in samples.items():
+        best = max(taken, key=lambda m: m["peak"])
+        machines[dtype] = {
+            **best,
+            "samples": len(taken),
+            "peak_samples": [m["peak"] for m in taken],
+        }
+    rates = {dtype: m["peak"] for dtype, m in machines.items()}
+    return [summarize(name, mode, cfg, rows, rates) for name, mode, cfg, rows in measured], machines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,43 +340,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.configs, args.modes, args.steps, args.warmup = ["tiny"], ["streamed"], 2, 1
-    results, shapes, samples = [], [], []
     with tempfile.TemporaryDirectory(prefix="eopd-bench-") as tmp:
-        runs = {
-            (name, mode): config_for(
+        runs = [
+            (
                 name,
-                Path(tmp) / name / mode,
-                args.warmup + args.steps,
-                [*MODES[mode], *args.overrides],
-                ragged=args.ragged,
+                mode,
+                config_for(
+                    name,
+                    Path(tmp) / name / mode,
+                    args.warmup + args.steps,
+                    [*MODES[mode], *args.overrides],
+                    ragged=args.ragged,
+                ),
             )
             for name in args.configs
             for mode in args.modes
-        }
-        for cfg in runs.values():
-            for path in (cfg.model.student_path, cfg.model.teacher_path):
-                _, _, hidden = multiplying_parameters(path)
-                shapes.append((1024, hidden, 4 * hidden))
-        shapes = sorted(set(shapes))
-        measured = []
-        for (name, mode), cfg in runs.items():
-            samples.append(matmul_gflops(shapes))  # interleaved: the floor's best sample wins
-            print(
-                f"{name} {mode}: {args.warmup} warm-up + {args.steps} timed steps ...", flush=True
-            )
-            measured.append((name, mode, cfg, measure(cfg, args.warmup, args.steps)))
-        samples.append(matmul_gflops(shapes))
-        machine = max(samples, key=lambda m: m["peak"])
-        machine["samples"] = len(samples)
-        machine["peak_samples"] = [m["peak"] for m in samples]
-        for name, mode, cfg, rows in measured:
-            results.append(summarize(name, mode, cfg, rows, machine["peak"]))
-    print_table(results, machine)
+        ]
+        results, machines = measure_against_floor(runs, args.warmup, args.steps)
+    print_table(results, machines)
     if args.out:
         from eopd_ray.storage.outputs import write_output
 
         where = write_output(
-            args.out, json.dumps({"machine": machine, "configs": results}, indent=2), "--out"
+            args.out, json.dumps({"machines": machines, "configs": results}, indent=2), "--out"
         )
         print(f"results: {where}")
     return 0
