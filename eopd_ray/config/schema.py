@@ -146,8 +146,9 @@ class LearnerConfig:
     # take pi_old from that update's own forward, detached: the weights that sampled, the same
     # numbers, one forward fewer per step (2N of the learner's 8N FLOPs per token; TRL's GRPO does
     # the same with one iteration). The sampler-gap check runs on it before the update is
-    # applied. A separate eval-mode forward still runs with several updates per step, a
-    # streamed step (pi_old per group, as the groups arrive) or a model with dropout.
+    # applied; a streamed step then sends no group to the learners for pi_old. A separate
+    # eval-mode forward still runs with several updates per step (per streamed group, as the
+    # groups arrive) or a model with dropout.
     old_logprobs_from_update: Bool = True
     # Mean |log pi_sampler - log pi_old| per token (opd/sampler_gap, learner.old_logprobs:
     # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
@@ -277,7 +278,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def total_updates(cfg: Config) -> int:
-    """Optimizer updates in the whole run: steps x (sequences per step / mini-batch)."""
+def updates_per_step(cfg: Config) -> int:
+    """Optimizer updates in one step: sequences per step / mini-batch."""
     seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    return cfg.run.steps * max(1, seqs // cfg.learner.mini_batch_size)
+    return max(1, seqs // cfg.learner.mini_batch_size)
+
+
+def total_updates(cfg: Config) -> int:
+    """Optimizer updates in the whole run: steps x updates per step."""
+    return cfg.run.steps * updates_per_step(cfg)

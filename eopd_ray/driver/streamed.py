@@ -8,7 +8,8 @@
                       (`ServedScoring.score_async`, eopd_ray.driver.served_teacher)
     learner ranks     pi_old of each group as it arrives (learner.old_logprobs: recompute, and
                       only when the learners hold the weights that sampled it: not for a
-                      rollout.async_lag prefetch)
+                      rollout.async_lag prefetch; not when the step makes one update and takes
+                      pi_old from its own forward, roles.learner.old_from_update)
     then              the groups are put back in the synchronous batch's row order, and the
                       update starts: what is trained is what `rollout.stream: false` trains
 

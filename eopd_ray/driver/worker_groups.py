@@ -37,6 +37,7 @@ class WorkerGroups:
         self.teacher: ActorGroup | None = None
         self.learner: ActorGroup | None = None
         self.placement_group = None
+        self.student_dropout = False  # what the learners' set-up found (roles.learner)
 
     def start(self, resumed_at: int) -> None:
         """Spawn the three roles (`resumed_at` > 0: this attempt resumes the run at that step),
@@ -76,7 +77,7 @@ class WorkerGroups:
         # The learners' DeepSpeed set-up runs while vLLM and the teacher are still starting.
         setup = self._set_up_learners_async()
         wait_started([g for g in (self.rollout, self.teacher) if g is not None], timeout)
-        self.learner.get(setup, timeout, "learner set-up")
+        self.student_dropout = any(self.learner.get(setup, timeout, "learner set-up"))
         if cfg.sync.transport == "collective":
             self.join_sync_group()
         self.check_learners_see_storage()
@@ -87,8 +88,10 @@ class WorkerGroups:
         for handle in self.learner.handles:
             ray.kill(handle)
         self.learner = self._spawn_learners(from_step, attempt)
-        self.learner.get(
-            self._set_up_learners_async(), self.cfg.run.step_timeout_s, "learner restart"
+        self.student_dropout = any(
+            self.learner.get(
+                self._set_up_learners_async(), self.cfg.run.step_timeout_s, "learner restart"
+            )
         )
 
     def _num_teachers(self) -> int:

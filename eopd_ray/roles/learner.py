@@ -47,6 +47,20 @@ from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
 
+def old_from_update(learner, num_updates: int, dropout: bool) -> bool:
+    """Whether a step takes pi_old from its update's own forward, detached: `learner` asks for
+    it (old_logprobs: recompute, old_logprobs_from_update), the step makes one optimizer update
+    (the weights stay those that sampled until it is applied) and the student has no dropout
+    (that forward runs in train mode). The learner decides with it, and the driver too: a
+    streamed step then asks for no pi_old per group."""
+    return (
+        learner.old_logprobs == "recompute"
+        and learner.old_logprobs_from_update
+        and num_updates == 1
+        and not dropout
+    )
+
+
 class LearnerWorker(LearnerWeights):
     """One data-parallel rank (one Ray actor each)."""
 
@@ -74,13 +88,16 @@ class LearnerWorker(LearnerWeights):
 
         return ray.util.get_node_ip_address(), free_port(host="")
 
-    def setup(self, master_addr: str, master_port: int) -> None:
-        """Join the data-parallel group and build the DeepSpeed engine (all ranks at once)."""
+    def setup(self, master_addr: str, master_port: int) -> bool:
+        """Join the data-parallel group and build the DeepSpeed engine (all ranks at once).
+        Returns whether the student has dropout (the driver's streamed step then keeps pi_old
+        per group: `old_from_update`)."""
         self.engine, self.fused, self.checkpointing = build_engine(
             self.cfg, self.rank, self.world_size, master_addr, master_port
         )
         self._dropout = has_dropout(self.engine.module)
         self.buckets = plan_buckets(self._parameter_metas(), self.cfg.sync.bucket_bytes)
+        return self._dropout
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -224,13 +241,7 @@ class LearnerWorker(LearnerWeights):
         one update in the plan (the weights stay those that sampled until it is applied; every
         rank's plan has the same number of updates, so the ranks agree) and no dropout (that
         forward runs in train mode)."""
-        learner = self.cfg.learner
-        return (
-            learner.old_logprobs == "recompute"
-            and learner.old_logprobs_from_update
-            and len(plan) == 1
-            and not self._dropout
-        )
+        return old_from_update(self.cfg.learner, len(plan), self._dropout)
 
     def _sampled_logprobs(self, student, mask: torch.Tensor, response_ids: torch.Tensor):
         """log pi(y_t) of the sampled tokens from `_logits`' output, in its layout (packed

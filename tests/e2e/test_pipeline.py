@@ -218,24 +218,33 @@ def _greedy(pipeline: Pipeline, prompts: list[list[int]]) -> list[list[list[int]
 
 def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
     """After a step the rollout engines decode exactly like HF with the learner's new weights,
-    and unlike the previous version; one sync costs a fixed number of Ray calls."""
+    and unlike the previous version; one sync costs a fixed number of Ray calls. The step makes
+    one update (mini-batch = its 8 sequences): the streamed groups go to no learner for pi_old,
+    which comes from the update's own forward (the streamed test covers pi_old per group)."""
     cfg = load_config(
-        TINY, tiny_overrides(tiny_pair, tmp_path / "run", "run.steps=1", "learner.lr=1e-2")
-    )
+        TINY,
+        tiny_overrides(
+            tiny_pair, tmp_path / "run", "run.steps=1", "learner.lr=1e-2",
+            "learner.mini_batch_size=8",
+        ),
+    )  # fmt: skip
     pipeline = Pipeline(cfg)
     try:
         pipeline.start()
         prompts = pipeline.prompts[:3]
         before = _greedy(pipeline, prompts)
         calls_before = pipeline.learner.num_calls + pipeline.rollout.num_calls
-        groups = int(pipeline.step(0)["stream/groups"])
-        # One step = 2 rollout streams + 2 pi_old per streamed group (as the groups arrive) +
-        # 2 train + 2 "who are you" (a rollout worker restarted while idle is in no sync group)
-        # + (2 broadcast + 2 receive) sync calls + (1 sent checksum + 2 confirm) + (2 + 2) probe
-        # calls checking the sync: fixed, whatever the number of parameter tensors.
+        metrics = pipeline.step(0)
+        # One step = 2 rollout streams + 2 train + 2 "who are you" (a rollout worker restarted
+        # while idle is in no sync group) + (2 broadcast + 2 receive) sync calls + (1 sent
+        # checksum + 2 confirm) + (2 + 2) probe calls checking the sync: fixed, whatever the
+        # number of parameter tensors or streamed groups.
         calls = pipeline.learner.num_calls + pipeline.rollout.num_calls - calls_before
-        assert groups >= 2
-        assert calls == 2 + 2 * groups + 2 + 2 + (2 + 2) + (1 + 2) + (2 + 2)
+        assert metrics["stream/groups"] >= 2
+        assert calls == 2 + 2 + 2 + (2 + 2) + (1 + 2) + (2 + 2)
+        assert metrics["learner/old_logprobs_from_update"] == 1.0
+        assert metrics["learner/old_logprobs_overlapped"] == 0.0
+        assert metrics["opd/sampler_gap"] < 1e-3  # checked on the update's own forward
         after = _greedy(pipeline, prompts)
         buckets = pipeline.learner.get(pipeline.learner.call_async("weight_buckets"), 120, "w")[0]
     finally:
