@@ -78,7 +78,7 @@ class HeldOut:
         its share of the prompts, their indices, their seeds and the eval.* sampling. The seeds
         are fixed for the run and apart from the training streams: every evaluation sees the
         same sampling noise (the curve moves with the model), and a resumed run repeats them."""
-        from eopd_ray.roles.rollout import Sampling, prompt_seeds
+        from eopd_ray.roles.rollout_engines import Sampling, prompt_seeds
 
         sampling = Sampling(e.samples_per_problem, e.temperature, e.top_p, e.max_new_tokens)
         seeds = prompt_seeds(f"eval/{e.seed}", range(len(self.prompts)))

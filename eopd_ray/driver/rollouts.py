@@ -28,7 +28,7 @@ from eopd_ray.driver.weight_versions import WeightVersions
 from eopd_ray.driver.worker_groups import WorkerGroups
 from eopd_ray.errors import VersionMismatch
 from eopd_ray.roles.learner import old_from_update
-from eopd_ray.roles.rollout import prompt_seeds
+from eopd_ray.roles.rollout_engines import prompt_seeds
 from eopd_ray.telemetry.timeline import Timeline
 
 log = logging.getLogger(__name__)

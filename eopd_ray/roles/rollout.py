@@ -22,9 +22,6 @@ from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.errors import WorkerReplaced
 from eopd_ray.roles.cancellation import cancelled
 from eopd_ray.roles.rollout_engines import ENGINES, Finished, Sample, Sampling
-
-# A re-export (the alias tells ruff so): eopd_ray/driver imports prompt_seeds from here.
-from eopd_ray.roles.rollout_engines import prompt_seeds as prompt_seeds
 from eopd_ray.roles.weight_sync import RetiredGroups, WeightReceiver
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
