@@ -15,6 +15,7 @@ run.output_dir, `owner.json`) registers a cleanup with `on_abrupt_exit`, run fir
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,12 +26,15 @@ from collections.abc import Callable
 
 from eopd_ray.building import directories_being_built
 
-# Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit
-# (their graceful stop took up to 3.4 s on a loaded 2-core machine).
+# Abandoning leaves this much of the grace period to stop the embedded Ray's processes and exit.
 ABANDON_MARGIN_S = 4.0
 # Of that margin, what the cleanups (`on_abrupt_exit`) may take together; one that takes longer is
 # left behind (a claim then expires as a crashed driver's does).
 CLEANUP_S = 1.5
+# Of that margin, how long the embedded Ray gets to stop its processes gracefully (its raylet then
+# stops the workers); what is still alive after it is killed. The graceful stop took up to 3.4 s
+# on a loaded 2-core machine: unbounded, it once ran the driver past run.stop_grace_s.
+RAY_STOP_S = 1.5
 
 _CLEANUPS: list[Callable[[], None]] = []
 
@@ -89,7 +93,7 @@ class StopOnSigterm:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
         _run_cleanups()
-        _stop_embedded_ray()
+        _stop_embedded_ray(RAY_STOP_S)
         os._exit(143)
 
     def restore(self) -> None:
@@ -111,19 +115,39 @@ def _stop_start_up(signum, frame) -> None:
     )
     sys.stderr.flush()
     _run_cleanups()
-    _stop_embedded_ray()
+    _stop_embedded_ray(RAY_STOP_S)
     os._exit(143)
 
 
-def _stop_embedded_ray() -> None:
+def _stop_embedded_ray(budget_s: float) -> None:
     """The processes of a Ray this driver started itself (none when it joined a cluster):
-    os._exit would leave its agents running."""
+    os._exit would leave its agents and workers running. A graceful stop for `budget_s` (the
+    raylet stops its workers), then SIGKILL for every process under this driver still alive: all
+    of an embedded Ray's processes descend from the driver that started it."""
     ray = sys.modules.get("ray")
     if ray is None:  # stopped before Ray was even imported (e.g. while preparing toy models)
         return
     node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None:
-        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+    if node is None or not node.head:
+        return
+    import psutil
+
+    try:
+        below = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        below = []
+    stop = threading.Thread(
+        target=node.kill_all_processes,
+        kwargs=dict(check_alive=False, allow_graceful=True, wait=True),
+        daemon=True,
+        name="ray stop",
+    )
+    stop.start()
+    stop.join(timeout=budget_s)
+    for process in below:
+        with contextlib.suppress(psutil.Error):  # already gone
+            process.kill()
+    psutil.wait_procs(below, timeout=0.5)
 
 
 def exit_on_sigterm() -> None:

@@ -19,7 +19,14 @@ import time
 import ray
 
 from eopd_ray.config import Config
-from eopd_ray.driver.actors import ActorGroup, create_placement_group, spawn, wait_started
+from eopd_ray.driver.actors import (
+    ActorGroup,
+    create_placement_group,
+    spawn,
+    wait_started,
+    worker_roles,
+)
+from eopd_ray.env import cpu_has_native_bf16, slow_bf16_warning
 from eopd_ray.roles.learner import LearnerWorker
 from eopd_ray.roles.rollout import RolloutWorker
 from eopd_ray.roles.teacher import TeacherWorker
@@ -44,6 +51,10 @@ class WorkerGroups:
         set up DeepSpeed and the weight-sync group, and check the learners reach the run
         directory."""
         cfg = self.cfg
+        cpu_roles = [name for name, c in worker_roles(cfg) if c.gpus_per_worker == 0]
+        warning = slow_bf16_warning(cfg.model.dtype, cpu_roles, cpu_has_native_bf16())
+        if warning:
+            log.warning(warning)
         self.placement_group = create_placement_group(cfg)
         r, s = cfg.rollout.num_workers, self._num_teachers()
         # In-process vLLM engine: weight tensors can be handed straight to reload_weights (the
