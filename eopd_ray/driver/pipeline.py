@@ -51,7 +51,12 @@ from eopd_ray.storage.run_dir import begin_run, config_to_resume
 from eopd_ray.storage.run_storage import RunStorage
 from eopd_ray.storage.sources import pin_models, with_local_paths
 from eopd_ray.telemetry.ray_gauges import RayMetricsSink
-from eopd_ray.telemetry.step_metrics import JsonlSink, TensorBoardSink, reduce_learner_metrics
+from eopd_ray.telemetry.step_metrics import (
+    JsonlSink,
+    TensorBoardSink,
+    data_metrics,
+    reduce_learner_metrics,
+)
 from eopd_ray.telemetry.timeline import Timeline, role_metrics
 
 log = logging.getLogger(__name__)
@@ -328,30 +333,13 @@ class Pipeline:
             timeline.add_role("learner", learners, "sync", started, time.time())
             timeline.add_role("rollout", rollouts, "sync", started, time.time())
         metrics.update({f"sync/{part}_s": s for part, s in self.weights.sync_parts.items()})
-        tokens = batch.num_response_tokens
-        lengths = batch.response_mask.sum(1).float()
         step_s = sum(v for k, v in metrics.items() if k.startswith("time/"))
         metrics.update(role_metrics(timeline, step_s))
-        teacher_busy = metrics.get("roles/teacher_busy_s") or metrics["time/teacher_s"]
-        metrics.update(
-            {
-                "rollout/response_len_mean": float(lengths.mean()),
-                "rollout/prompt_tokens": float(batch.prompt_mask.sum()),
-                "rollout/finish_length_frac": batch.finish_reason.count("length")
-                / batch.num_sequences,
-                # Per teacher worker busy second, times the workers: the role's throughput.
-                "teacher/tokens_per_s": tokens / max(1e-9, teacher_busy),
-                "teacher/entropy_exact": float(scores.entropy_is_exact),
-                "train/tokens_per_s": tokens / metrics["time/train_s"],
-                "rollout/weight_version": float(batch.weight_version),
-                "rollout/version_lag": float(self.state.version - 1 - batch.weight_version),
-                "time/step_s": step_s,
-                "data/skipped_prompts": float(self.num_skipped_prompts),
-            }
-        )
-        if not cfg.rollout.async_lag:  # async: generation overlaps training, unobserved here
-            rollout_busy = metrics.get("roles/rollout_busy_s") or metrics["time/rollout_s"]
-            metrics["rollout/tokens_per_s"] = tokens / max(1e-9, rollout_busy)
+        metrics["time/step_s"] = step_s
+        metrics["data/skipped_prompts"] = float(self.num_skipped_prompts)
+        # The sync made version state.version; the batch was sampled by batch.weight_version.
+        lag = self.state.version - 1 - batch.weight_version
+        metrics.update(data_metrics(batch, scores, metrics, lag, bool(cfg.rollout.async_lag)))
         self._write_timeline(timeline)
         return metrics
 

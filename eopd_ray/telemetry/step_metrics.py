@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.storage.run_storage import RunStorage
 
 
@@ -47,6 +48,31 @@ def reduce_learner_metrics(
             out[key] = sum(m[key] * weight(m) for m in present) / total if total else 0.0
     out["opd/sampler_gap"] = sum(m.get("opd/sampler_gap_sum", 0.0) for m in rows) / max(1, tokens)
     out["tokens/trained"] = tokens
+    return out
+
+
+def data_metrics(
+    batch: RolloutBatch, scores: TeacherScores, timed: dict[str, float], lag: int, async_step: bool
+) -> dict[str, float]:
+    """What a step's batch and scores say, and each role's throughput over its busy time
+    (`timed`: the step's time/* and roles/* metrics so far). `lag`: weight versions between the
+    sampler and the update; `async_step`: the rollout overlapped training, its time unobserved."""
+    tokens = batch.num_response_tokens
+    teacher_busy = timed.get("roles/teacher_busy_s") or timed["time/teacher_s"]
+    out = {
+        "rollout/response_len_mean": float(batch.response_mask.sum(1).float().mean()),
+        "rollout/prompt_tokens": float(batch.prompt_mask.sum()),
+        "rollout/finish_length_frac": batch.finish_reason.count("length") / batch.num_sequences,
+        # Per teacher worker busy second, times the workers: the role's throughput.
+        "teacher/tokens_per_s": tokens / max(1e-9, teacher_busy),
+        "teacher/entropy_exact": float(scores.entropy_is_exact),
+        "train/tokens_per_s": tokens / timed["time/train_s"],
+        "rollout/weight_version": float(batch.weight_version),
+        "rollout/version_lag": float(lag),
+    }
+    if not async_step:
+        rollout_busy = timed.get("roles/rollout_busy_s") or timed["time/rollout_s"]
+        out["rollout/tokens_per_s"] = tokens / max(1e-9, rollout_busy)
     return out
 
 

@@ -194,6 +194,9 @@ def test_a_learner_lost_mid_stream_leaves_no_generation_running(local_ray, tiny_
             "rollout.stream_group_tokens=64",
             "learner.mini_batch_size=64",
             "learner.micro_batch_size=16",
+            # One update a step would take pi_old from its own forward and send no streamed
+            # group to the learners: keep the per-group pi_old calls this test kills one in.
+            "learner.old_logprobs_from_update=false",
         ),
     )
     pipeline = Pipeline(cfg)
