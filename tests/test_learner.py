@@ -79,3 +79,31 @@ def test_response_lm_returns_the_tempered_response_logits(tiny_pair):
         want = response_logits(model, ids, attention, positions) / 0.5
     assert got.shape == (2, 3, model.config.vocab_size)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, updates, dropout, expected",
+    [
+        ({}, 1, False, True),  # one update: its own forward is pi_old
+        ({}, 2, False, False),  # the second update's weights are no longer those that sampled
+        ({}, 1, True, False),  # train-mode dropout: that forward is not pi_old
+        ({"old_logprobs_from_update": False}, 1, False, False),  # the switch off
+        ({"old_logprobs": "sampler"}, 1, False, False),  # pi_old is the sampler's
+    ],
+)
+def test_pi_old_comes_from_the_update_only_when_that_forward_is_pi_old(
+    settings, updates, dropout, expected
+):
+    """The rule the learner and the driver's streamed step both apply (roles.learner)."""
+    from eopd_ray.config.schema import updates_per_step
+    from eopd_ray.roles.learner import old_from_update
+
+    config = config_from_dict(
+        {
+            **BASE,
+            "rollout": {"prompts_per_step": 8, "samples_per_prompt": 2},
+            "learner": {"mini_batch_size": 16 // updates, "micro_batch_size": 4, **settings},
+        }
+    )
+    assert updates_per_step(config) == updates
+    assert old_from_update(config.learner, updates_per_step(config), dropout) is expected

@@ -242,6 +242,7 @@ def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
         calls = pipeline.learner.num_calls + pipeline.rollout.num_calls - calls_before
         assert metrics["stream/groups"] >= 2
         assert calls == 2 + 2 + 2 + (2 + 2) + (1 + 2) + (2 + 2)
+        assert pipeline.groups.student_dropout is False  # what the learners' set-up found
         assert metrics["learner/old_logprobs_from_update"] == 1.0
         assert metrics["learner/old_logprobs_overlapped"] == 0.0
         assert metrics["opd/sampler_gap"] < 1e-3  # checked on the update's own forward
