@@ -43,8 +43,10 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
             return None
     flags = set()
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
+        if line.startswith("flags"):  # x86; other CPUs name their features differently
             flags.update(line.split(":", 1)[1].split())
+    if not flags:
+        return None
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 

@@ -13,6 +13,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert cpu_has_native_bf16(ZEN4) is True
     assert cpu_has_native_bf16(SAPPHIRE_RAPIDS) is True
     assert cpu_has_native_bf16(SKYLAKE) is False
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd bf16\n") is None  # Arm
     assert cpu_has_native_bf16() in (True, False, None)  # this machine, whatever it is
 
 
