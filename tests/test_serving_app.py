@@ -6,6 +6,7 @@ on the other one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -196,3 +197,19 @@ def test_a_replica_killed_mid_request_is_retried_on_another(served, caplog):
     assert answer.lengths == [4, 1]
     np.testing.assert_allclose(answer.entropy, expected.entropy, atol=1e-6)
     np.testing.assert_array_equal(answer.topk_ids, expected.topk_ids)
+
+
+def test_serves_request_count_warning_is_dropped_and_nothing_else():
+    """Serve's max_batch_size x max_concurrent_batches > max_ongoing_requests warning counts
+    requests; the batches here count tokens, so the replica drops that one message only."""
+    from eopd_ray.serving.app import TokenBatchesFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, message, None, None)
+
+    serve_warning = (
+        "`max_batch_size` (65536) * `max_concurrent_batches` (1) is larger than "
+        "`max_ongoing_requests` (16). This means the replica will never achieve ..."
+    )
+    assert not TokenBatchesFilter().filter(record(serve_warning))
+    assert TokenBatchesFilter().filter(record("Replica failed health check"))

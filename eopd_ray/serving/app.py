@@ -130,12 +130,24 @@ def _num_tokens(items: list[_Pending]) -> int:
     return sum(i.num_tokens for i in items)
 
 
+class TokenBatchesFilter(logging.Filter):
+    """Drops Serve's warning that `max_batch_size` x `max_concurrent_batches` exceeds
+    `max_ongoing_requests`: it counts both in requests, but this application's batches are
+    counted in tokens (`batch_size_fn`), so a batch of 65,536 tokens is a few requests and the
+    warning, printed at every replica start, is always wrong here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is larger than `max_ongoing_requests`" not in record.getMessage()
+
+
 class TeacherReplica:
     """One replica: a TeacherWorker and the request handling around it."""
 
     def __init__(self, cfg: Config, settings: ServeSettings, model: str) -> None:
         from eopd_ray.roles.teacher import TeacherWorker
         from eopd_ray.serving.metrics import ServeMetrics
+
+        logging.getLogger("ray.serve").addFilter(TokenBatchesFilter())
 
         self.settings, self.model_spec = settings, model
         self.token = os.environ.get(settings.token_env) or None
