@@ -12,6 +12,7 @@ Ray, vLLM nor DeepSpeed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from eopd_ray.storage.run_storage import RunStorage, StorageError, is_uri, redacted
@@ -44,6 +45,11 @@ def write_output(location: str, data: str | bytes, option: str) -> str:
     store = output_dir(parent, option)
     store.write_bytes(name, data.encode("utf-8") if isinstance(data, str) else data)
     return store.show(name)
+
+
+def write_json_output(location: str, data: object, option: str = "--out") -> str:
+    """`data` as indented JSON, written like `write_output` (a benchmark's or a job's --out)."""
+    return write_output(location, json.dumps(data, indent=2) + "\n", option)
 
 
 def read_input(location: str, option: str) -> bytes:

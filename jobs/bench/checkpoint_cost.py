@@ -13,7 +13,6 @@ a loopback port (its CPU use competes with the run on a small machine: an upper 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -102,11 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['cost_frac']:6.1f}% {r['bytes'] / 1e6:8.1f} {r['s_per_gb']:7.1f}"
         )
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(
-            args.out, json.dumps({"config": args.config, "results": results}, indent=2), "--out"
-        )
+        where = write_json_output(args.out, {"config": args.config, "results": results})
         print(f"results: {where}")
     return 0
 

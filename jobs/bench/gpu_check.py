@@ -32,7 +32,6 @@ figures (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -586,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"total {report['wall_s']:.0f} s")
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(args.out, json.dumps(report, indent=2), "--out")
+        where = write_json_output(args.out, report)
         print(f"results: {where}")
     return 0
 

@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         summary = {"chunk_positions": args.chunk, "fused_hidden": args.hidden, "shapes": rows}
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(args.out, json.dumps(summary, indent=2), "--out")
+        where = write_json_output(args.out, summary)
         print(f"results: {where}")
     return 0
 

@@ -29,7 +29,6 @@ of one run (2 shared cores are noisy).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -298,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(rows, shape, response_tokens)
     if args.out:
         data = {"shape": shape, "response_tokens": response_tokens, "rows": list(rows.values())}
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(args.out, json.dumps(data, indent=2) + "\n", "--out")
+        where = write_json_output(args.out, data)
         print(f"results: {where}")
     return 0
 

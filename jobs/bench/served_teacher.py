@@ -184,11 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(
-            args.out, json.dumps({"B": b, "T": t, "rows": rows}, indent=2), "--out"
-        )
+        where = write_json_output(args.out, {"B": b, "T": t, "rows": rows})
         print(f"results: {where}")
     return 0
 

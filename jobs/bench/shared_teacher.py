@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
         summary = {
             "config": name,
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "overrides": args.overrides,
             "rows": rows,
         }
-        where = write_output(args.out, json.dumps(summary, indent=2), "--out")
+        where = write_json_output(args.out, summary)
         print(f"results: {where}")
     return 0
 

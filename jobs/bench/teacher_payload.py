@@ -11,7 +11,6 @@ The goal is at most K * 8 + 8 bytes per token.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -123,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ratio:>9.0f} | {row['tokens_per_s']:>9.0f}"
             )
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(
-            args.out, json.dumps({"B": b, "T": t, "rows": rows}, indent=2), "--out"
-        )
+        where = write_json_output(args.out, {"B": b, "T": t, "rows": rows})
         print(f"results: {where}")
     return 0
 

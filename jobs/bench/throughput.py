@@ -49,7 +49,6 @@ timed steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -359,11 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         results, machines = measure_against_floor(runs, args.warmup, args.steps)
     print_table(results, machines)
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(
-            args.out, json.dumps({"machines": machines, "configs": results}, indent=2), "--out"
-        )
+        where = write_json_output(args.out, {"machines": machines, "configs": results})
         print(f"results: {where}")
     return 0
 

@@ -227,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in trl:
                 print(f"{row['config']} {row['dtype']} {v} failed: {trl['error']}")
     if args.out:
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(
-            args.out, json.dumps({"trl": TRL_PACKAGES, "configs": results}, indent=2), "--out"
-        )
+        where = write_json_output(args.out, {"trl": TRL_PACKAGES, "configs": results})
         print(f"results: {where}")
     return 0
 

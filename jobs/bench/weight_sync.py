@@ -26,7 +26,6 @@ in the pipeline's `time/sync_s`, see jobs/bench/throughput.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -224,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         summary = {"repeats": repeats, "bucket_bytes": args.bucket_bytes, "cores": os.cpu_count()}
-        from eopd_ray.storage.outputs import write_output
+        from eopd_ray.storage.outputs import write_json_output
 
-        where = write_output(args.out, json.dumps({**summary, "sizes": rows}, indent=2), "--out")
+        where = write_json_output(args.out, {**summary, "sizes": rows})
         print(f"results: {where}")
     return 0
 
