@@ -64,9 +64,13 @@ class TeacherClient:
     def __init__(self, app_name: str = "teacher", timeout_s: float = 600.0, retries: int = 2):
         import ray
         from ray import serve
+        from ray.serve.exceptions import DeploymentUnavailableError
 
         self.app_name, self.timeout_s, self.retries = app_name, timeout_s, retries
         self._gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        # What a handle raises once the application is deleted (or mid-redeploy): at once,
+        # with only the deployment's name as message.
+        self._no_app = DeploymentUnavailableError
         try:
             self.handle = serve.get_app_handle(app_name)
         except Exception as exc:  # Serve raises RayServeException / ValueError by version
@@ -76,7 +80,16 @@ class TeacherClient:
             ) from None
 
     def identity(self) -> TeacherIdentity:
-        return self.handle.describe.remote().result(timeout_s=self.timeout_s)
+        try:
+            return self.handle.describe.remote().result(timeout_s=self.timeout_s)
+        except self._no_app as exc:
+            raise self._app_gone(exc) from None
+
+    def _app_gone(self, exc: Exception) -> TeacherUnavailable:
+        return TeacherUnavailable(
+            f"teacher application {self.app_name!r} is no longer deployed on this Ray cluster "
+            f"({type(exc).__name__}: {exc}); it was deleted, or is being redeployed"
+        )
 
     def score(self, request: ScoreRequest) -> ScoreAnswer:
         return self.score_many([request])[0]
@@ -98,6 +111,13 @@ class TeacherClient:
                     f"teacher application {self.app_name!r} did not answer within "
                     f"{self.timeout_s:.0f} s ({len(pending)} request(s) outstanding)"
                 ) from None
+            except self._no_app as exc:
+                tries[i] += 1
+                if tries[i] > self.retries:
+                    raise self._app_gone(exc) from None
+                time.sleep(1.0)  # a redeploy ends; a deleted application stays gone
+                pending[i] = self.handle.score.remote(requests[i])
+                continue
             except self._gone as exc:
                 tries[i] += 1
                 if tries[i] > self.retries:

@@ -136,3 +136,39 @@ def test_a_job_naming_no_running_application_is_refused(served_app, tiny_pair, t
             pipeline.start()
     finally:
         pipeline.shutdown()
+
+
+def test_an_application_deleted_mid_run_stops_the_job_naming_the_step(
+    served_app, tiny_pair, tmp_path
+):
+    """Last in the module: it deletes the application. A streamed job (its groups scored by Ray
+    tasks through the application) whose teacher is deleted after step 0 stops at step 1 with
+    TeacherUnavailable saying what to check, step 0's metrics kept; a client of the deleted
+    application (the synchronous path's) gets TeacherUnavailable too, not Serve's bare error."""
+    from ray import serve
+
+    from eopd_ray.serving.client import TeacherClient
+
+    out = tmp_path / "run"
+    pipeline = Pipeline(job_config(tiny_pair, out, "rollout.stream=true"))
+    step = pipeline.step
+
+    def deleting_before_step_1(n):
+        if n == 1:
+            serve.delete(APP)
+        return step(n)
+
+    pipeline.step = deleting_before_step_1
+    try:
+        pipeline.start()
+        client = TeacherClient(APP, timeout_s=30, retries=1)  # before the application goes
+        with pytest.raises(TeacherUnavailable) as exc:
+            pipeline.run(progress="lines")
+    finally:
+        pipeline.shutdown()
+    message = str(exc.value)
+    assert "step 1 teacher scoring" in message and f"teacher.serve = '{APP}'" in message
+    assert "no longer deployed" in message and "run.resume=auto" in message
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0]
+    with pytest.raises(TeacherUnavailable, match="no longer deployed"):
+        client.identity()
