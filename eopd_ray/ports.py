@@ -65,4 +65,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 if __name__ == "__main__":  # cluster/local-head.sh: one free port
-    print(free_port())
+    import sys
+
+    sys.stdout.write(f"{free_port()}\n")

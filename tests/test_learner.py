@@ -96,7 +96,7 @@ def test_pi_old_comes_from_the_update_only_when_that_forward_is_pi_old(
 ):
     """The rule the learner and the driver's streamed step both apply (roles.learner)."""
     from eopd_ray.config.schema import updates_per_step
-    from eopd_ray.roles.learner import old_from_update
+    from eopd_ray.roles.pi_old import old_from_update
 
     config = config_from_dict(
         {

@@ -21,13 +21,14 @@ from eopd_ray.config import Config
 from eopd_ray.config.schema import updates_per_step
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.driver.actors import WorkerError
+from eopd_ray.driver.background_stream import StreamInBackground
 from eopd_ray.driver.recovery import Recovery
 from eopd_ray.driver.run_state import PendingRollout, RunState
-from eopd_ray.driver.streamed import ModelShape, StepStream, StreamedBatch, StreamInBackground
+from eopd_ray.driver.streamed import ModelShape, StepStream, StreamedBatch
 from eopd_ray.driver.weight_versions import WeightVersions
 from eopd_ray.driver.worker_groups import WorkerGroups
 from eopd_ray.errors import VersionMismatch
-from eopd_ray.roles.learner import old_from_update
+from eopd_ray.roles.pi_old import old_from_update
 from eopd_ray.roles.rollout_engines import prompt_seeds
 from eopd_ray.telemetry.timeline import Timeline
 
@@ -129,7 +130,7 @@ class Rollouts:
         """(the prompt stream's position before, the step's StepStream, not started)."""
         stream_state, work = self.take_prompts(step)
         pi_old = self.cfg.learner.old_logprobs == "recompute" and not prefetch
-        # One update a step: its own forward gives pi_old (roles.learner.old_from_update), so
+        # One update a step: its own forward gives pi_old (roles.pi_old.old_from_update), so
         # the groups go to the learners with train_step, not one by one.
         pi_old = pi_old and not old_from_update(
             self.cfg.learner, updates_per_step(self.cfg), self.groups.student_dropout

@@ -17,8 +17,9 @@ from typing import Any
 from eopd_ray.core.prompts import PromptStream
 from eopd_ray.core.wire import RolloutBatch
 from eopd_ray.driver.actors import ActorGroup
+from eopd_ray.driver.background_stream import StreamInBackground
 from eopd_ray.driver.cancelling import cancel_calls
-from eopd_ray.driver.streamed import StreamedBatch, StreamInBackground
+from eopd_ray.driver.streamed import StreamedBatch
 from eopd_ray.storage import checkpoint
 from eopd_ray.storage.checkpoint import Checkpoint
 

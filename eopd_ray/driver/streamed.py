@@ -9,7 +9,7 @@
     learner ranks     pi_old of each group as it arrives (learner.old_logprobs: recompute, and
                       only when the learners hold the weights that sampled it: not for a
                       rollout.async_lag prefetch; not when the step makes one update and takes
-                      pi_old from its own forward, roles.learner.old_from_update)
+                      pi_old from its own forward, roles.pi_old.old_from_update)
     then              the groups are put back in the synchronous batch's row order, and the
                       update starts: what is trained is what `rollout.stream: false` trains
 
@@ -448,35 +448,3 @@ class StepStream:
                     f"{len(got)} rows from the learner ranks (missing {missing[:8]}, duplicated "
                     f"{len(got) - len(set(got))}): a learner share was lost or dealt twice"
                 )
-
-
-class StreamInBackground:
-    """A prefetched stream (rollout.async_lag: 1) run in a driver thread while the learners
-    train: the next step's groups are scored as they finish. `result()` joins it."""
-
-    def __init__(self, stream: StepStream) -> None:
-        self.stream = stream
-        self._result: StreamedBatch | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="stream-prefetch")
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._result = self.stream.run()
-        except BaseException as exc:  # re-raised in the driver's thread by result()
-            self._error = exc
-
-    def result(self) -> StreamedBatch:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def cancel(self, timeout_s: float) -> None:
-        """Stop the stream and wait for its thread (its generations cancelled, see
-        `StepStream.cancel`); its outcome is dropped."""
-        self.stream.cancel()
-        self._thread.join(timeout_s + 2 * HEARTBEAT_S)
-        if self._thread.is_alive():
-            log.warning("the cancelled prefetch stream did not stop within %.0fs", timeout_s)

@@ -40,25 +40,12 @@ from eopd_ray.errors import EopdError
 from eopd_ray.ports import free_port
 from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
+from eopd_ray.roles.pi_old import has_dropout, old_from_update
 from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender, plan_buckets
 from eopd_ray.storage.learner_files import files_of_rank
 from eopd_ray.storage.run_storage import BackgroundUpload, RunStorage
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
-
-
-def old_from_update(learner, num_updates: int, dropout: bool) -> bool:
-    """Whether a step takes pi_old from its update's own forward, detached: `learner` asks for
-    it (old_logprobs: recompute, old_logprobs_from_update), the step makes one optimizer update
-    (the weights stay those that sampled until it is applied) and the student has no dropout
-    (that forward runs in train mode). The learner decides with it, and the driver too: a
-    streamed step then asks for no pi_old per group."""
-    return (
-        learner.old_logprobs == "recompute"
-        and learner.old_logprobs_from_update
-        and num_updates == 1
-        and not dropout
-    )
 
 
 class LearnerWorker(LearnerWeights):
@@ -422,21 +409,6 @@ class LearnerWorker(LearnerWeights):
         losses = [r["loss/total"] for r in results if "loss/total" in r]
         self.metrics.set("train/loss", sum(losses) / max(1, len(losses)))
         return results
-
-
-def has_dropout(module: torch.nn.Module) -> bool:
-    """Whether a forward in train mode differs from eval mode's by dropout: an active
-    nn.Dropout, or a Hugging Face config's *dropout* rate above 0 (attention dropout is applied
-    functionally, without a module)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
-            return True
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            rates = [v for k, v in config.to_dict().items() if "dropout" in k]
-            if any(isinstance(v, int | float) and v > 0 for v in rates):
-                return True
-    return False
 
 
 def _files_under(root) -> dict[str, int]:
