@@ -154,7 +154,7 @@ class LearnerConfig:
     # groups arrive) or a model with dropout.
     old_logprobs_from_update: Bool = True
     # Mean |log pi_sampler - log pi_old| per token (opd/sampler_gap, learner.old_logprobs:
-    # recompute) above which the step stops before any update. None: 1e-3 for float32, 3e-2
+    # recompute) above which the step stops before any update. None: 1e-3 for float32, 0.25
     # for bfloat16 (eopd_ray/core/invariants.py says how they were chosen).
     max_sampler_gap: PosFloat | None = None
     # Recompute activations in the backward (long sequences): true, false, or auto: on only
@@ -183,7 +183,7 @@ class SyncConfig:
     bucket_bytes: PosInt = 256 * MiB  # any size: a sync is one vLLM weight-update bracket
     timeout_s: PosFloat = 300.0
     # Mean |log-prob gap| per token between a rollout engine and the learner on the probe after
-    # every sync above which the run stops. None: 1e-3 for float32 models, 5e-2 for bfloat16
+    # every sync above which the run stops. None: 1e-3 for float32 models, 0.25 for bfloat16
     # (eopd_ray/core/invariants.py). Which version an engine holds is checked exactly (checksum).
     max_logprob_gap: PosFloat | None = None
 

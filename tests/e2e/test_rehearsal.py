@@ -133,7 +133,10 @@ def test_rehearsal_runs_the_paper_code_paths(local_ray, tmp_path):
     for field in ("prompt_ids", "response_ids", "response_mask", "sampler_logprobs"):
         assert torch.equal(getattr(streamed.batch, field), getattr(batch, field)), field
     assert streamed.batch.finish_reason == batch.finish_reason
-    bound = sampler_gap_bound(cfg)
+    # Ten times the bf16 noise measured on these toy models (2-3e-3): tighter than the run-time
+    # default (sampler_gap_bound, 0.25 for bf16: real models' larger logits round more).
+    bound = 3e-2
+    assert bound < sampler_gap_bound(cfg)
     valid = batch.response_mask
     for field in ("token_logprobs", "entropy", "topk_logprobs"):
         gap = (getattr(streamed.scores, field) - getattr(scores, field))[valid].abs().mean()
