@@ -10,7 +10,14 @@ import pytest
 
 from eopd_ray.driver.progress import StepProgress, format_duration
 
-METRICS = {"loss/total": 0.123456, "kl/reverse_sampled": 0.4567, "train/tokens_per_s": 1234.4}
+# 2468.8 student tokens in a 2 s step: 1234 tok/s (not the learner's own rate, 9999).
+METRICS = {
+    "loss/total": 0.123456,
+    "kl/reverse_sampled": 0.4567,
+    "tokens/trained": 2468.8,
+    "time/step_s": 2.0,
+    "train/tokens_per_s": 9999.0,
+}
 
 
 class FakeClock:

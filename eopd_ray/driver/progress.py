@@ -28,7 +28,17 @@ MODES = ("auto", "bar", "lines")
 # (metric key, format) of the values shown, as `Pipeline.step` names them.
 _LOSS = ("loss/total", ".4f")
 _REVERSE_KL = ("kl/reverse_sampled", ".3f")
-_TOKENS_PER_S = ("train/tokens_per_s", ".0f")
+_TOKENS_PER_S = ("step/tokens_per_s", ".0f")  # derived here: see _shown
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    """The step's metrics and what progress derives from them: tok/s is student tokens trained
+    per second of the whole step (what the benchmarks report), not the learner's own rate
+    (`train/tokens_per_s`, per second of training only)."""
+    tokens, step_s = metrics.get("tokens/trained"), metrics.get("time/step_s")
+    if tokens is None or not step_s:
+        return metrics
+    return {**metrics, _TOKENS_PER_S[0]: tokens / step_s}
 
 
 def _metric(metrics: dict[str, float], key_and_format: tuple[str, str]) -> str:
@@ -98,6 +108,7 @@ class StepProgress:
             )
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        metrics = _shown(metrics)
         if self._bar is not None:
             self._bar.set_postfix(
                 loss=_metric(metrics, _LOSS),

@@ -83,7 +83,10 @@ class WeightVersions:
         sent = learner.get(sends, timeout, f"{what} weight sync (send)")
         clock.lap("transfer")  # gather + checksum, send, receive + reload + read-back checksum
         # Inside the transfer (the slowest engine's, learner rank 0's): not added to the step.
-        clock.add("engine_load", max(times["load_s"] for _, times in received))
+        # The slowest engine's load split into its parts (receive + reload + cache reset).
+        slowest = max((times for _, times in received), key=lambda times: times["load_s"])
+        for part in ("load", "receive", "reload", "cache_reset"):
+            clock.add(f"engine_{part}", slowest[f"{part}_s"])
         clock.add("engine_checksum", max(times["checksum_s"] for _, times in received))
         if isinstance(sent[0], dict):  # collective: rank 0's own account
             clock.add("learner_checksum", sent[0]["checksum_s"])

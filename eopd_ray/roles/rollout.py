@@ -138,30 +138,44 @@ class RolloutWorker:
     def receive_weights(self, version: int) -> tuple[int, dict[str, float]]:
         """Receive every bucket of version `version` over the collective group and load them
         as one weight update; returns the checksum read back from the engine and the seconds
-        spent (`load_s`: receiving and reloading, `checksum_s`: reading the engine back). The
-        worker's version changes only when the driver confirms that checksum
-        (`confirm_weights`)."""
+        spent (`_loaded`). The worker's version changes only when the driver confirms that
+        checksum (`confirm_weights`)."""
         if self.receiver is None:
             raise WorkerReplaced(
                 f"rollout-{self.rank} (pid {os.getpid()}) has not joined the weight-sync group: "
                 "it was restarted since the group formed; the driver rejoins it and syncs again"
             )
-        started = time.perf_counter()
-        self.engine.load_weights(self.receiver.receive(should_stop=cancelled), version)
-        return self._loaded(version, started)
+        started, receiving = time.perf_counter(), [0.0]
+        buckets = _timed(self.receiver.receive(should_stop=cancelled), receiving)
+        cache_reset_s = self.engine.load_weights(buckets, version)
+        return self._loaded(version, started, receiving[0], cache_reset_s)
 
     def load_weights(
         self, buckets: list[list[tuple[str, torch.Tensor]]], version: int
     ) -> tuple[int, dict[str, float]]:
-        """Object-store transport: the buckets arrive as this call's argument."""
+        """Object-store transport: the buckets arrive as this call's argument (received before
+        the call starts: `receive_s` 0)."""
         started = time.perf_counter()
-        self.engine.load_weights(buckets, version)
-        return self._loaded(version, started)
+        cache_reset_s = self.engine.load_weights(buckets, version)
+        return self._loaded(version, started, 0.0, cache_reset_s)
 
-    def _loaded(self, version: int, started: float) -> tuple[int, dict[str, float]]:
+    def _loaded(
+        self, version: int, started: float, receive_s: float, cache_reset_s: float
+    ) -> tuple[int, dict[str, float]]:
+        """Checksum what the engine now holds (pending until confirmed); the seconds of each
+        part: `load_s` (from the first bucket asked for to the engine ready) = `receive_s`
+        (waiting for and receiving the buckets) + `reload_s` (vLLM's weight update) +
+        `cache_reset_s` (the prefix-cache reset); then `checksum_s` (reading the engine back)."""
         loaded = time.perf_counter()
         self._pending = (version, self.engine.weights_checksum())
-        times = {"load_s": loaded - started, "checksum_s": time.perf_counter() - loaded}
+        load_s = loaded - started
+        times = {
+            "load_s": load_s,
+            "receive_s": receive_s,
+            "reload_s": load_s - receive_s - cache_reset_s,
+            "cache_reset_s": cache_reset_s,
+            "checksum_s": time.perf_counter() - loaded,
+        }
         return self._pending[1], times
 
     def confirm_weights(self, version: int, learner_checksum: int) -> tuple[int, int | None]:
@@ -176,3 +190,18 @@ class RolloutWorker:
         """(weight version, log p(ids[j] | ids[:j]) for j >= 1 at temperature 1): the probe the
         driver compares with the learner's after every weight sync."""
         return self.version, self.engine.token_logprobs(ids)
+
+
+def _timed(items: Iterator, spent: list[float]) -> Iterator:
+    """`items` as they come, adding the seconds spent waiting for each (and for the end) to
+    `spent[0]`: how long a load waited on the transfer rather than the engine."""
+    items = iter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            spent[0] += time.perf_counter() - started
+        yield item

@@ -14,6 +14,7 @@ streams with 1 or 4 workers, and after a worker restart.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -201,8 +202,9 @@ class VllmEngine(_Engine):
             float(lp[tok].logprob) for tok, lp in zip(ids[1:], out.prompt_logprobs[1:], strict=True)
         ]
 
-    def load_weights(self, buckets: Buckets, version: int) -> None:
-        """Every bucket of one sync inside ONE start/finish bracket (vllm_transfer.py: why)."""
+    def load_weights(self, buckets: Buckets, version: int) -> float:
+        """Every bucket of one sync inside ONE start/finish bracket (vllm_transfer.py: why).
+        Returns the seconds the prefix-cache reset took (a part of the sync reported apart)."""
         self.llm.start_weight_update()
         try:
             for bucket in buckets:
@@ -216,7 +218,9 @@ class VllmEngine(_Engine):
             raise
         self.llm.finish_weight_update(weight_version=str(version))
         # Cached KV blocks were computed with the old weights: never reuse them.
+        started = time.perf_counter()
         self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
 
     def weights_checksum(self) -> int:
         """eopd_ray.core.weight_checksum of the weights the engine holds, read back from it."""
@@ -279,12 +283,14 @@ class HfEngine(_Engine):
         logp = torch.log_softmax(logits, -1)
         return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
-    def load_weights(self, buckets: Buckets, version: int) -> None:
+    def load_weights(self, buckets: Buckets, version: int) -> float:
+        """Copies every tensor into the model; no prefix cache to reset (0 s)."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket:
                     params[name].copy_(tensor)
+        return 0.0
 
     def weights_checksum(self) -> int:
         from eopd_ray.core.weight_checksum import weights_checksum

@@ -246,6 +246,7 @@ def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
         assert metrics["learner/old_logprobs_from_update"] == 1.0
         assert metrics["learner/old_logprobs_overlapped"] == 0.0
         assert metrics["opd/sampler_gap"] < 1e-3  # checked on the update's own forward
+        _check_sync_parts(metrics)
         after = _greedy(pipeline, prompts)
         buckets = pipeline.learner.get(pipeline.learner.call_async("weight_buckets"), 120, "w")[0]
     finally:
@@ -263,6 +264,24 @@ def test_weight_sync_is_real_and_bounded(local_ray, tiny_pair, tmp_path):
             expected.append(ids[len(prompt) :])
     assert after[0] == after[1] == expected  # both rollout workers hold version 1
     assert before[0] != after[0]
+
+
+def _check_sync_parts(metrics: dict[str, float]) -> None:
+    """`time/sync_s` is split into parts that add up (docs/monitoring.md); the slowest engine's
+    load into its receive, reload and cache reset; nothing is negative."""
+    parts = {k.removeprefix("sync/").removesuffix("_s"): v for k, v in metrics.items()
+             if k.startswith("sync/")}  # fmt: skip
+    top = ("who", "transfer", "confirm", "probe")
+    inside = ("engine_load", "engine_checksum", "learner_checksum", "learner_send")
+    engine = ("engine_receive", "engine_reload", "engine_cache_reset")
+    assert set(parts) == {*top, *inside, *engine}, sorted(parts)
+    assert all(v >= 0 for v in parts.values()), parts
+    # The parts are laps of one clock inside the timed sync: they add up to most of it (what is
+    # outside the laps is a few calls, but a loaded machine may pause the driver anywhere).
+    assert 0.5 * metrics["time/sync_s"] <= sum(parts[p] for p in top) <= metrics["time/sync_s"]
+    assert all(parts[p] <= parts["transfer"] for p in inside)
+    assert sum(parts[p] for p in engine) == pytest.approx(parts["engine_load"], abs=1e-9)
+    assert parts["engine_receive"] > 0 and parts["engine_reload"] > 0  # collective: both real
 
 
 def test_learning_reduces_reverse_kl(local_ray, tiny_pair, tmp_path):
