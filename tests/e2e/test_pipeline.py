@@ -276,9 +276,10 @@ def _check_sync_parts(metrics: dict[str, float]) -> None:
     engine = ("engine_receive", "engine_reload", "engine_cache_reset")
     assert set(parts) == {*top, *inside, *engine}, sorted(parts)
     assert all(v >= 0 for v in parts.values()), parts
-    # The parts are laps of one clock inside the timed sync: they add up to most of it (what is
-    # outside the laps is a few calls, but a loaded machine may pause the driver anywhere).
-    assert 0.5 * metrics["time/sync_s"] <= sum(parts[p] for p in top) <= metrics["time/sync_s"]
+    # The parts are laps of one clock inside the timed sync: they add up to all of it but a few
+    # calls (bounded loosely: a loaded 2-core machine may pause the driver between any two).
+    laps = sum(parts[p] for p in top)
+    assert 0 < laps <= metrics["time/sync_s"] < laps + 1.0, (laps, metrics["time/sync_s"])
     assert all(parts[p] <= parts["transfer"] for p in inside)
     assert sum(parts[p] for p in engine) == pytest.approx(parts["engine_load"], abs=1e-9)
     assert parts["engine_receive"] > 0 and parts["engine_reload"] > 0  # collective: both real
