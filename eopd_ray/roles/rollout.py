@@ -146,7 +146,7 @@ class RolloutWorker:
                 "it was restarted since the group formed; the driver rejoins it and syncs again"
             )
         started, receiving = time.perf_counter(), [0.0]
-        buckets = _timed(self.receiver.receive(should_stop=cancelled), receiving)
+        buckets = _time_waiting(self.receiver.receive(should_stop=cancelled), receiving)
         cache_reset_s = self.engine.load_weights(buckets, version)
         return self._loaded(version, started, receiving[0], cache_reset_s)
 
@@ -192,7 +192,7 @@ class RolloutWorker:
         return self.version, self.engine.token_logprobs(ids)
 
 
-def _timed(items: Iterator, spent: list[float]) -> Iterator:
+def _time_waiting(items: Iterator, spent: list[float]) -> Iterator:
     """`items` as they come, adding the seconds spent waiting for each (and for the end) to
     `spent[0]`: how long a load waited on the transfer rather than the engine."""
     items = iter(items)
