@@ -42,6 +42,7 @@ from eopd_ray.roles.learner_engine import build_engine, deepspeed_zero_stage
 from eopd_ray.roles.learner_weights import LearnerWeights
 from eopd_ray.roles.pi_old import has_dropout, old_from_update
 from eopd_ray.roles.weight_sync import RetiredGroups, TensorMeta, WeightSender, plan_buckets
+from eopd_ray.startup_heap import built_with_collector_paused
 from eopd_ray.storage.learner_files import files_of_rank
 from eopd_ray.storage.run_storage import BackgroundUpload, RunStorage
 from eopd_ray.storage.sources import with_local_models
@@ -75,6 +76,7 @@ class LearnerWorker(LearnerWeights):
 
         return ray.util.get_node_ip_address(), free_port(host="")
 
+    @built_with_collector_paused  # less CPU to start (eopd_ray.startup_heap)
     def setup(self, master_addr: str, master_port: int) -> bool:
         """Join the data-parallel group and build the DeepSpeed engine (all ranks at once).
         Returns whether the student has dropout (the driver's streamed step then keeps pi_old

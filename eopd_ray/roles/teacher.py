@@ -30,6 +30,7 @@ from eopd_ray.core.micro_batches import budget_micro_batches, count_micro_batche
 from eopd_ray.core.prompts import render_prompt
 from eopd_ray.core.wire import RolloutBatch, TeacherScores
 from eopd_ray.errors import EopdError
+from eopd_ray.startup_heap import built_with_collector_paused
 from eopd_ray.storage.sources import with_local_models
 from eopd_ray.telemetry.ray_gauges import WorkerMetrics
 
@@ -115,6 +116,7 @@ def merged_ids_of(cfg: Config) -> tuple[int, int] | None:
 class TeacherWorker:
     """Holds the frozen teacher; `score(batch)` returns TeacherScores (one Ray actor each)."""
 
+    @built_with_collector_paused  # less CPU to start (eopd_ray.startup_heap)
     def __init__(self, cfg: Config, rank: int) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,71 @@
+"""eopd_ray.startup_heap: a worker is built with automatic collection off, what it built is then
+frozen, and collection comes back on whatever the build did."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from eopd_ray.roles.learner import LearnerWorker
+from eopd_ray.roles.rollout import RolloutWorker
+from eopd_ray.roles.teacher import TeacherWorker
+from eopd_ray.startup_heap import built_with_collector_paused
+
+
+@pytest.fixture(autouse=True)
+def collector_restored():
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    if enabled:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+class Built:
+    def __init__(self, fail: bool = False) -> None:
+        self.collecting_while_built = gc.isenabled()
+        self.cycle = [self]  # a reference cycle made while building
+        self.cycle.append(self.cycle)
+        if fail:
+            raise ValueError("the build failed")
+
+
+Built.__init__ = built_with_collector_paused(Built.__init__)
+
+
+def test_built_with_collection_off_then_frozen_and_collection_back_on():
+    gc.enable()
+    frozen = gc.get_freeze_count()
+    built = Built()
+    assert built.collecting_while_built is False
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen
+    # The cycle built is in the permanent generation: dropped, no collection frees it.
+    before = gc.get_freeze_count()
+    del built
+    gc.collect()
+    assert gc.get_freeze_count() == before
+
+
+def test_a_failed_build_raises_and_leaves_collection_on():
+    gc.enable()
+    with pytest.raises(ValueError, match="the build failed"):
+        Built(fail=True)
+    assert gc.isenabled()
+
+
+def test_collection_left_off_if_it_was_off_before():
+    gc.disable()
+    Built()
+    assert not gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    "method", [RolloutWorker.__init__, TeacherWorker.__init__, LearnerWorker.setup]
+)
+def test_every_worker_builds_with_the_collector_paused(method):
+    """The methods that import the engines and load the models (measured: jobs/bench/startup.py)."""
+    assert hasattr(method, "__wrapped__"), method.__qualname__
