@@ -179,6 +179,16 @@ def test_a_replica_killed_mid_request_is_retried_on_another(served, caplog):
     assert len(replicas) == 2
     request = ScoreRequest.from_rows([[5, 6, 7], [9, 10]], [[11, 12, 13, 14], [15]])
     expected = client.score(request)
+
+    def ongoing(replica) -> int:
+        return ray.get(replica.get_num_ongoing_requests.remote(), timeout=10)
+
+    # A replica counts a request as ongoing a little after its answer has arrived: wait until
+    # the first one is counted out, or the kill below could hit the idle replica.
+    deadline = time.monotonic() + 30
+    while any(ongoing(r) for r in replicas):
+        assert time.monotonic() < deadline, "a replica still counts the first request"
+        time.sleep(0.05)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(answer=client.score(request)))
     thread.start()
@@ -186,7 +196,7 @@ def test_a_replica_killed_mid_request_is_retried_on_another(served, caplog):
     deadline = time.monotonic() + 30
     while killed is None and time.monotonic() < deadline:  # the request waits BATCH_WAIT_S
         for replica in replicas:
-            if ray.get(replica.get_num_ongoing_requests.remote(), timeout=10) > 0:
+            if ongoing(replica) > 0:
                 ray.kill(replica, no_restart=True)
                 killed = replica
                 break
