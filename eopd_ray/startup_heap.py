@@ -25,17 +25,17 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def built_with_collector_paused(init: Callable[..., None]) -> Callable[..., None]:
-    """`init` (a worker's __init__) run with automatic collection off, then what it built
-    frozen and collection back on: also when `init` raises, so a failed worker is no
-    different from before."""
+def built_with_collector_paused(build_method: Callable[..., Any]) -> Callable[..., Any]:
+    """`build_method` (a worker's __init__, or the learner's setup, whose answer the driver
+    reads) run with automatic collection off, then what it built frozen and collection back
+    on, also when it raises; its return value is passed through."""
 
-    @functools.wraps(init)
-    def build(self: Any, *args: Any, **kwargs: Any) -> None:
+    @functools.wraps(build_method)
+    def build(self: Any, *args: Any, **kwargs: Any) -> Any:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            init(self, *args, **kwargs)
+            return build_method(self, *args, **kwargs)
         finally:
             freeze_heap()
             if was_enabled:

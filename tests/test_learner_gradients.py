@@ -347,7 +347,8 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
         # engine is back in train mode for the updates.
         cfg = _config(dropout_student, 3, 2, False, "float32")
         worker = LearnerWorker(cfg, rank, WORLD)
-        worker.setup("127.0.0.1", port)
+        # What the driver's streamed step reads (WorkerGroups.student_dropout)
+        setup_says_dropout = worker.setup("127.0.0.1", port)
         worker.engine.train()
         fixed = worker._fixed_plan(shard.num_sequences)
         first = worker._recompute_old_logprobs(shard, fixed)
@@ -357,6 +358,7 @@ def _rank_main(rank: int, port: int, student: str, dropout_student: str, out_dir
             "first": first,
             "second": second,
             "training_after": worker.engine.module.training,
+            "setup_says_dropout": setup_says_dropout,
             # a model with dropout never takes pi_old from the (train-mode) update's forward
             "old_from_update": worker._old_from_update(fixed),
             "probe": worker.token_logprobs(PROBE),  # the weight-sync probe, temperature 1
@@ -574,6 +576,7 @@ def test_old_logprobs_are_recomputed_in_eval_mode(learner_run):
     got = results["dropout"]
     assert got["training_after"], "the updates must run in train mode"
     assert not got["old_from_update"], "a train-mode forward with dropout is not pi_old"
+    assert got["setup_says_dropout"] is True, "LearnerWorker.setup must tell the driver"
     assert torch.equal(got["first"], got["second"])
     rank0 = batch.select(list(range(MINI_BATCH // WORLD)))  # rank 0's shard
     model = AutoModelForCausalLM.from_pretrained(results["dropout"]["path"], dtype=torch.float64)

@@ -51,6 +51,19 @@ def test_built_with_collection_off_then_frozen_and_collection_back_on():
     assert alive() is not None
 
 
+def test_what_the_build_returns_is_passed_through():
+    """LearnerWorker.setup answers whether the student has dropout; the driver's streamed step
+    relies on it (roles.pi_old.old_from_update)."""
+
+    class Learner:
+        @built_with_collector_paused
+        def setup(self, dropout: bool) -> bool:
+            return dropout
+
+    assert Learner().setup(True) is True
+    assert Learner().setup(False) is False
+
+
 def test_a_failed_build_raises_and_leaves_collection_on():
     gc.enable()
     with pytest.raises(ValueError, match="the build failed"):
